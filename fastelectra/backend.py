@@ -1,0 +1,97 @@
+"""Which implementation runs: backend selection and what is usable on this machine.
+
+Backends:
+  ``fused``  Triton kernels for CUDA tensors (attention, layer norm) and the ``fastelectra._C``
+             op for token replacement (CPU and CUDA).
+  ``eager``  the plain torch reference of every op (the baseline benchmarks compare to).
+  ``auto``   ``fused`` wherever it can run, else ``eager`` (the reason is reported once).
+
+The choice comes from a constructor/config argument and is overridden by the environment
+variable ``FASTELECTRA_BACKEND=eager|fused|auto``. Nothing here touches the GPU at import time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "fused", "eager")
+ENV_VAR = "FASTELECTRA_BACKEND"
+
+
+def resolve(requested: str | None = None) -> str:
+    """The backend in force for a call: ``FASTELECTRA_BACKEND`` if set, else ``requested``,
+    else ``auto``. Raises ValueError for an unknown name."""
+    env = os.environ.get(ENV_VAR)
+    name = env if env else (requested or "auto")
+    if name not in BACKENDS:
+        source = f"environment variable {ENV_VAR}" if env else "backend"
+        raise ValueError(f"{source}={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(usable, reason): whether the Triton kernels can run on CUDA tensors here."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1: kernels run in the Triton interpreter (CPU, slow)"
+        return False, "no CUDA GPU (Triton kernels need one, or TRITON_INTERPRET=1)"
+    return True, "ok"
+
+
+def extension_status() -> tuple[bool, str]:
+    """(usable, reason): whether the ``fastelectra._C`` replacement op is loaded."""
+    from . import extension
+
+    return extension.status()
+
+
+_reported: set[str] = set()
+
+
+def report_once(key: str, message: str) -> None:
+    """Warn once per process that a fused path is unavailable, with the reason."""
+    if key not in _reported:
+        _reported.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def use_triton(device: torch.device, requested: str | None, op: str) -> bool:
+    """Decide whether ``op`` runs its Triton kernel for tensors on ``device``.
+
+    CPU tensors take the reference (Triton on CPU exists only in the interpreter, used by the
+    kernel tests directly). Under ``fused`` a CUDA tensor without usable Triton is an error;
+    under ``auto`` it falls back to the reference with a one-time warning.
+    """
+    name = resolve(requested)
+    if name == "eager" or device.type != "cuda":
+        return False
+    ok, why = triton_status()
+    if ok:
+        return True
+    if name == "fused":
+        raise RuntimeError(f"backend 'fused' was requested for {op} on {device}, but the Triton "
+                           f"kernels cannot run here: {why}")
+    report_once(f"triton:{op}", f"fastelectra: {op} uses the torch reference ({why})")
+    return False
+
+
+def use_extension(requested: str | None, op: str) -> bool:
+    """Decide whether ``op`` runs the ``fastelectra._C`` op (CPU and CUDA alike)."""
+    name = resolve(requested)
+    if name == "eager":
+        return False
+    ok, why = extension_status()
+    if ok:
+        return True
+    if name == "fused":
+        raise RuntimeError(f"backend 'fused' was requested for {op}, but the fastelectra._C "
+                           f"extension is unavailable: {why}")
+    report_once(f"ext:{op}", f"fastelectra: {op} uses the torch reference ({why})")
+    return False

@@ -1,0 +1,76 @@
+"""transformers interop: read and write HF ELECTRA checkpoint directories (no network, ever).
+
+A directory holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``), as written by
+``save_pretrained`` of transformers' ElectraForPreTraining / ElectraForMaskedLM /
+ElectraForSequenceClassification; our models have the same state-dict keys.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .config import ElectraConfig
+
+__all__ = ["load_model", "save_model", "load_state_dict_file"]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# keys transformers may store that carry no parameters of ours (old checkpoints saved buffers)
+IGNORED_KEYS = ("electra.embeddings.position_ids", "electra.embeddings.token_type_ids")
+TIED_KEYS = ("generator_lm_head.weight",)
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """The state dict stored in checkpoint directory ``path`` (safetensors preferred)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    for name in WEIGHT_FILES:
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(f)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    if any(n.endswith(".index.json") for n in os.listdir(path)):
+        raise ValueError(f"{path} holds a sharded checkpoint; fastelectra reads single-file checkpoints "
+                         f"({' or '.join(WEIGHT_FILES)})")
+    raise FileNotFoundError(f"no weights in {path}: expected {' or '.join(WEIGHT_FILES)}")
+
+
+def load_model(cls, path: str, **config_overrides):
+    """Build ``cls`` from ``path/config.json`` and load its weights, strictly: every parameter must be
+    present (except the generator's LM head, tied to the word embeddings) and no key left over."""
+    config = ElectraConfig.from_json_file(os.path.join(path, "config.json"))
+    if config_overrides:
+        config = ElectraConfig.from_dict({**config.to_dict(), **config_overrides})
+    model = cls(config)
+    state = {k: v for k, v in load_state_dict_file(path).items() if k not in IGNORED_KEYS}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in TIED_KEYS]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match {cls.__name__}: missing keys {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)} but the config gives "
+                             f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def save_model(model, path: str) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config = {**model.config.to_dict(), "architectures": [model.hf_architecture], "tie_word_embeddings": True}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)

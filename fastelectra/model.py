@@ -1,0 +1,421 @@
+"""A plain torch ELECTRA (Clark et al. 2020), state-dict compatible with transformers' Electra*.
+
+Built bottom-up: Embeddings → Layer (self-attention, feed-forward; post-LN) → Encoder →
+ElectraModel → heads (discriminator, generator, classifier) → ElectraPretrainingModel, which
+runs one whole ELECTRA step: masking, generator (LM head on masked rows only), sampled-token
+replacement, discriminator, loss = mlm_weight·MLM + rtd_weight·RTD.
+
+All attention, layer-norm and replacement math goes through fastelectra.ops (via nn.py), so
+the backend (fused kernels or torch reference) is chosen in one place.
+Shapes: B batch, T sequence length, E embedding size, H hidden size, V vocabulary, N masked tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import ElectraConfig
+from .nn import FusedLayerNorm, FusedSelfAttention
+
+__all__ = ["ElectraModel", "ElectraDiscriminator", "ElectraGenerator", "ElectraForSequenceClassification",
+           "ElectraPretrainingModel", "ElectraPretrainingOutput"]
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),                          # erf GELU, as transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def check_inputs(config: ElectraConfig, input_ids, attention_mask=None, token_type_ids=None,
+                 check_values: bool = True) -> None:
+    """Raise a clear error for ids/masks that would fail (or silently misbehave) inside the model.
+
+    Value-range checks read the data; on CUDA they cost one host sync (disable with check_values=False
+    when the data were validated on the CPU)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
+    b, t = input_ids.shape
+    if b == 0 or t == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if t > config.max_position_embeddings:
+        raise ValueError(f"sequence length {t} exceeds max_position_embeddings={config.max_position_embeddings}")
+    for name, t_ in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t_ is None:
+            continue
+        if not isinstance(t_, torch.Tensor) or t_.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(getattr(t_, 'shape', ())) or type(t_).__name__}")
+        if t_.dtype.is_floating_point:
+            raise TypeError(f"{name} must be an integer or bool tensor, got {t_.dtype}")
+        if t_.device != input_ids.device:
+            raise ValueError(f"{name} is on {t_.device} but input_ids is on {input_ids.device}")
+    if not check_values:
+        return
+    stats = [input_ids.min(), input_ids.max()]
+    if token_type_ids is not None:
+        stats += [token_type_ids.min(), token_type_ids.max()]
+    stats = torch.stack([s.to(torch.int64) for s in stats]).tolist()    # one sync on CUDA
+    if stats[0] < 0 or stats[1] >= config.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, vocab_size={config.vocab_size}), got values in "
+                         f"[{stats[0]}, {stats[1]}]")
+    if token_type_ids is not None and (stats[2] < 0 or stats[3] >= config.type_vocab_size):
+        raise ValueError(f"token_type_ids must lie in [0, type_vocab_size={config.type_vocab_size}), got "
+                         f"values in [{stats[2]}, {stats[3]}]")
+
+
+# ----------------------------------------------------------------------------- building blocks
+class Embeddings(nn.Module):
+    """word + token type + position embeddings → LayerNorm → dropout: (B, T) ids → (B, T, E)."""
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.embedding_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.embedding_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.embedding_size)
+        self.LayerNorm = FusedLayerNorm(config.embedding_size, eps=config.layer_norm_eps, backend=config.backend)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None):
+        t = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)                                          # (B, T, E)
+        if token_type_ids is not None:
+            x = x + self.token_type_embeddings(token_type_ids)
+        else:
+            x = x + self.token_type_embeddings.weight[0]
+        pos = self.position_embeddings.weight[:t].expand_as(x)                      # (B, T, E)
+        return self.dropout(self.LayerNorm(x, residual=pos))
+
+
+class SelfOutput(nn.Module):
+    """The block tail after attention: LayerNorm(dropout(dense(ctx)) + residual)."""
+
+    def __init__(self, config: ElectraConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = FusedLayerNorm(config.hidden_size, eps=config.layer_norm_eps, backend=config.backend)
+        self.dropout_p = config.hidden_dropout_prob
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dense(x), residual=residual, dropout_p=self.dropout_p if self.training else 0.0)
+
+
+class Attention(nn.Module):
+    """attention.self (q/k/v + attention) and attention.output (dense + fused tail), as in transformers."""
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.self = FusedSelfAttention(config.hidden_size, config.num_attention_heads,
+                                       config.attention_probs_dropout_prob, backend=config.backend)
+        self.output = SelfOutput(config, config.hidden_size)
+
+    def forward(self, h, key_padding_mask):
+        return self.output(self.self(h, key_padding_mask), h)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, h):
+        return self.act(self.dense(h))
+
+
+class Layer(nn.Module):
+    """One post-LN transformer block: (B, T, H) → (B, T, H)."""
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.intermediate = Intermediate(config)
+        self.output = SelfOutput(config, config.intermediate_size)
+
+    def forward(self, h, key_padding_mask):
+        h = self.attention(h, key_padding_mask)
+        return self.output(self.intermediate(h), h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, h, key_padding_mask):
+        for layer in self.layer:
+            h = layer(h, key_padding_mask)
+        return h
+
+
+class ElectraModel(nn.Module):
+    """Embeddings (+ projection E→H when they differ) and the encoder: (B, T) ids → (B, T, H)."""
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        if config.embedding_size != config.hidden_size:
+            self.embeddings_project = nn.Linear(config.embedding_size, config.hidden_size)
+        self.encoder = Encoder(config)
+        self.check_values = True  # see check_inputs
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids, self.check_values)
+        h = self.embeddings(input_ids, token_type_ids)                               # (B, T, E)
+        if hasattr(self, "embeddings_project"):
+            h = self.embeddings_project(h)                                           # (B, T, H)
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        return self.encoder(h, key_padding_mask)
+
+
+# ----------------------------------------------------------------------------- models with heads
+class ElectraPreTrainedModel(nn.Module):
+    """Shared init (transformers' scheme) and HF checkpoint I/O for the models below."""
+
+    hf_architecture = ""
+
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **config_overrides):
+        """Load a directory written by transformers' (or our) save_pretrained. Never downloads."""
+        from .hf import load_model
+
+        return load_model(cls, path, **config_overrides)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors that transformers loads."""
+        from .hf import save_model
+
+        save_model(self, path)
+
+
+class ElectraDiscriminator(ElectraPreTrainedModel):
+    """transformers' ElectraForPreTraining: one replaced-token logit per position, (B, T)."""
+
+    hf_architecture = "ElectraForPreTraining"
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.config = config
+        self.electra = ElectraModel(config)
+        self.discriminator_predictions = DiscriminatorPredictions(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.discriminator_predictions(self.electra(input_ids, attention_mask, token_type_ids))
+
+
+class DiscriminatorPredictions(nn.Module):
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, h):                                                            # (B, T, H) → (B, T)
+        return self.dense_prediction(self.act(self.dense(h))).squeeze(-1)
+
+
+class GeneratorPredictions(nn.Module):
+    """dense H→E, erf GELU, LayerNorm: the generator's head before the tied LM projection."""
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+        self.LayerNorm = FusedLayerNorm(config.embedding_size, eps=config.layer_norm_eps, backend=config.backend)
+
+    def forward(self, h):
+        return self.LayerNorm(F.gelu(self.dense(h)))
+
+
+class ElectraGenerator(ElectraPreTrainedModel):
+    """transformers' ElectraForMaskedLM; the LM head's weight is the word-embedding matrix."""
+
+    hf_architecture = "ElectraForMaskedLM"
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.config = config
+        self.electra = ElectraModel(config)
+        self.generator_predictions = GeneratorPredictions(config)
+        self.generator_lm_head = nn.Linear(config.embedding_size, config.vocab_size)
+        self.init_weights()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.generator_lm_head.weight = self.electra.embeddings.word_embeddings.weight
+
+    def lm_logits(self, h):
+        """(..., H) hidden states → (..., V) logits."""
+        return self.generator_lm_head(self.generator_predictions(h))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, masked_positions=None):
+        """Logits (B, T, V), or only at ``masked_positions`` (flat indices into (B·T)) → (N, V)."""
+        h = self.electra(input_ids, attention_mask, token_type_ids)                  # (B, T, Hg)
+        if masked_positions is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, masked_positions)        # (N, Hg)
+        return self.lm_logits(h)
+
+
+class ClassificationHead(nn.Module):
+    """[CLS] → dropout → dense → GELU → dropout → out_proj (transformers' ElectraClassificationHead)."""
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, h):                                                            # (B, T, H) → (B, C)
+        x = self.dropout(h[:, 0])
+        x = self.dropout(F.gelu(self.dense(x)))
+        return self.out_proj(x)
+
+
+class ElectraForSequenceClassification(ElectraPreTrainedModel):
+    """transformers' ElectraForSequenceClassification: (B, T) → logits (B, num_labels)."""
+
+    hf_architecture = "ElectraForSequenceClassification"
+
+    def __init__(self, config: ElectraConfig):
+        super().__init__()
+        self.config = config
+        self.electra = ElectraModel(config)
+        self.classifier = ClassificationHead(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.classifier(self.electra(input_ids, attention_mask, token_type_ids))
+
+
+# ----------------------------------------------------------------------------- the ELECTRA step
+@dataclass
+class ElectraPretrainingOutput:
+    loss: torch.Tensor              # mlm_weight·mlm_loss + rtd_weight·rtd_loss
+    mlm_loss: torch.Tensor          # generator cross-entropy over the masked tokens
+    rtd_loss: torch.Tensor          # discriminator BCE over the non-pad tokens
+    mlm_accuracy: torch.Tensor      # generator argmax == original, over masked tokens
+    rtd_accuracy: torch.Tensor      # (logit > 0) == replaced, over non-pad tokens
+    rtd_precision: torch.Tensor     # of the tokens predicted replaced, the fraction that were
+    rtd_recall: torch.Tensor        # of the replaced tokens, the fraction predicted
+    num_masked: torch.Tensor        # N
+    disc_logits: torch.Tensor       # (B, T)
+    is_replaced: torch.Tensor       # (B, T) bool labels
+    masked_positions: torch.Tensor  # (N,) flat indices
+
+
+def rtd_metrics(disc_logits, is_replaced, valid):
+    """Accuracy, precision and recall of replaced-token detection over the ``valid`` (non-pad) tokens."""
+    pred = (disc_logits > 0) & valid
+    target = is_replaced & valid
+    n_valid = valid.sum().clamp(min=1)
+    tp = (pred & target).sum()
+    accuracy = (((disc_logits > 0) == is_replaced) & valid).sum() / n_valid
+    precision = tp / pred.sum().clamp(min=1)
+    recall = tp / target.sum().clamp(min=1)
+    return accuracy.float(), precision.float(), recall.float()
+
+
+class ElectraPretrainingModel(nn.Module):
+    """Generator + discriminator sharing word/position/type embeddings and the embedding LayerNorm
+    (each keeps its own ``embeddings_project``)."""
+
+    def __init__(self, config: ElectraConfig, generator_config: ElectraConfig | None = None):
+        super().__init__()
+        self.config = config
+        gen_config = generator_config or config.generator()
+        if gen_config.embedding_size != config.embedding_size or gen_config.vocab_size != config.vocab_size:
+            raise ValueError("generator and discriminator must share embedding_size and vocab_size to share embeddings")
+        self.discriminator = ElectraDiscriminator(config)
+        self.generator = ElectraGenerator(gen_config)
+        self.generator.electra.embeddings = self.discriminator.electra.embeddings
+        self.generator.tie_weights()
+        self.register_buffer("special_ids", torch.tensor(sorted(set(config.special_token_ids))), persistent=False)
+
+    def mask_tokens(self, input_ids, attention_mask):
+        """Choose mask_prob of the non-special, non-pad tokens; of those, mask_token_prob become [MASK]
+        and the rest keep the original. Returns (generator input (B, T), masked_positions (N,))."""
+        eligible = ~torch.isin(input_ids, self.special_ids)
+        if attention_mask is not None:
+            eligible &= attention_mask.bool()
+        chosen = (torch.rand(input_ids.shape, device=input_ids.device) < self.config.mask_prob) & eligible
+        to_mask = chosen & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.mask_token_prob)
+        gen_input = torch.where(to_mask, torch.full_like(input_ids, self.config.mask_token_id), input_ids)
+        return gen_input, chosen.reshape(-1).nonzero().squeeze(1)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> ElectraPretrainingOutput:
+        cfg = self.config
+        check_inputs(cfg, input_ids, attention_mask, token_type_ids, self.discriminator.electra.check_values)
+        input_ids = input_ids.long()
+        gen_input, masked_positions = self.mask_tokens(input_ids, attention_mask)     # (B, T), (N,)
+
+        logits = self.generator(gen_input, attention_mask, token_type_ids, masked_positions)  # (N, V)
+        targets = input_ids.reshape(-1).index_select(0, masked_positions)            # (N,)
+        n = masked_positions.numel()
+        mlm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(n, 1)
+
+        disc_input, is_replaced, _ = ops.replace_tokens(logits.detach(), input_ids, masked_positions,
+                                                        temperature=cfg.sampling_temperature, backend=cfg.backend)
+        disc_logits = self.discriminator(disc_input, attention_mask, token_type_ids)   # (B, T)
+        valid = torch.ones_like(is_replaced) if attention_mask is None else attention_mask.bool()
+        bce = F.binary_cross_entropy_with_logits(disc_logits.float(), is_replaced.float(), reduction="none")
+        rtd_loss = (bce * valid).sum() / valid.sum().clamp(min=1)
+        loss = cfg.mlm_weight * mlm_loss + cfg.rtd_weight * rtd_loss
+
+        with torch.no_grad():
+            mlm_accuracy = (logits.argmax(-1) == targets).float().sum() / max(n, 1)
+            rtd_accuracy, rtd_precision, rtd_recall = rtd_metrics(disc_logits, is_replaced, valid)
+        return ElectraPretrainingOutput(loss, mlm_loss, rtd_loss, mlm_accuracy, rtd_accuracy, rtd_precision,
+                                        rtd_recall, torch.tensor(n), disc_logits, is_replaced, masked_positions)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write ``path/discriminator`` and ``path/generator`` in transformers' format."""
+        import os
+
+        self.discriminator.save_pretrained(os.path.join(path, "discriminator"))
+        self.generator.save_pretrained(os.path.join(path, "generator"))
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ElectraPretrainingModel":
+        """Load ``path/discriminator`` + ``path/generator``; the shared embeddings come from the
+        discriminator (they are identical when both were saved from one ElectraPretrainingModel)."""
+        import os
+
+        disc = ElectraDiscriminator.from_pretrained(os.path.join(path, "discriminator"))
+        gen = ElectraGenerator.from_pretrained(os.path.join(path, "generator"))
+        model = cls(disc.config, gen.config)
+        model.discriminator.load_state_dict(disc.state_dict())
+        shared = ("electra.embeddings.", "generator_lm_head.weight")
+        gen_state = {k: v for k, v in gen.state_dict().items() if not k.startswith(shared)}
+        result = model.generator.load_state_dict(gen_state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(shared)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"generator checkpoint in {path} does not fit: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+        return model

@@ -1,0 +1,81 @@
+"""Drop-in modules backed by fastelectra's ops (Triton kernels under backend ``fused``).
+
+FusedLayerNorm      ⇄ nn.LayerNorm: same constructor, state dict and results; forward also
+                      takes the block tail's ``residual`` and ``dropout_p`` to fuse them.
+FusedSelfAttention  ⇄ ELECTRA/BERT self-attention: ``query``/``key``/``value`` Linear layers,
+                      (B, T, hidden) → (B, T, hidden) context, key-padding mask, attention dropout.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+
+__all__ = ["FusedLayerNorm", "FusedSelfAttention"]
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """LayerNorm over the last dimension, optionally fused with ``dropout(x) + residual``."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, backend: str | None = None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"FusedLayerNorm normalises the last dimension only; normalized_shape="
+                             f"{tuple(self.normalized_shape)} must have one entry")
+        self.backend = backend
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, backend: str | None = None) -> "FusedLayerNorm":
+        """A FusedLayerNorm sharing ``ln``'s parameters (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = tuple(ln.normalized_shape), ln.eps, ln.elementwise_affine
+        if len(new.normalized_shape) != 1:
+            raise ValueError(f"cannot fuse a LayerNorm over {new.normalized_shape}: only the last dimension is supported")
+        new.weight, new.bias = ln.weight, ln.bias
+        new.backend = backend
+        return new
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """y = LayerNorm(dropout(x, dropout_p) + residual); x, residual: (..., N)."""
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, dropout_p=dropout_p,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend or 'auto'}"
+
+
+class FusedSelfAttention(nn.Module):
+    """Multi-head self-attention with the query/key/value projections of BERT/ELECTRA.
+
+    forward(hidden_states (batch, seqlen, hidden), key_padding_mask (batch, seqlen) bool/int, 1 = attend)
+    → context (batch, seqlen, hidden), before the output projection (which lives in the block's
+    ``attention.output.dense``, as in transformers).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout_p: float = 0.0, *, backend: str | None = None):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.dropout_p = dropout_p
+        self.backend = backend
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.query(hidden_states).view(shape)                   # (B, T, H, D): no transpose copies
+        k = self.key(hidden_states).view(shape)
+        v = self.value(hidden_states).view(shape)
+        ctx = ops.attention(q, k, v, key_padding_mask, dropout_p=self.dropout_p if self.training else 0.0,
+                            backend=self.backend)                   # (B, T, H, D)
+        return ctx.reshape(b, t, self.num_heads * self.head_dim)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, dropout_p={self.dropout_p}, backend={self.backend or 'auto'}"

@@ -1,0 +1,211 @@
+"""Functional ops of fastelectra, each beside its torch reference; the one place that dispatches.
+
+    layer_norm      y = LayerNorm(dropout(x) + residual)          -> kernels/layernorm.py (Triton)
+    attention       softmax(q kᵀ·scale + key-padding mask), dropout, · v  -> kernels/attention.py
+    replace_tokens  Gumbel-max sampling at masked rows + scatter + labels -> csrc/ (fastelectra._C)
+
+The model calls only these functions. ``backend`` (``auto`` | ``fused`` | ``eager``, overridable by
+``FASTELECTRA_BACKEND``) picks the implementation per call; see fastelectra/backend.py for the rules.
+Every public op validates its arguments and raises a ValueError/TypeError that names the argument.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+
+__all__ = ["layer_norm", "attention", "replace_tokens",
+           "layer_norm_reference", "attention_reference", "replace_tokens_reference"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 always takes the reference
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float tensor (float32, float16, bfloat16 or float64), got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def draw_seed() -> int:
+    """A fresh 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+# ----------------------------------------------------------------------------- layer norm
+def layer_norm_reference(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0):
+    """Torch reference of :func:`layer_norm` (dropout from torch's RNG)."""
+    if dropout_p > 0.0:
+        x = F.dropout(x, dropout_p, training=True)
+    if residual is not None:
+        x = x + residual
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed=None, backend=None):
+    """y = LayerNorm(dropout(x, p) + residual) over the last dimension.
+
+    x, residual: (..., N); weight, bias: (N,) or None. Returns y with x's shape and dtype.
+    ``dropout_p`` is applied as given (pass 0.0 in eval mode); ``seed`` keys the fused kernel's
+    in-kernel dropout (drawn from torch's generator when None).
+    """
+    _check_float("x", x)
+    n = x.shape[-1] if x.dim() > 0 else 0
+    if x.dim() == 0 or n == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
+    if residual is not None:
+        _check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if x.dtype in KERNEL_DTYPES and _backend.use_triton(x.device, backend, "layer_norm"):
+        from .kernels.layernorm import fused_layer_norm
+
+        return fused_layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p, seed=seed)
+    return layer_norm_reference(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None):
+    """Torch reference of :func:`attention`: HF-style eager math in the inputs' dtype.
+
+    Padded keys get the most negative finite score (as transformers does), so a sequence with no
+    valid key averages all values instead of producing NaN.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))            # (B, H, T, D)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale         # (B, H, Tq, Tk)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return torch.matmul(probs, vh).transpose(1, 2)                  # (B, Tq, H, D)
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, *, seed=None, backend=None):
+    """Non-causal multi-head attention with a key-padding mask and dropout on the probabilities.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim).
+    key_padding_mask: (batch, seqlen_k), True/1 for real tokens (HF's attention_mask), or None.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype. ``dropout_p`` is applied as given.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, nheads and headdim")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"empty batch or sequence: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (k.shape[0], k.shape[1]):
+            raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = {(k.shape[0], k.shape[1])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(f"key_padding_mask must be bool or integer (1 = attend), got {key_padding_mask.dtype}")
+        if key_padding_mask.dtype != torch.bool:
+            key_padding_mask = key_padding_mask != 0
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    if q.dtype in KERNEL_DTYPES and _backend.use_triton(q.device, backend, "attention"):
+        from .kernels.attention import flash_attention
+
+        return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                               softmax_scale=softmax_scale, seed=seed)
+    return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+
+
+# ----------------------------------------------------------------------------- replacement
+def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature=1.0, seed=0, offset=0,
+                             return_lse=False):
+    """Torch reference of :func:`replace_tokens`: Gumbel-max with noise from a torch.Generator
+    seeded by (seed, offset); the same distribution as the fused op, not the same draws."""
+    x = logits.float()
+    if temperature > 0.0:
+        gen = torch.Generator(device=logits.device)
+        gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (2**63))
+        u = torch.rand(x.shape, generator=gen, device=x.device).clamp_(min=torch.finfo(torch.float32).tiny)
+        sampled = torch.argmax(x / temperature - torch.log(-torch.log(u)), dim=-1)
+    else:
+        sampled = torch.argmax(x, dim=-1)
+    flat = input_ids.reshape(-1)
+    out = flat.clone()
+    out[masked_positions] = sampled
+    labels = torch.zeros_like(flat, dtype=torch.bool)
+    labels[masked_positions] = sampled != flat[masked_positions]
+    result = (out.view_as(input_ids), labels.view_as(input_ids), sampled)
+    return result + (torch.logsumexp(x, dim=-1),) if return_lse else result
+
+
+def _check_replace_args(logits, input_ids, masked_positions, temperature) -> None:
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (num_masked, vocab_size), got shape {tuple(logits.shape)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
+        raise TypeError("input_ids must be an int64 tensor of shape (batch, seqlen), got "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
+    if (not isinstance(masked_positions, torch.Tensor) or masked_positions.dtype != torch.int64
+            or masked_positions.dim() != 1):
+        raise TypeError("masked_positions must be a 1-D int64 tensor of flat indices into input_ids, got "
+                        f"{getattr(masked_positions, 'dtype', type(masked_positions).__name__)} "
+                        f"{tuple(getattr(masked_positions, 'shape', ()))}")
+    if masked_positions.shape[0] != logits.shape[0]:
+        raise ValueError(f"masked_positions has {masked_positions.shape[0]} entries but logits has "
+                         f"{logits.shape[0]} rows; they must match")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    if not (temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    _check_same_device(logits=logits, input_ids=input_ids, masked_positions=masked_positions)
+    if input_ids.device.type == "cpu" and input_ids.numel() > 0:  # data checks cost a sync on GPU
+        if masked_positions.numel() and (masked_positions.min() < 0 or masked_positions.max() >= input_ids.numel()):
+            raise ValueError(f"masked_positions must lie in [0, {input_ids.numel()}) (flat indices into input_ids)")
+        if input_ids.min() < 0 or input_ids.max() >= logits.shape[1]:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={logits.shape[1]})")
+
+
+def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed=None, offset=0,
+                   return_lse=False, backend=None):
+    """ELECTRA's replacement step in one pass over the generator's logits.
+
+    logits: (N, V) generator logits of the masked rows (fp32/bf16/fp16, no gradient flows).
+    input_ids: (B, T) int64 original ids. masked_positions: (N,) int64 flat indices into
+    ``input_ids.view(-1)``, in the order of the logits' rows.
+    sample = argmax(logits/τ + Gumbel noise) (τ = 0: plain argmax); the original may be sampled.
+    Returns (discriminator input ids (B, T), is-replaced labels (B, T) bool, sampled ids (N,))
+    and, with ``return_lse``, the row log-sum-exp of the logits (N,) in fp32.
+    """
+    _check_replace_args(logits, input_ids, masked_positions, temperature)
+    seed = draw_seed() if seed is None else int(seed)
+    logits = logits.detach()
+    if _backend.use_extension(backend, "replace_tokens"):
+        ids, labels, sampled, lse = torch.ops.fastelectra.replace_tokens(
+            logits, input_ids, masked_positions, float(temperature), seed, int(offset), bool(return_lse))
+        return (ids, labels, sampled, lse) if return_lse else (ids, labels, sampled)
+    return replace_tokens_reference(logits, input_ids, masked_positions, temperature=temperature, seed=seed,
+                                    offset=offset, return_lse=return_lse)

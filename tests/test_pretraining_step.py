@@ -1,0 +1,169 @@
+"""The ELECTRA step of ElectraPretrainingModel: masking, replacement labels, loss weighting, metrics."""
+import math
+
+import pytest
+import torch
+
+from fastelectra import ops
+from fastelectra.config import ElectraConfig
+from fastelectra.model import ElectraPretrainingModel, rtd_metrics
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=120, embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=64, generator_hidden_size=16,
+                pad_token_id=PAD, unk_token_id=UNK, cls_token_id=CLS, sep_token_id=SEP, mask_token_id=MASK,
+                backend="eager")
+    base.update(kw)
+    return ElectraConfig(**base)
+
+
+def batch(b=16, t=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (b, t), generator=g)
+    lengths = torch.randint(t // 2, t + 1, (b,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    ids[:, 0] = CLS
+    ids[torch.arange(b), lengths - 1] = SEP
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+def test_masking_statistics():
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny_config())
+    ids, mask = batch(b=64, t=64)
+    eligible = (ids > MASK) & mask.bool()
+    chosen_total = masked_total = eligible_total = 0
+    for _ in range(20):
+        gen_input, positions = model.mask_tokens(ids, mask)
+        chosen = torch.zeros(ids.numel(), dtype=torch.bool)
+        chosen[positions] = True
+        chosen = chosen.view_as(ids)
+        assert not (chosen & ~eligible).any(), "special or pad token chosen"
+        assert torch.equal(gen_input[~chosen], ids[~chosen]), "unchosen tokens changed"
+        became_mask = chosen & (gen_input == MASK)
+        assert torch.equal(gen_input[chosen & ~became_mask], ids[chosen & ~became_mask])  # kept originals
+        assert torch.all(positions[1:] > positions[:-1])
+        chosen_total += int(chosen.sum())
+        masked_total += int(became_mask.sum())
+        eligible_total += int(eligible.sum())
+    # binomial tolerances: 5 standard deviations
+    p = chosen_total / eligible_total
+    assert abs(p - 0.15) < 5 * math.sqrt(0.15 * 0.85 / eligible_total)
+    q = masked_total / chosen_total
+    assert abs(q - 0.85) < 5 * math.sqrt(0.85 * 0.15 / chosen_total)
+
+
+def test_labels_and_replacement_semantics():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 9))
+    pos = torch.tensor([0, 5, 11, 30, 35])
+    logits = torch.randn(5, 50)
+    logits[1, ids.view(-1)[5]] = 100.0                   # this row samples its original almost surely
+    disc, labels, sampled = ops.replace_tokens(logits, ids, pos, seed=3, backend="eager")
+    flat, lab = disc.view(-1), labels.view(-1)
+    untouched = torch.ones(ids.numel(), dtype=torch.bool)
+    untouched[pos] = False
+    assert torch.equal(flat[untouched], ids.view(-1)[untouched])
+    assert not lab[untouched].any()
+    assert torch.equal(flat[pos], sampled)
+    assert torch.equal(lab[pos], sampled != ids.view(-1)[pos])
+    assert not lab[5]
+    _, _, argmax = ops.replace_tokens(logits, ids, pos, temperature=0.0, seed=3, backend="eager")
+    assert torch.equal(argmax, logits.argmax(-1))
+
+
+def test_loss_is_weighted_sum_and_metrics_are_consistent():
+    torch.manual_seed(1)
+    model = ElectraPretrainingModel(tiny_config(rtd_weight=50.0, mlm_weight=1.0))
+    ids, mask = batch()
+    out = model(ids, mask)
+    torch.testing.assert_close(out.loss, out.mlm_loss + 50.0 * out.rtd_loss)
+    valid = mask.bool()
+    acc, prec, rec = rtd_metrics(out.disc_logits, out.is_replaced, valid)
+    torch.testing.assert_close(out.rtd_accuracy, acc)
+    assert not (out.is_replaced & ~valid).any()
+    replaced_positions = out.is_replaced.view(-1).nonzero().squeeze(1)
+    assert torch.isin(replaced_positions, out.masked_positions).all()
+    assert out.num_masked.item() == out.masked_positions.numel() > 0
+    for m in (out.mlm_accuracy, out.rtd_accuracy, out.rtd_precision, out.rtd_recall):
+        assert 0.0 <= m.item() <= 1.0
+    model2 = ElectraPretrainingModel(tiny_config(rtd_weight=7.0, mlm_weight=0.5))
+    model2.load_state_dict(model.state_dict())
+    torch.manual_seed(5)
+    a = model(ids, mask)
+    torch.manual_seed(5)
+    b = model2(ids, mask)
+    torch.testing.assert_close(b.loss, 0.5 * a.mlm_loss + 7.0 * a.rtd_loss)
+
+
+def test_rtd_metrics_on_a_hand_made_case():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -2.0, 5.0]])   # predicted replaced: 0, 2, (4 is padding)
+    labels = torch.tensor([[True, True, False, False, True]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    acc, prec, rec = rtd_metrics(logits, labels, valid)
+    # valid tokens 0..3: predictions T F T F vs labels T T F F -> 2 of 4 right; TP = 1
+    assert acc.item() == pytest.approx(0.5)
+    assert prec.item() == pytest.approx(1 / 2)
+    assert rec.item() == pytest.approx(1 / 2)
+
+
+def test_embeddings_are_shared_and_both_losses_train_them():
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny_config())
+    gen, disc = model.generator, model.discriminator
+    assert gen.electra.embeddings is disc.electra.embeddings
+    assert gen.generator_lm_head.weight is disc.electra.embeddings.word_embeddings.weight
+    assert gen.electra.embeddings_project is not None and not hasattr(disc.electra, "embeddings_project")
+    ids, mask = batch()
+    out = model(ids, mask)
+    out.mlm_loss.backward(retain_graph=True)
+    g_mlm = disc.electra.embeddings.position_embeddings.weight.grad.clone()
+    model.zero_grad()
+    out.rtd_loss.backward()
+    g_rtd = disc.electra.embeddings.position_embeddings.weight.grad.clone()
+    assert g_mlm.abs().sum() > 0 and g_rtd.abs().sum() > 0
+    # no gradient flows through the sampling into the generator from the RTD loss
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in gen.named_parameters()
+               if not n.startswith("electra.embeddings") and n != "generator_lm_head.weight")
+
+
+def test_a_batch_with_nothing_to_mask_gives_a_finite_loss():
+    model = ElectraPretrainingModel(tiny_config())
+    ids = torch.tensor([[CLS, SEP, PAD, PAD]])
+    out = model(ids, torch.tensor([[1, 1, 0, 0]]))
+    assert out.num_masked.item() == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids, mask = batch(b=8, t=32)
+    losses = []
+    for _ in range(25):
+        out = model(ids, mask)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_pretraining_model_round_trips_through_hf_format(tmp_path):
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny_config()).eval()
+    model.save_pretrained(str(tmp_path))
+    loaded = ElectraPretrainingModel.from_pretrained(str(tmp_path)).eval()
+    assert loaded.generator.electra.embeddings is loaded.discriminator.electra.embeddings
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_special_ids_must_fit_the_vocabulary():
+    with pytest.raises(ValueError, match="mask_token_id=500 is outside the vocabulary"):
+        ElectraPretrainingModel(tiny_config(mask_token_id=500))
