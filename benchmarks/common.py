@@ -1,0 +1,91 @@
+"""What every benchmark shares: the environment record, GPU timing, and writing results.
+
+Timing follows DESIGN.md: CUDA-synchronised (triton.testing.do_bench median, or CUDA events after
+warm-up), random inputs (never zeros); each result carries the GPU name, versions and date so a
+file under benchmarks/results/ says where its numbers came from.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+
+def require_cuda(name: str) -> None:
+    """Exit with a clear message where there is no GPU to measure on."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name}: needs a CUDA GPU (torch {torch.__version__} sees none); "
+                         "GPU benchmarks only run on a GPU machine")
+
+
+def env_info() -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def do_bench_ms(fn, warmup_ms: int = 50, rep_ms: int = 200) -> float:
+    """Median time of ``fn()`` in milliseconds (CUDA-synchronised, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def cuda_events_ms(fn, steps: int, warmup: int) -> float:
+    """Mean milliseconds per call of ``fn()`` over ``steps`` calls after ``warmup`` calls (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def write_results(path: str | None, payload: dict, table: str) -> None:
+    """Print the markdown table; write ``payload`` (with env_info) as JSON and the table as .md."""
+    print(table)
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"env": env_info(), **payload}, f, indent=2)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
