@@ -78,9 +78,10 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     _check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     if x.dtype in KERNEL_DTYPES and _backend.use_triton(x.device, backend, "layer_norm"):
-        from .kernels.layernorm import fused_layer_norm
+        from .kernels.layernorm import MAX_N, fused_layer_norm
 
-        return fused_layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p, seed=seed)
+        if n <= MAX_N:  # wider rows do not fit one block: they take the reference
+            return fused_layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p, seed=seed)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
 
@@ -182,7 +183,9 @@ def _check_replace_args(logits, input_ids, masked_positions, temperature) -> Non
     if not (temperature >= 0.0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     _check_same_device(logits=logits, input_ids=input_ids, masked_positions=masked_positions)
-    if input_ids.device.type == "cpu" and input_ids.numel() > 0:  # data checks cost a sync on GPU
+    # Data checks: on CPU only (a sync on GPU, where the _C kernel flags bad rows with sampled = -1)
+    # and not while torch.compile traces (data-dependent branches; the _C CPU op checks the same).
+    if input_ids.device.type == "cpu" and input_ids.numel() > 0 and not torch.compiler.is_compiling():
         if masked_positions.numel() and (masked_positions.min() < 0 or masked_positions.max() >= input_ids.numel()):
             raise ValueError(f"masked_positions must lie in [0, {input_ids.numel()}) (flat indices into input_ids)")
         if input_ids.min() < 0 or input_ids.max() >= logits.shape[1]:

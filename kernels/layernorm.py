@@ -1,0 +1,453 @@
+"""Fused block tail: y = LayerNorm(dropout(x) + residual) over the last dimension, in Triton.
+
+What it fuses. ELECTRA/BERT end every attention and feed-forward block with
+``LayerNorm(dropout(dense(h)) + residual)``. Unfused that is three passes over (M, N) activations
+plus a stored dropout mask; here the forward is one pass (read x and residual, write y and two
+fp32 numbers per row) and the backward is one pass plus a tiny reduction for dW/dB.
+
+Design.
+- Rows are normalised in fp32 whatever the input dtype (fp32/fp16/bf16, mixed allowed: y and dx
+  take x's dtype, dresidual the residual's, dW/dB the parameters'). Forward saves mean and rstd
+  per row (fp32).
+- Dropout draws its keep-mask in-kernel from Philox keyed by ``seed``; element (row, col) uses
+  counter (col // 4, row lo 32 bits, row hi 32 bits, 0) and output ``col % 4`` of that call, so
+  one Philox evaluation serves four columns and the mask depends only on (seed, row, col), never
+  on block sizes. Keep iff the 32-bit draw >= round(p * 2**32). The backward recomputes the
+  mask; it is never stored. ``dropout_mask`` returns the same mask for tests.
+- Pre-norm sum s = dropout(x) + residual: recomputed in the backward instead of saved. For
+  memory-bound work both cost the same traffic over forward + backward (saving s adds a write
+  in forward and replaces two reads by one in backward), but recomputing keeps the forward (the
+  whole cost at inference) at its minimum of one read per input and one write, and allocates no
+  extra activation: x and residual are kept alive instead of s.
+- dW/dB without atomics: the backward runs a fixed number of programs (about one resident wave), each
+  loops over a contiguous chunk of rows accumulating dy * xhat and dy in fp32 registers, writes
+  one row of partial sums; one torch sum over programs finishes them.
+- Without dropout dx == dresidual, so the backward writes one tensor and returns it for both
+  (a second copy is written only when the residual has another dtype).
+- Wrapped as torch.library custom ops (forward, backward) with fake implementations and
+  ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through them; the seed is
+  passed as a CPU int64 tensor so drawing it needs no ``.item()`` in the traced graph.
+
+Limits: 1 <= N <= 8192 (one row fits in one block); rows are made contiguous.
+
+References: Triton tutorial 05 (layer norm), Apex/flash-attention fused dropout-add-LN
+(``dropout_add_layer_norm``), Salmon et al. 2011 (Philox, "Parallel random numbers: as easy as
+1, 2, 3").
+"""
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fused_layer_norm", "dropout_mask", "MAX_N"]
+
+MAX_N = 8192            # largest hidden size: one row must fit in one block
+MIN_BLOCK_N = 16        # smallest block: four Philox outputs per call need BLOCK_N % 4 == 0
+MAX_ROWS = 64           # cap on rows per program for tiny N
+# Block shapes, checked against ptxas register counts for sm_90 (bf16, N = 256 .. 8192: no spills).
+FWD_TILE = 4096         # elements per forward program (several rows when N is small)
+FWD_ELEMS_PER_THREAD = 16   # two 16-byte bf16 vectors per thread and tensor
+BWD_TILE = 1024         # elements per backward loop step (about 3x more values live than forward)
+BWD_ELEMS_PER_THREAD = 8    # ~60 registers at N = 768: eight 4-warp programs resident per SM
+MAX_WARPS = 16
+BWD_WARPS_PER_SM = 32   # backward programs = SMs * (32 // num_warps), about one resident wave
+UINT32_RANGE = 2**32    # Philox draws are uniform 32-bit integers
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _keep_mask(
+    seed,                   # scalar int: Philox key
+    rows,                   # [BLOCK_M, 1] int64: row index of each tile row
+    threshold,              # scalar int: keep iff draw >= threshold = round(p * 2**32)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Dropout keep-mask [BLOCK_M, BLOCK_N] for columns 0..BLOCK_N-1 of ``rows``."""
+    rows = rows.to(tl.int64)
+    groups = tl.arange(0, BLOCK_N // 4)[None, :]                      # column // 4
+    zero = tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.uint32)
+    c0 = groups.to(tl.uint32) + zero
+    c1 = (rows & 0xFFFFFFFF).to(tl.uint32) + zero                     # row, low 32 bits
+    c2 = (rows >> 32).to(tl.uint32) + zero                            # row, high 32 bits
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    # [BLOCK_M, BLOCK_N // 4, 2, 2] -> [BLOCK_M, BLOCK_N]: column 4g + j takes output j of group g
+    draws = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])
+    return draws >= threshold.to(tl.uint32)
+
+
+@triton.jit(do_not_specialize=["threshold", "seed"])
+def _layer_norm_fwd_kernel(
+    X,                      # (M, N) input to dropout, contiguous
+    Res,                    # (M, N) residual (unused unless HAS_RESIDUAL)
+    W,                      # (N,) weight (unused unless HAS_WEIGHT)
+    B,                      # (N,) bias (unused unless HAS_BIAS)
+    Y,                      # (M, N) output, X's dtype
+    Mean,                   # (M,) fp32
+    Rstd,                   # (M,) fp32
+    m,                      # rows
+    n,                      # columns = row stride
+    eps,                    # fp32
+    scale,                  # fp32: 1 / (1 - p)
+    threshold,              # int: dropout keep threshold (see _keep_mask)
+    seed,                   # int: Philox key
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row_idx = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)    # [BLOCK_M]
+    rows = row_idx[:, None]                                                       # [BLOCK_M, 1]
+    cols = tl.arange(0, BLOCK_N)[None, :]                                         # [1, BLOCK_N]
+    col_ok = cols < n
+    mask = (rows < m) & col_ok
+    offs = rows * n + cols
+
+    s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, rows, threshold, BLOCK_M, BLOCK_N)
+        s = tl.where(keep, s * scale, 0.0)
+    if HAS_RESIDUAL:
+        s += tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+
+    mean = tl.sum(s, axis=1) / n                                                  # [BLOCK_M]
+    diff = tl.where(col_ok, s - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(diff * diff, axis=1) / n + eps)                        # [BLOCK_M]
+    y = diff * rstd[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row_idx, mean, mask=row_idx < m)
+    tl.store(Rstd + row_idx, rstd, mask=row_idx < m)
+
+
+@triton.jit(do_not_specialize=["threshold", "seed"])
+def _layer_norm_bwd_kernel(
+    DY,                     # (M, N) gradient of y, contiguous
+    X,                      # (M, N) forward input
+    Res,                    # (M, N) forward residual (unused unless HAS_RESIDUAL)
+    W,                      # (N,) weight (unused unless HAS_WEIGHT)
+    Mean,                   # (M,) fp32
+    Rstd,                   # (M,) fp32
+    DX,                     # (M, N) gradient of x, X's dtype
+    DRes,                   # (M, N) gradient of residual, its dtype (unused unless STORE_DRES)
+    DW,                     # (programs, N) fp32 partial sums of dy * xhat (unused unless HAS_WEIGHT)
+    DB,                     # (programs, N) fp32 partial sums of dy (unused unless HAS_BIAS)
+    m,                      # rows
+    n,                      # columns = row stride
+    rows_per_program,       # int, a multiple of BLOCK_M
+    scale,                  # fp32: 1 / (1 - p)
+    threshold,              # int: dropout keep threshold (see _keep_mask)
+    seed,                   # int: Philox key
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_DRES: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)[None, :]                                         # [1, BLOCK_N]
+    col_ok = cols < n
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, m)
+    for start in range(row_start, row_end, BLOCK_M):
+        row_idx = tl.arange(0, BLOCK_M).to(tl.int64) + start                      # [BLOCK_M] int64
+        rows = row_idx[:, None]
+        row_ok = row_idx < m
+        mask = row_ok[:, None] & col_ok
+        offs = rows * n + cols
+
+        s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, rows, threshold, BLOCK_M, BLOCK_N)
+            s = tl.where(keep, s * scale, 0.0)
+        if HAS_RESIDUAL:
+            s += tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row_idx, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + row_idx, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        wdy = dy
+        if HAS_WEIGHT:
+            wdy = dy * w
+
+        # ds = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat))
+        c1 = tl.sum(xhat * wdy, axis=1) / n
+        c2 = tl.sum(wdy, axis=1) / n
+        ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DROPOUT:
+            tl.store(DX + offs, tl.where(keep, ds * scale, 0.0).to(DX.dtype.element_ty), mask=mask)
+        else:
+            tl.store(DX + offs, ds.to(DX.dtype.element_ty), mask=mask)
+        if STORE_DRES:
+            tl.store(DRes + offs, ds.to(DRes.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dw_acc += dy * xhat
+        if HAS_BIAS:
+            db_acc += dy
+
+    part = pid.to(tl.int64) * n + tl.arange(0, BLOCK_N)                          # [BLOCK_N]
+    part_ok = tl.arange(0, BLOCK_N) < n
+    if HAS_WEIGHT:
+        tl.store(DW + part, tl.sum(dw_acc, axis=0), mask=part_ok)
+    if HAS_BIAS:
+        tl.store(DB + part, tl.sum(db_acc, axis=0), mask=part_ok)
+
+
+@triton.jit(do_not_specialize=["threshold", "seed"])
+def _dropout_mask_kernel(
+    Keep,                   # (M, N) uint8 out: 1 = kept
+    m,                      # rows
+    n,                      # columns = row stride
+    threshold,              # int: dropout keep threshold (see _keep_mask)
+    seed,                   # int: Philox key
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    keep = _keep_mask(seed, rows, threshold, BLOCK_M, BLOCK_N)
+    tl.store(Keep + rows * n + cols, keep.to(tl.uint8), mask=(rows < m) & (cols < n))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _block_n(n: int) -> int:
+    return max(MIN_BLOCK_N, triton.next_power_of_2(n))
+
+
+def _launch_config(n: int, tile: int, elems_per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): about ``tile`` elements per block (whole rows of ``n``
+    columns) and ``elems_per_thread`` per thread, within 4 .. MAX_WARPS warps."""
+    block_n = _block_n(n)
+    block_m = max(1, min(MAX_ROWS, tile // block_n))
+    warp_size = 32
+    num_warps = min(MAX_WARPS, max(4, block_m * block_n // (warp_size * elems_per_thread)))
+    return block_m, block_n, num_warps
+
+
+def _threshold(p: float) -> int:
+    """Keep iff a uniform 32-bit draw >= this: P(keep) = 1 - p up to 2**-33."""
+    return min(round(p * UINT32_RANGE), UINT32_RANGE - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # Triton interpreter on CPU: a few programs so the row loop runs more than once
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device), a no-op on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_rows(name: str, t: torch.Tensor, n: int) -> None:
+    if t.dim() != 2 or t.shape[1] != n or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous (M, {n}) tensor, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+
+
+def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+         bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: int):
+    """Launch the forward on (M, N) rows. Returns y (M, N) in x's dtype, mean and rstd (M,) fp32."""
+    m, n = x.shape
+    _check_rows("x", x, n)
+    if residual is not None:
+        _check_rows("residual", residual, n)
+    y = torch.empty_like(x)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, mean, rstd
+    block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
+    with _on_device(x):
+        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x, x if residual is None else residual, x if weight is None else weight,
+            x if bias is None else bias, y, mean, rstd,
+            m, n, eps, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def _stores_dres(x: torch.Tensor, residual: Optional[torch.Tensor], dropout_p: float) -> bool:
+    """Whether the backward writes dresidual separately (else dresidual is dx itself)."""
+    return residual is not None and (dropout_p > 0.0 or residual.dtype != x.dtype)
+
+
+def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+         bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int):
+    """Launch the backward. Returns (dx, dresidual or an empty tensor, dweight or empty, dbias or empty)."""
+    m, n = x.shape
+    for name, t in (("dy", dy), ("x", x)) + ((("residual", residual),) if residual is not None else ()):
+        _check_rows(name, t, n)
+    dx = torch.empty_like(x)
+    store_dres = _stores_dres(x, residual, dropout_p)
+    dres = torch.empty_like(residual) if store_dres else x.new_empty(0)
+    block_m, block_n, num_warps = _launch_config(n, BWD_TILE, BWD_ELEMS_PER_THREAD)
+    row_blocks = max(1, triton.cdiv(m, block_m))
+    programs = max(1, min(row_blocks, _sm_count(x.device) * max(1, BWD_WARPS_PER_SM // num_warps)))
+    rows_per_program = triton.cdiv(row_blocks, programs) * block_m
+    programs = max(1, triton.cdiv(m, rows_per_program))
+    # fp32 partial sums, one row per program, each reduced by one torch sum (separate buffers:
+    # custom-op outputs may not alias each other)
+    alloc = torch.empty if m > 0 else torch.zeros        # every program writes its row when m > 0
+    dw_part = alloc(programs if weight is not None else 0, n, dtype=torch.float32, device=x.device)
+    db_part = alloc(programs if bias is not None else 0, n, dtype=torch.float32, device=x.device)
+    if m > 0:
+        with _on_device(x):
+            _layer_norm_bwd_kernel[(programs,)](
+                dy, x, x if residual is None else residual, x if weight is None else weight, mean, rstd,
+                dx, dx if not store_dres else dres, dw_part, db_part,
+                m, n, rows_per_program, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
+                HAS_RESIDUAL=residual is not None, STORE_DRES=store_dres, HAS_DROPOUT=dropout_p > 0.0,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    dw = dw_part.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dres, dw, db
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+def _seed_value(seed: Optional[torch.Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())  # a CPU tensor: no device sync
+
+
+@torch.library.custom_op(
+    "fastelectra::layer_norm_fwd", mutates_args=(),
+    schema="(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, float dropout_p, "
+           "Tensor? seed) -> (Tensor, Tensor, Tensor)")
+def _layer_norm_fwd_op(x, residual, weight, bias, eps, dropout_p, seed):
+    return _fwd(x, residual, weight, bias, eps, dropout_p, _seed_value(seed))
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed):
+    m = x.shape[0]
+    return (torch.empty_like(x), x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op(
+    "fastelectra::layer_norm_bwd", mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+           "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)")
+def _layer_norm_bwd_op(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed):
+    return _bwd(dy, x, residual, weight, bias, mean, rstd, dropout_p, _seed_value(seed))
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed):
+    dres = torch.empty_like(residual) if _stores_dres(x, residual, dropout_p) else x.new_empty(0)
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return torch.empty_like(x), dres, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, dropout_p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd, seed)
+    ctx.dropout_p = dropout_p
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dx, dres, dw, db = _layer_norm_bwd_op(dy.contiguous(), x, residual, weight, bias, mean, rstd,
+                                          ctx.dropout_p, seed)
+    if residual is not None and not _stores_dres(x, residual, ctx.dropout_p):
+        dres = dx  # no dropout, same dtype: d(x + residual) flows unchanged to both
+    return (dx, dres if residual is not None else None, dw if weight is not None else None,
+            db if bias is not None else None, None, None, None)
+
+
+_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- functional API
+def _check_inputs(x, weight, bias, residual, dropout_p, seed) -> int:
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if n > MAX_N:
+        raise ValueError(f"fused_layer_norm supports hidden sizes up to {MAX_N}, got {n}")
+    for name, t, shape in (("weight", weight, (n,)), ("bias", bias, (n,)), ("residual", residual, tuple(x.shape))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor or None, "
+                            f"got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must fit in 64 bits (int64), got {seed}")
+    return n
+
+
+def fused_layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed=None):
+    """y = LayerNorm(dropout(x, dropout_p) + residual) over the last dimension (Triton, autograd-capable).
+
+    x, residual: (..., N) with 1 <= N <= 8192, any float dtype each; weight, bias: (N,) or None.
+    Returns y of x's shape and dtype. ``dropout_p`` is applied as given (pass 0.0 in eval mode);
+    ``seed`` (int) keys the in-kernel dropout mask, drawn from torch's default CPU generator when
+    None, so ``torch.manual_seed`` reproduces a run. The mask for a seed is ``dropout_mask(...)``.
+    """
+    n = _check_inputs(x, weight, bias, residual, dropout_p, seed)
+    shape = x.shape
+    x2 = x.reshape(-1, n).contiguous()
+    res2 = residual.reshape(-1, n).contiguous() if residual is not None else None
+    seed_t = None
+    if dropout_p > 0.0:
+        # same draw as fastelectra.ops.draw_seed, kept a tensor so torch.compile needs no .item()
+        seed_t = (torch.randint(0, 2**62, (1,), dtype=torch.int64) if seed is None
+                  else torch.tensor([seed], dtype=torch.int64))
+    y, _, _ = _layer_norm_fwd_op(x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
+    return y.view(shape)
+
+
+def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+    """The keep-mask (bool, ``shape`` = (..., N)) that ``fused_layer_norm`` uses for ``seed`` and ``p``.
+
+    ``fused_layer_norm(x, ..., dropout_p=p, seed=seed)`` computes ``x * mask / (1 - p)`` before the
+    residual add, for x of this shape (rows are the flattened leading dimensions).
+    """
+    shape = tuple(shape)
+    if len(shape) == 0 or shape[-1] == 0 or shape[-1] > MAX_N:
+        raise ValueError(f"shape must end in a hidden size in [1, {MAX_N}], got {shape}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    n = shape[-1]
+    m = 1
+    for d in shape[:-1]:
+        m *= d
+    keep = torch.empty(m, n, dtype=torch.uint8, device=device)
+    if m > 0:
+        block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
+        with _on_device(keep):
+            _dropout_mask_kernel[(triton.cdiv(m, block_m),)](keep, m, n, _threshold(p), int(seed), BLOCK_M=block_m,
+                                                              BLOCK_N=block_n, num_warps=num_warps)
+    return keep.view(shape).bool()

@@ -1,0 +1,291 @@
+"""Fused dropout + residual + LayerNorm (kernels/layernorm.py) against torch references.
+
+Without a GPU the Triton kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1,
+which must be set before triton is imported), so shapes stay small. With a GPU the same tests run on
+CUDA tensors, and the ``gpu`` tests add real sizes and torch.compile with inductor.
+
+Accuracy rule: the kernel's error against a float64 reference is at most twice the error of the same
+torch computation in the input dtype, or a small floor (fp32 summation order differs).
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
+
+from fastelectra.kernels.layernorm import MAX_N, dropout_mask, fused_layer_norm  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |ref|
+
+
+def make_inputs(shape, dtype, *, residual=True, weight=True, bias=True, res_dtype=None, param_dtype=None,
+                device=DEVICE, seed=0):
+    """Fresh random leaves (never zeros); weight around 1 with spread, bias around 0."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+
+    def leaf(t, dt):
+        return t.to(device=device, dtype=dt).requires_grad_()
+
+    x = leaf(torch.randn(shape, generator=g) * 2 + 0.5, dtype)
+    r = leaf(torch.randn(shape, generator=g), res_dtype or dtype) if residual else None
+    w = leaf(1 + 0.5 * torch.randn(n, generator=g), param_dtype or dtype) if weight else None
+    b = leaf(0.5 * torch.randn(n, generator=g), param_dtype or dtype) if bias else None
+    return x, r, w, b
+
+
+def torch_tail(x, r, w, b, eps, keep, p, dtype=None):
+    """dropout(x) with the given keep-mask, + residual, LayerNorm; in ``dtype`` (None: inputs' own)."""
+    def cast(t):
+        return t if t is None or dtype is None else t.to(dtype)
+
+    xs, rs, ws, bs = (cast(t) for t in (x, r, w, b))
+    if keep is not None:
+        xs = xs * keep.to(xs.dtype) / (1 - p)
+    if rs is not None:
+        xs = xs + rs.to(xs.dtype)
+    out_dtype = xs.dtype
+    ws = ws.to(out_dtype) if ws is not None else None
+    bs = bs.to(out_dtype) if bs is not None else None
+    return F.layer_norm(xs, xs.shape[-1:], ws, bs, eps)
+
+
+def outputs_and_grads(fn, leaves, dy):
+    """Run fn on detached copies of the leaves; return [y, grad of each leaf] (None where leaf is None)."""
+    copies = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
+    y = fn(*copies)
+    y.backward(dy.to(y.dtype))
+    return [y] + [None if t is None else t.grad for t in copies]
+
+
+def assert_kernel_accurate(got, torch_same, exact, dtype, what):
+    for name, g, t, e in zip(("y", "dx", "dresidual", "dweight", "dbias"), got, torch_same, exact):
+        if e is None:
+            assert g is None, f"{what}: {name} should be None"
+            continue
+        assert g.shape == e.shape, f"{what}: {name} shape {tuple(g.shape)} != {tuple(e.shape)}"
+        scale = e.abs().max().item() or 1.0
+        err = (g.double() - e).abs().max().item()
+        err_torch = (t.double() - e).abs().max().item()
+        bound = max(2 * err_torch, FLOOR[dtype] * scale)
+        assert err <= bound, f"{what}: {name} error {err:.3g} > bound {bound:.3g} (torch {err_torch:.3g})"
+
+
+def check_against_reference(shape, dtype, *, p=0.0, seed=1234, eps=1e-5, **kw):
+    x, r, w, b = make_inputs(shape, dtype, **kw)
+    keep = dropout_mask(seed, shape, p, device=x.device) if p > 0 else None
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(x.device)
+    leaves = (x, r, w, b)
+    got = outputs_and_grads(
+        lambda x, r, w, b: fused_layer_norm(x, w, b, eps, residual=r, dropout_p=p, seed=seed), leaves, dy)
+    same = outputs_and_grads(lambda x, r, w, b: torch_tail(x, r, w, b, eps, keep, p), leaves, dy)
+    exact = outputs_and_grads(lambda x, r, w, b: torch_tail(x, r, w, b, eps, keep, p, torch.float64), leaves, dy)
+    assert got[0].dtype == x.dtype and got[0].shape == x.shape
+    for leaf, grad in zip(leaves, got[1:]):
+        if leaf is not None:
+            assert grad.dtype == leaf.dtype, f"gradient dtype {grad.dtype} != input dtype {leaf.dtype}"
+    assert_kernel_accurate(got, same, exact, dtype, f"shape={shape} {dtype} p={p} {kw}")
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("shape", [(5, 200), (6, 1000), (40, 16), (1, 768), (2, 3, 200)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_residual_layer_norm_matches_reference(shape, dtype):
+    check_against_reference(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 1000), (40, 200), (2, 3, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_residual_layer_norm_matches_reference_with_kernel_mask(shape, dtype):
+    check_against_reference(shape, dtype, p=0.1)
+
+
+@pytest.mark.parametrize("residual,weight,bias", [(False, True, True), (True, False, False), (True, True, False),
+                                                  (False, False, False)])
+def test_optional_residual_weight_bias(residual, weight, bias):
+    check_against_reference((6, 200), torch.float32, residual=residual, weight=weight, bias=bias)
+    check_against_reference((6, 200), torch.float32, p=0.25, residual=residual, weight=weight, bias=bias)
+
+
+def test_mixed_dtypes_keep_each_gradient_in_its_input_dtype():
+    # bf16 activations on an fp32 residual stream with fp32 parameters (autocast-style)
+    check_against_reference((5, 200), torch.bfloat16, res_dtype=torch.float32, param_dtype=torch.float32)
+    check_against_reference((5, 200), torch.bfloat16, p=0.1, res_dtype=torch.float32, param_dtype=torch.float32)
+
+
+def test_non_contiguous_input_and_residual():
+    xt = torch.randn(200, 6, device=DEVICE).t()     # (6, 200) views with column stride 6
+    rt = torch.randn(200, 6, device=DEVICE).t()
+    w = torch.randn(200, device=DEVICE)
+    assert not xt.is_contiguous() and not rt.is_contiguous()
+    y = fused_layer_norm(xt, w, None, 1e-5, residual=rt)
+    torch.testing.assert_close(y, F.layer_norm(xt + rt, (200,), w, None, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_rows():
+    x, r, w, b = make_inputs((0, 200), torch.float32)
+    y = fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=0.1, seed=3)
+    assert y.shape == (0, 200)
+    y.sum().backward()
+    assert x.grad.shape == (0, 200) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_same_seed_same_output_different_seed_different_output():
+    x, r, w, b = make_inputs((6, 200), torch.float32)
+    with torch.no_grad():
+        a = fused_layer_norm(x, w, b, residual=r, dropout_p=0.2, seed=11)
+        a2 = fused_layer_norm(x, w, b, residual=r, dropout_p=0.2, seed=11)
+        c = fused_layer_norm(x, w, b, residual=r, dropout_p=0.2, seed=12)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, c)
+    assert not torch.equal(dropout_mask(11, (6, 200), 0.2), dropout_mask(12, (6, 200), 0.2))
+
+
+def test_seed_none_is_drawn_from_torch_generator():
+    x, r, w, b = make_inputs((4, 200), torch.float32)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = fused_layer_norm(x, w, b, residual=r, dropout_p=0.3)
+        b2 = fused_layer_norm(x, w, b, residual=r, dropout_p=0.3)
+        torch.manual_seed(5)
+        a2 = fused_layer_norm(x, w, b, residual=r, dropout_p=0.3)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, b2)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_fraction_is_binomial(p):
+    shape = (256, 1000)                             # 256k draws
+    keep = dropout_mask(2024, shape, p, device=DEVICE)
+    n = keep.numel()
+    kept = keep.sum().item()
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(kept - n * (1 - p)) < 5 * sigma, f"kept {kept} of {n}, expected {n * (1 - p):.0f} ± {sigma:.0f}"
+    # no column pattern from four draws per Philox call: each column position mod 4 keeps alike
+    per_lane = keep.view(-1, 4).float().mean(0)
+    assert (per_lane - (1 - p)).abs().max().item() < 5 * math.sqrt(p * (1 - p) / (n / 4))
+
+
+def test_mask_depends_only_on_seed_row_and_column():
+    # blocks differ (N=200 -> 256 wide, N=1000 -> 1024 wide; several rows per program for small N)
+    small = dropout_mask(99, (8, 200), 0.3, device=DEVICE)
+    large = dropout_mask(99, (40, 1000), 0.3, device=DEVICE)
+    assert torch.equal(small, large[:8, :200])
+    assert torch.equal(dropout_mask(99, (2, 4, 200), 0.3, device=DEVICE).view(8, 200), small)
+
+
+def test_zero_dropout_mask_keeps_everything():
+    assert dropout_mask(1, (3, 200), 0.0, device=DEVICE).all()
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: (torch.ones(2, 8, dtype=torch.int64), None, None, {}), TypeError, "x must be"),
+    (lambda: (torch.randn(2, MAX_N + 1), None, None, {}), ValueError, "up to 8192"),
+    (lambda: (torch.randn(2, 0), None, None, {}), ValueError, "non-empty last dimension"),
+    (lambda: (torch.randn(()), None, None, {}), ValueError, "non-empty last dimension"),
+    (lambda: (torch.randn(2, 8), torch.randn(7), None, {}), ValueError, "weight must have shape"),
+    (lambda: (torch.randn(2, 8), None, torch.randn(8, 1), {}), ValueError, "bias must have shape"),
+    (lambda: (torch.randn(2, 8), None, None, {"residual": torch.randn(3, 8)}), ValueError, "residual must have"),
+    (lambda: (torch.randn(2, 8), None, None, {"residual": torch.ones(2, 8, dtype=torch.int32)}), TypeError,
+     "residual must be"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 1.0}), ValueError, "dropout_p"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": -0.1}), ValueError, "dropout_p"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": 1.5}), TypeError, "seed"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": 2**64}), ValueError, "64 bits"),
+    (lambda: (torch.randn(2, 8), torch.randn(8, device="meta"), None, {}), ValueError, "weight is on"),
+], ids=["int-x", "too-wide", "empty-row", "scalar", "weight-shape", "bias-shape", "residual-shape",
+        "residual-dtype", "p-one", "p-negative", "seed-float", "seed-too-big", "device-mismatch"])
+def test_bad_inputs_raise_clear_errors(make, exc, match):
+    x, w, b, kw = make()
+    with pytest.raises(exc, match=match):
+        fused_layer_norm(x, w, b, 1e-5, **kw)
+
+
+def test_dropout_mask_bad_arguments():
+    with pytest.raises(ValueError, match="p must be"):
+        dropout_mask(0, (2, 8), 1.0)
+    with pytest.raises(ValueError, match="hidden size"):
+        dropout_mask(0, (2, MAX_N + 1), 0.1)
+
+
+# ----------------------------------------------------------------------------- custom ops / compile
+def test_custom_ops_pass_opcheck():
+    x, r, w, b = make_inputs((4, 200), torch.float32)
+    seed = torch.tensor([3], dtype=torch.int64)
+    fwd = torch.ops.fastelectra.layer_norm_fwd.default
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-5, 0.1, seed),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        _, mean, rstd = fwd(x, r, w, b, 1e-5, 0.1, seed)
+    dy = torch.randn_like(x)
+    bwd = torch.ops.fastelectra.layer_norm_bwd.default
+    torch.library.opcheck(bwd, (dy, x.detach(), r.detach(), w.detach(), b.detach(), mean, rstd, 0.1, seed),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("seed", [17, None])
+def test_torch_compile_fullgraph_traces_forward_and_backward(seed):
+    # The custom ops are opaque to dynamo (their fake implementations give shapes), so this traces
+    # the same graph on CPU under the interpreter as on a GPU; aot_eager also traces the backward.
+    torch._dynamo.reset()
+
+    def tail(x, r, w, b):
+        return fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=0.1, seed=seed) * 2
+
+    compiled = torch.compile(tail, fullgraph=True, backend="aot_eager")
+    x, r, w, b = make_inputs((2, 3, 200), torch.float32)
+    dy = torch.randn(2, 3, 200, device=DEVICE)
+    torch.manual_seed(0)
+    got = outputs_and_grads(compiled, (x, r, w, b), dy)
+    torch.manual_seed(0)
+    want = outputs_and_grads(tail, (x, r, w, b), dy)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [256, 768, 1000, 1024, 4096, 8192])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_real_sizes(n, p, dtype):
+    rows = 65536 if n <= 1024 else 8192
+    check_against_reference((rows, n), dtype, p=p, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_inductor_fullgraph_matches_eager():
+    torch._dynamo.reset()
+
+    def block_tail(h, r, w, b):
+        return fused_layer_norm(h, w, b, 1e-12, residual=r, dropout_p=0.1, seed=5)
+
+    x, r, w, b = make_inputs((32, 128, 768), torch.bfloat16, device="cuda")
+    dy = torch.randn(32, 128, 768, device="cuda")
+    got = outputs_and_grads(torch.compile(block_tail, fullgraph=True), (x, r, w, b), dy)
+    want = outputs_and_grads(block_tail, (x, r, w, b), dy)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_ops_layer_norm_dispatches_to_kernel():
+    from fastelectra import ops
+
+    x, r, w, b = make_inputs((4, 128, 768), torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        got = ops.layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.1, seed=9, backend="fused")
+        want = fused_layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.1, seed=9)
+    assert torch.equal(got, want)
