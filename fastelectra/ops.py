@@ -109,6 +109,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim).
     key_padding_mask: (batch, seqlen_k), True/1 for real tokens (HF's attention_mask), or None.
     Returns (batch, seqlen_q, nheads, headdim) in q's dtype. ``dropout_p`` is applied as given.
+    The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other head sizes and float64 run
+    the reference.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
@@ -134,10 +136,11 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     _check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     if q.dtype in KERNEL_DTYPES and _backend.use_triton(q.device, backend, "attention"):
-        from .kernels.attention import flash_attention
+        from .kernels.attention import SUPPORTED_HEAD_DIMS, flash_attention
 
-        return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                               softmax_scale=softmax_scale, seed=seed)
+        if q.shape[-1] in SUPPORTED_HEAD_DIMS:  # other head sizes take the reference
+            return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                   softmax_scale=softmax_scale, seed=seed)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
 
 
@@ -202,6 +205,12 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     sample = argmax(logits/τ + Gumbel noise) (τ = 0: plain argmax); the original may be sampled.
     Returns (discriminator input ids (B, T), is-replaced labels (B, T) bool, sampled ids (N,))
     and, with ``return_lse``, the row log-sum-exp of the logits (N,) in fp32.
+
+    The fused op (csrc/) draws its noise from Philox4x32-10 keyed on (seed, offset, element), so
+    CPU and CUDA give identical samples for the same logits, seed and offset; the eager reference
+    samples the same distribution with other draws. Positions should be distinct and logits
+    contiguous. On CUDA, index ranges are checked inside the kernel without a host sync: a row
+    whose position or original id is out of range writes nothing and reports ``sampled = -1``.
     """
     _check_replace_args(logits, input_ids, masked_positions, temperature)
     seed = draw_seed() if seed is None else int(seed)

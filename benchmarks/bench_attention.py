@@ -1,0 +1,177 @@
+"""Attention microbenchmark: fastelectra's Triton flash attention vs SDPA backends and eager attention.
+
+Forward and forward+backward TFLOP/s at ELECTRA shapes, bf16 by default, one process:
+  fastelectra          kernels.attention.flash_attention on (B, T, H, D) tensors (no transposes)
+  fastelectra-varlen   flash_attention_varlen on the packed tokens (padded cases only; packing untimed)
+  sdpa-<backend>       F.scaled_dot_product_attention pinned with torch.nn.attention.sdpa_kernel to
+                       FLASH_ATTENTION / EFFICIENT_ATTENTION / CUDNN_ATTENTION / MATH, and sdpa-default
+                       (torch's own pick); inputs are (B, H, T, D) views of the same tensors, as HF does
+  hf-eager             fastelectra.ops.attention_reference, HF-style eager math
+Cases: plain (no mask, no dropout); mask+dropout with an all-valid mask (the cost of handling a mask);
+mask+dropout with lengths uniform in [T/2, T] (real padding, which the fused kernels skip).
+FLOPs are counted densely for every contender: 4·B·H·T²·D forward, 3.5x that for forward+backward
+(backward = 2.5x forward), so skipping padding shows up as a higher rate. A backend that refuses a
+case is recorded with its reason.
+
+    python -m benchmarks.bench_attention --out benchmarks/results/attention_<gpu>_<date>.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import do_bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+
+SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
+CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")
+DROPOUT = 0.1
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def attention_flops(batch, nheads, seqlen, head_dim, backward: bool) -> float:
+    forward = 4.0 * batch * nheads * seqlen * seqlen * head_dim
+    return forward * (3.5 if backward else 1.0)
+
+
+def make_inputs(batch, nheads, seqlen, head_dim, case, dtype, seed=0):
+    """q, k, v, do (B, T, H, D) random; key-padding mask (B, T) bool or None; dropout p."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(batch, seqlen, nheads, head_dim, generator=g).to("cuda", dtype) for _ in range(4))
+    if case == "plain":
+        return q, k, v, do, None, 0.0
+    if case == "mask-full+dropout":
+        return q, k, v, do, torch.ones(batch, seqlen, dtype=torch.bool, device="cuda"), DROPOUT
+    lengths = torch.randint(seqlen // 2, seqlen + 1, (batch,), generator=g)
+    mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).cuda()
+    return q, k, v, do * mask[:, :, None, None], mask, DROPOUT
+
+
+def contenders(q, k, v, mask, p):
+    """name -> fn(q, k, v) returning (B, T, H, D) (or packed) output; varlen packs once, untimed."""
+    from fastelectra.kernels.attention import flash_attention, flash_attention_varlen
+    from fastelectra.ops import attention_reference
+
+    fns = {"fastelectra": lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p)}
+    if mask is not None and not bool(mask.all()):
+        lengths = mask.sum(1, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        max_len = int(lengths.max())
+        fns["fastelectra-varlen"] = (
+            lambda q, k, v: flash_attention_varlen(q, k, v, cu, max_len, dropout_p=p), mask)
+    sdpa_mask = None if mask is None else mask[:, None, None, :]
+
+    def sdpa(backend):
+        def fn(q, k, v):
+            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+            if backend is None:
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=sdpa_mask, dropout_p=p)
+            else:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=sdpa_mask, dropout_p=p)
+            return out.transpose(1, 2)
+        return fn
+
+    for backend in SDPA_BACKENDS:
+        fns["sdpa-" + backend.split("_")[0].lower()] = sdpa(backend)
+    fns["sdpa-default"] = sdpa(None)
+    fns["hf-eager"] = lambda q, k, v: attention_reference(q, k, v, mask, p)
+    return fns
+
+
+def time_contender(fn, q, k, v, do, backward: bool, pack_mask=None) -> float:
+    """Median ms of one forward (no autograd) or forward+backward call."""
+    if pack_mask is not None:  # varlen: time on the packed tokens
+        q, k, v, do = (t[pack_mask] for t in (q, k, v, do))
+    if not backward:
+        with torch.no_grad():
+            fn(q, k, v)                     # compile / autotune outside the timing
+            return do_bench_ms(lambda: fn(q, k, v))
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+
+    def step():
+        out = fn(q, k, v)
+        out.backward(do)
+        q.grad = k.grad = v.grad = None
+
+    step()
+    return do_bench_ms(step)
+
+
+def run(shapes, cases, dtype, modes):
+    rows = []
+    for batch, nheads, seqlen, head_dim in shapes:
+        for case in cases:
+            q, k, v, do, mask, p = make_inputs(batch, nheads, seqlen, head_dim, case, dtype)
+            for name, entry in contenders(q, k, v, mask, p).items():
+                fn, pack_mask = entry if isinstance(entry, tuple) else (entry, None)
+                for mode in modes:
+                    row = dict(batch=batch, nheads=nheads, seqlen=seqlen, head_dim=head_dim, case=case,
+                               contender=name, mode=mode)
+                    try:
+                        ms = time_contender(fn, q, k, v, do, mode == "fwd+bwd", pack_mask)
+                        flops = attention_flops(batch, nheads, seqlen, head_dim, mode == "fwd+bwd")
+                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                    except (RuntimeError, ValueError) as err:  # a backend refusing the case
+                        row.update(skipped=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(f"{case:20s} {str((batch, nheads, seqlen, head_dim)):18s} {mode:8s} {name:20s} "
+                          + (f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["skipped"]), flush=True)
+    return rows
+
+
+def add_ratios(rows):
+    """Each fastelectra row gets fastelectra TFLOP/s / peer TFLOP/s for every timed peer."""
+    def key(r):
+        return r["batch"], r["nheads"], r["seqlen"], r["head_dim"], r["case"], r["mode"]
+
+    peers = {}
+    for r in rows:
+        if "tflops" in r and not r["contender"].startswith("fastelectra"):
+            peers.setdefault(key(r), {})[r["contender"]] = r["tflops"]
+    for r in rows:
+        if r["contender"].startswith("fastelectra") and "tflops" in r:
+            r["ratios"] = {peer: r["tflops"] / t for peer, t in peers.get(key(r), {}).items()}
+            best = max(peers.get(key(r), {}).values(), default=math.nan)
+            r["vs_best_peer"] = r["tflops"] / best if best == best else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON path (a .md table is written beside it)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--shapes", nargs="+", metavar="B,H,T,D",
+                        help="shapes to run (default: " + " ".join(",".join(map(str, s)) for s in SHAPES) + ")")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--modes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    if any(len(s) != 4 for s in shapes):
+        parser.error("--shapes takes B,H,T,D quadruples")
+    require_cuda("bench_attention")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+    rows = run(shapes, args.cases, dtype, args.modes)
+    add_ratios(rows)
+    table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}",
+                       result=(f"{r['tflops']:.1f}" if "tflops" in r else "skipped")) for r in rows]
+    table = markdown_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer"])
+    payload = {
+        "benchmark": "attention",
+        "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": args.cases,
+                   "modes": args.modes, "flops": "4*B*H*T^2*D forward, x3.5 forward+backward, dense",
+                   "gpu_slug": gpu_slug(), "timing": "triton.testing.do_bench median",
+                   "date": datetime.date.today().isoformat()},
+        "results": rows,
+    }
+    write_results(args.out, payload, table)
+
+
+if __name__ == "__main__":
+    main()

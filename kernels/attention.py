@@ -1,0 +1,834 @@
+"""Fused multi-head attention for ELECTRA: key-padding mask + dropout, forward and backward.
+
+What it fuses. Forward: S = Q Kᵀ·scale, the key-padding mask, an online (streaming) softmax in
+base 2 with the scale folded into the exponent, dropout on the probabilities and P·V in one
+pass over K/V per block of query rows; it saves only the output and the row log-sum-exp.
+Backward: a preprocess computes delta = rowsum(dO ∘ O), then one kernel per block of keys
+accumulates dK/dV over all queries and one kernel per block of queries accumulates dQ over all
+keys, both recomputing P from the saved log-sum-exp. No (T × T) matrix is ever in memory.
+
+Layout. Tensors stay in the projection's layout (batch, seqlen, nheads, headdim), any strides
+with a unit last stride: the kernels take strides, nothing is transposed through memory. The
+varlen mode takes packed tokens (total, nheads, headdim) with cumulative sequence lengths, so
+padded batches skip the padding entirely.
+
+Key-padding mask. As per-sequence lengths (prefix masks) or as a general (batch, seqlen_k)
+boolean mask that the kernels load block by block and honour exactly; key blocks past the last
+valid key are never visited. A sequence without a valid key gives zeros (not NaN).
+
+Dropout. Philox (tl.randint4x) in the kernels, regenerated identically in the backward, never
+stored. One Philox call gives four 32-bit words = eight 16-bit draws, the keep decisions of
+eight neighbouring keys; a probability is dropped when its draw is below round(p·2¹⁶).
+Counter of the 8-key group g of query row r in (batch b, head h):
+    ((b·nheads + h)·seqlen_q + r)·cdiv(seqlen_k, 8) + g   (Philox key = the 64-bit seed)
+so the mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k =
+max_seqlen) draws the same mask as the padded layout. ``dropout_mask`` returns it for tests.
+
+Limits. Non-causal; headdim 16, 32, 64 or 128; fp16 and bf16 (fp32 runs a correct, slower path
+with IEEE-precision dots); self-attention in the varlen mode (one cu_seqlens for q and k).
+
+References. T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning" (2023); the Triton fused-attention tutorial (06-fused-attention.py);
+J. Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011) for Philox.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["flash_attention", "flash_attention_varlen", "dropout_mask", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634           # 1/ln 2: exp(x) = exp2(x / ln 2)
+DRAW_BITS = tl.constexpr(16)         # bits of one dropout draw: a 32-bit Philox word holds two
+DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
+KEYS_PER_CALL = tl.constexpr(8)      # keep decisions per Philox call: 4 words x 2 draws
+DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
+SEED_MAX = 2**62                     # seeds are drawn in [0, 2^62) like fastelectra.ops.draw_seed
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter (triton 3.9) multiplies bfloat16 bit patterns as integers in tl.dot; under it the
+# kernels widen dot operands to fp32 first (exact for 16-bit inputs). Compiled kernels are unaffected.
+_WIDEN_DOTS = tl.constexpr(_INTERPRET)
+
+
+# ============================================================================ Triton kernels
+@triton.jit
+def _mma(
+    a,               # (M, K) fp16/bf16/fp32
+    b,               # (K, N) like a
+    acc,             # (M, N) fp32 accumulator, or None
+    DOT_PRECISION: tl.constexpr,
+):
+    if _WIDEN_DOTS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _halves(
+    word,            # (BLOCK_M, BLOCK_N // 8) uint32 Philox output
+):
+    lo = (word & DRAW_MASK).to(tl.int32, bitcast=True)
+    hi = (word >> DRAW_BITS).to(tl.int32, bitcast=True)
+    return tl.join(lo, hi)                          # (BLOCK_M, BLOCK_N // 8, 2)
+
+
+@triton.jit
+def _dropout_draws(
+    seed,            # Philox key
+    rng_base,        # int64: first counter of this (batch, head)
+    rng_row_stride,  # counters per query row: cdiv(seqlen_k, KEYS_PER_CALL)
+    offs_m,          # (BLOCK_M,) query rows inside the sequence
+    start_n,         # first key of the tile, a multiple of KEYS_PER_CALL
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) int32 draws in [0, 2^16). Key 8g + j of a row takes, from the Philox
+    call of its group g, word 2·(j % 2) + (j // 2) % 2, low half for j < 4, high half otherwise
+    (the order tl.join + tl.reshape produce; the same in every kernel)."""
+    offs_g = start_n // KEYS_PER_CALL + tl.arange(0, BLOCK_N // KEYS_PER_CALL)
+    counter = rng_base + offs_m.to(tl.int64)[:, None] * rng_row_stride + offs_g[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    draws = tl.join(tl.join(_halves(w0), _halves(w1)), tl.join(_halves(w2), _halves(w3)))
+    return tl.reshape(draws, (BLOCK_M, BLOCK_N))    # (BLOCK_M, BLOCK_N // 8, 2, 2, 2) flattened
+
+
+@triton.jit
+def _sequence(
+    KeyLens,     # (batch,) int32 valid prefix length of the keys; read when HAS_LENS
+    CuSeqlens,   # (batch + 1,) int32 packed row offsets; read when VARLEN
+    b,           # batch index
+    seqlen_q,    # query rows per sequence (dense)
+    seqlen_k,    # key rows per sequence (dense)
+    HAS_LENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """(first packed row, query rows, key rows in memory, keys to visit) of sequence b."""
+    if VARLEN:
+        row0 = tl.load(CuSeqlens + b).to(tl.int64)
+        q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
+        k_rows = q_len
+        k_len = q_len
+    else:
+        row0 = 0
+        q_len = seqlen_q
+        k_rows = seqlen_k
+        if HAS_LENS:
+            k_len = tl.minimum(tl.maximum(tl.load(KeyLens + b), 0), seqlen_k)
+        else:
+            k_len = seqlen_k
+    return row0, q_len, k_rows, k_len
+
+
+@triton.jit
+def _key_ok(
+    KeyMask,     # (batch, seqlen_k) uint8 row of sequence b (already offset); read when HAS_MASK
+    offs_n,      # (BLOCK_N,) key positions
+    k_len,       # keys to visit; positions >= k_len are padding
+    HAS_MASK: tl.constexpr,
+):
+    ok = offs_n < k_len
+    if HAS_MASK:
+        ok = ok & (tl.load(KeyMask + offs_n, mask=ok, other=0) != 0)
+    return ok                                       # (BLOCK_N,) bool
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,               # (batch, seqlen_q, nheads, HEAD_DIM), or packed (total, nheads, HEAD_DIM)
+    K,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
+    V,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
+    Out,             # like Q
+    Lse,             # (batch, nheads, seqlen_q) fp32 base-2 log-sum-exp of the scaled scores
+    KeyMask,         # (batch, seqlen_k) uint8, 1 = attend; read when HAS_MASK
+    KeyLens,         # (batch,) int32 keys to visit; read when HAS_LENS
+    CuSeqlens,       # (batch + 1,) int32; read when VARLEN
+    stride_qb, stride_qt, stride_qh,  # element strides of Q (batch stride 0 when VARLEN)
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_mb,       # KeyMask batch stride
+    nheads,
+    seqlen_q,        # query rows per sequence (max_seqlen when VARLEN)
+    seqlen_k,        # key rows per sequence (max_seqlen when VARLEN)
+    qk_scale,        # softmax_scale / ln 2, so scores go straight into exp2
+    seed,            # Philox key of the dropout mask
+    drop_threshold,  # a probability is dropped when its 16-bit draw is below this
+    drop_scale,      # 1 / (1 - dropout_p)
+    seq_bucket,      # next power of two of max(seqlen_q, seqlen_k): autotuning key only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    bh = pid // num_m
+    b = bh // nheads
+    h = bh % nheads
+    start_m = (pid % num_m) * BLOCK_M
+    row0, q_len, k_rows, k_len = _sequence(KeyLens, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS, VARLEN)
+    k_end = tl.where(start_m < q_len, k_len, 0)     # varlen blocks past the sequence do nothing
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row0 * stride_kt
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + row0 * stride_vt
+    KeyMask += b.to(tl.int64) * stride_mb
+    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
+    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                # running row sum of exp2
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+
+    for start_n in range(0, k_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+        s = _mma(q, kt, None, DOT_PRECISION) * qk_scale               # (BLOCK_M, BLOCK_N)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows with no valid key so far
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)                        # softmax sums before dropout
+        acc = acc * alpha[:, None]
+        if IS_DROPOUT:
+            draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
+            p = tl.where(draws >= drop_threshold, p, 0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    inv_l = tl.where(has_keys, drop_scale / l_safe, 0.0)                    # no valid key: zeros
+    lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))     # +inf: P = 0 in backward
+    out = acc * inv_l[:, None]
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + row0 * stride_ot
+    tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(Lse + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    Out,             # (batch, seqlen_q, nheads, HEAD_DIM), or packed
+    DO,              # like Out: gradient of the output
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O)
+    CuSeqlens,       # (batch + 1,) int32; read when VARLEN
+    stride_ob, stride_ot, stride_oh,
+    stride_db, stride_dt, stride_dh,
+    nheads,
+    seqlen_q,        # query rows per sequence (max_seqlen when VARLEN)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    bh = pid // num_m
+    b = bh // nheads
+    h = bh % nheads
+    row0, q_len, _, _ = _sequence(CuSeqlens, CuSeqlens, b, seqlen_q, seqlen_q, False, VARLEN)
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + row0 * stride_ot
+    DO += b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + row0 * stride_dt
+    o = tl.load(Out + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,               # (batch, seqlen_q, nheads, HEAD_DIM), or packed (total, nheads, HEAD_DIM)
+    K,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
+    V,               # like K
+    DO,              # like Q: gradient of the output
+    DK,              # like K: written here
+    DV,              # like K: written here
+    Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O)
+    KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
+    KeyLens,         # (batch,) int32; read when HAS_LENS
+    CuSeqlens,       # (batch + 1,) int32; read when VARLEN
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_mb,
+    nheads,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,        # softmax_scale / ln 2
+    sm_scale,        # softmax_scale
+    seed,
+    drop_threshold,
+    drop_scale,
+    seq_bucket,      # autotuning key only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # query rows per step
+    BLOCK_N: tl.constexpr,   # keys held by the program
+    HAS_MASK: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(seqlen_k, BLOCK_N)
+    bh = pid // num_n
+    b = bh // nheads
+    h = bh % nheads
+    start_n = (pid % num_n) * BLOCK_N
+    row0, q_len, k_rows, k_len = _sequence(KeyLens, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS, VARLEN)
+    q_end = tl.where(start_n < k_len, q_len, 0)     # padding-only key blocks just store zeros
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row0 * stride_kt
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + row0 * stride_vt
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + row0 * stride_dot
+    KeyMask += b.to(tl.int64) * stride_mb
+    Lse += bh.to(tl.int64) * seqlen_q
+    Delta += bh.to(tl.int64) * seqlen_q
+    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
+    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+
+    key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+
+    for start_m in range(0, q_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+        st = _mma(k, qt, None, DOT_PRECISION) * qk_scale              # (BLOCK_N, BLOCK_M)
+        pt = tl.math.exp2(st - lse[None, :])
+        pt = tl.where(key_ok[:, None], pt, 0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
+        if IS_DROPOUT:
+            draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
+            keep_t = tl.trans(draws) >= drop_threshold
+            pt_dropped = tl.where(keep_t, pt * drop_scale, 0.0)
+            dpt = tl.where(keep_t, dpt * drop_scale, 0.0)
+        else:
+            pt_dropped = pt
+        dv = _mma(pt_dropped.to(do.dtype), do, dv, DOT_PRECISION)
+        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        dst = pt * (dpt - delta[None, :])
+        dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    store_ok = (offs_n < k_rows)[:, None]
+    DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + row0 * stride_dkt
+    DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh + row0 * stride_dvt
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_ok)
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,               # (batch, seqlen_q, nheads, HEAD_DIM), or packed (total, nheads, HEAD_DIM)
+    K,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
+    V,               # like K
+    DO,              # like Q: gradient of the output
+    DQ,              # like Q: written here
+    Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O)
+    KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
+    KeyLens,         # (batch,) int32; read when HAS_LENS
+    CuSeqlens,       # (batch + 1,) int32; read when VARLEN
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_mb,
+    nheads,
+    seqlen_q,
+    seqlen_k,
+    qk_scale,        # softmax_scale / ln 2
+    sm_scale,        # softmax_scale
+    seed,
+    drop_threshold,
+    drop_scale,
+    seq_bucket,      # autotuning key only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,   # query rows held by the program
+    BLOCK_N: tl.constexpr,   # keys per step
+    HAS_MASK: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    IS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    bh = pid // num_m
+    b = bh // nheads
+    h = bh % nheads
+    start_m = (pid % num_m) * BLOCK_M
+    row0, q_len, k_rows, k_len = _sequence(KeyLens, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS, VARLEN)
+    k_end = tl.where(start_m < q_len, k_len, 0)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row0 * stride_kt
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + row0 * stride_vt
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + row0 * stride_dot
+    KeyMask += b.to(tl.int64) * stride_mb
+    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
+    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+
+    for start_n in range(0, k_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+        s = _mma(q, kt, None, DOT_PRECISION) * qk_scale               # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(key_ok[None, :], p, 0.0)
+        dp = _mma(do, vt, None, DOT_PRECISION)
+        if IS_DROPOUT:
+            draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
+            dp = tl.where(draws >= drop_threshold, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + row0 * stride_dqt
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Keep,            # (batch, nheads, seqlen_q, seqlen_k) int8 keep-mask, written here
+    seqlen_q,
+    seqlen_k,
+    seed,
+    drop_threshold,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = tl.program_id(2) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
+    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+    draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
+    keep = (draws >= drop_threshold).to(tl.int8)
+    Keep += bh.to(tl.int64) * seqlen_q * seqlen_k
+    tl.store(Keep + offs_m[:, None] * seqlen_k + offs_n[None, :], keep,
+             mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+# ============================================================================ autotuning
+def _configs(shapes):
+    """Autotuning configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config
+    under the interpreter (TRITON_INTERPRET=1), where timing means nothing and size is speed."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+_FWD_SHAPES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+               (64, 64, 4, 3), (64, 128, 4, 3)]
+_DKDV_SHAPES = [(64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4)]
+_DQ_SHAPES = [(128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 4)]
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose tiles overflow shared memory or dwarf the sequence."""
+    args = {**named_args, **kwargs}
+    if len(configs) <= 1:
+        return configs
+    head_dim = args["HEAD_DIM"]
+    itemsize = args["Q"].element_size()
+    if itemsize == 4:  # fp32, the exact slower path: one config whose tiles fit at every headdim
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32 if head_dim == 128 else 64}, num_warps=4, num_stages=2)]
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if args["seq_bucket"] <= 64 and (bm > 64 or bn > 64):
+            continue
+        # a rough bound for every kernel: the resident tile plus num_stages buffers of the streamed ones
+        if (bm + bn) * head_dim * itemsize * (1 + c.num_stages) <= _SMEM_BUDGET:
+            kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HAS_MASK", "HAS_LENS", "VARLEN", "IS_DROPOUT"]
+_attn_fwd = triton.autotune(_configs(_FWD_SHAPES), key=_TUNE_KEY,
+                            prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
+_attn_bwd_dkdv = triton.autotune(_configs(_DKDV_SHAPES), key=_TUNE_KEY,
+                                 prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = triton.autotune(_configs(_DQ_SHAPES), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
+_PREPROCESS_BLOCK = 16 if _INTERPRET else 128  # query rows per program of the delta kernel
+
+
+# ============================================================================ launchers
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _INTERPRET:
+        return
+    raise ValueError(f"{name} is on {t.device}: the Triton attention kernels need a CUDA tensor "
+                     "(or CPU tensors under TRITON_INTERPRET=1)")
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device's current stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of headdim contiguous elements; other strides are free."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Layout:
+    """Sizes and strides of one call, dense (batch, seqlen, nheads, headdim) or packed varlen."""
+
+    def __init__(self, q, k, cu_seqlens, max_seqlen):
+        self.varlen = q.dim() == 3
+        if self.varlen:
+            self.batch = cu_seqlens.shape[0] - 1
+            self.seqlen_q = self.seqlen_k = int(max_seqlen)
+            self.nheads, self.head_dim = q.shape[1], q.shape[2]
+        else:
+            self.batch, self.seqlen_q, self.nheads, self.head_dim = q.shape
+            self.seqlen_k = k.shape[1]
+
+    def strides(self, t):
+        """(batch, seq, head) element strides; batch stride 0 for packed tensors."""
+        if self.varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dropout_args(dropout_p: float):
+    """(drop_threshold, drop_scale): drop when a 16-bit draw < round(p * 2^16)."""
+    threshold = min(int(round(dropout_p * DRAW_RANGE)), DRAW_RANGE - 1)
+    return threshold, 1.0 / (1.0 - dropout_p)
+
+
+def _mask_args(key_mask, key_lens, layout, device):
+    """(uint8 mask or placeholder, int32 lengths or placeholder, batch stride, HAS_MASK, HAS_LENS).
+
+    A general boolean mask is read by the kernels; its lengths (last valid key + 1) bound the
+    key loop so padding blocks are skipped, without a host sync."""
+    placeholder = torch.empty(1, dtype=torch.int32, device=device)
+    if key_mask is not None:
+        mask = key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous()
+        positions = torch.arange(1, layout.seqlen_k + 1, device=device, dtype=torch.int32)
+        lens = (mask.to(torch.int32) * positions).amax(dim=1).to(torch.int32)
+        return mask.view(torch.uint8), lens, mask.stride(0), True, True
+    if key_lens is not None:
+        return placeholder, key_lens.to(torch.int32).contiguous(), 0, False, True
+    return placeholder, placeholder, 0, False, False
+
+
+def _common_args(layout, dropout_p, softmax_scale, seed, dtype):
+    threshold, drop_scale = _dropout_args(dropout_p)
+    return dict(qk_scale=softmax_scale * LOG2E, seed=seed, drop_threshold=threshold, drop_scale=drop_scale,
+                seq_bucket=triton.next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
+                IS_DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                HEAD_DIM=layout.head_dim, VARLEN=layout.varlen)
+
+
+def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    """Launch the forward; returns (out like q, lse (batch, nheads, seqlen_q) fp32)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    layout = _Layout(q, k, cu_seqlens, max_seqlen)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((layout.batch, layout.nheads, layout.seqlen_q), dtype=torch.float32, device=q.device)
+    mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, layout, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else lens
+    n_bh = layout.batch * layout.nheads
+
+    def grid(meta):
+        return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
+
+    _attn_fwd[grid](
+        q, k, v, out, lse, mask, lens, cu,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
+        layout.nheads, layout.seqlen_q, layout.seqlen_k,
+        HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q.dtype))
+    return out, lse
+
+
+def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    """Launch the backward; returns (dq, dk, dv) shaped and typed like q, k, v."""
+    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    layout = _Layout(q, k, cu_seqlens, max_seqlen)
+    mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, layout, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else lens
+    n_bh = layout.batch * layout.nheads
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+
+    _attn_bwd_preprocess_kernel[(triton.cdiv(layout.seqlen_q, _PREPROCESS_BLOCK) * n_bh,)](
+        out, do, delta, cu, *layout.strides(out), *layout.strides(do), layout.nheads, layout.seqlen_q,
+        HEAD_DIM=layout.head_dim, BLOCK_M=_PREPROCESS_BLOCK, VARLEN=layout.varlen)
+    common = _common_args(layout, dropout_p, softmax_scale, seed, q.dtype)
+
+    def grid_kv(meta):
+        return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]) * n_bh,)
+
+    _attn_bwd_dkdv[grid_kv](
+        q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
+        *layout.strides(dk), *layout.strides(dv), stride_mb,
+        layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+        HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
+
+    def grid_q(meta):
+        return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
+
+    _attn_bwd_dq[grid_q](
+        q, k, v, do, dq, lse, delta, mask, lens, cu,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
+        *layout.strides(dq), stride_mb,
+        layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+        HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
+    return dq, dk, dv
+
+
+# ============================================================================ custom ops (autograd, torch.compile)
+@torch.library.custom_op("fastelectra::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                       key_lens: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                       dropout_p: float, softmax_scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with _on_device(q):
+        return _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                          int(seed.item()))
+
+
+@_flash_attn_fwd_op.register_fake
+def _flash_attn_fwd_fake(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    if q.dim() == 3:
+        lse_shape = (cu_seqlens.shape[0] - 1, q.shape[1], max_seqlen)
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastelectra::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, key_mask: Optional[torch.Tensor], key_lens: Optional[torch.Tensor],
+                       cu_seqlens: Optional[torch.Tensor], max_seqlen: int, dropout_p: float,
+                       softmax_scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _on_device(q):
+        return _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
+                          softmax_scale, int(seed.item()))
+
+
+@_flash_attn_bwd_op.register_fake
+def _flash_attn_bwd_fake(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
+                         softmax_scale, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_mask, key_lens, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_mask, key_lens, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd_op(grad_out, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, ctx.max_seqlen,
+                                    ctx.dropout_p, ctx.softmax_scale, seed)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ============================================================================ functional API
+def _check_qkv(q, k, v, packed: bool) -> None:
+    rank = 3 if packed else 4
+    layout = "(total, nheads, headdim)" if packed else "(batch, seqlen, nheads, headdim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        _check_device(t, name)
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if packed and q.shape != k.shape:
+        raise ValueError(f"varlen attention is self-attention: q {tuple(q.shape)} and k {tuple(k.shape)} must match")
+    if not packed and (q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, nheads and headdim")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"headdim {q.shape[-1]} is not supported; the kernels take {SUPPORTED_HEAD_DIMS}")
+    if any(s == 0 for s in q.shape) or any(s == 0 for s in k.shape):
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
+    """The dropout seed as a CPU int64 tensor (traceable by torch.compile; read on the host, no
+    GPU sync). None draws from torch's default CPU generator, so torch.manual_seed reproduces."""
+    if dropout_p == 0.0:
+        return torch.zeros((), dtype=torch.int64)
+    if seed is None:
+        return torch.randint(0, SEED_MAX, (), dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        return seed.detach().to(device="cpu", dtype=torch.int64).reshape(())
+    return torch.tensor(int(seed), dtype=torch.int64)
+
+
+def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None, *,
+                    key_lengths=None):
+    """Non-causal multi-head attention with key padding and dropout on the probabilities.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim); any strides
+    with a unit last stride (e.g. views into a fused QKV projection). headdim in 16/32/64/128;
+    fp16/bf16 (fp32 runs a slower exact path).
+    key_padding_mask: (batch, seqlen_k) bool/integer, True/1 = attend, honoured exactly.
+    key_lengths: (batch,) integer valid key counts, an alternative for prefix masks.
+    dropout_p: applied as given; ``seed`` keys the in-kernel Philox (None: drawn from torch's
+    default generator). A sequence without a valid key gives zeros.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype; differentiable in q, k, v.
+    """
+    _check_qkv(q, k, v, packed=False)
+    dropout_p = _check_dropout(dropout_p)
+    batch, seqlen_k = k.shape[0], k.shape[1]
+    if key_padding_mask is not None and key_lengths is not None:
+        raise ValueError("pass key_padding_mask or key_lengths, not both")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.shape != (batch, seqlen_k):
+            raise ValueError(f"key_padding_mask must be a tensor of shape (batch, seqlen_k) = {(batch, seqlen_k)}, "
+                             f"got {tuple(getattr(key_padding_mask, 'shape', ()))}")
+        if key_padding_mask.dtype.is_floating_point or key_padding_mask.dtype.is_complex:
+            raise TypeError(f"key_padding_mask must be bool or integer (1 = attend), got {key_padding_mask.dtype}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        if key_padding_mask.dtype != torch.bool:
+            key_padding_mask = key_padding_mask != 0
+    if key_lengths is not None:
+        if (not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (batch,)
+                or key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool):
+            raise ValueError(f"key_lengths must be an integer tensor of shape (batch,) = ({batch},), got "
+                             f"{getattr(key_lengths, 'dtype', type(key_lengths).__name__)} "
+                             f"{tuple(getattr(key_lengths, 'shape', ()))}")
+        if key_lengths.device != q.device:
+            raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
+    scale = _scale(softmax_scale, q.shape[-1])
+    out, _ = _flash_attn_fwd_op(q, k, v, key_padding_mask, key_lengths, None, 0, dropout_p, scale,
+                                _seed_tensor(seed, dropout_p))
+    return out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None):
+    """Self-attention over packed sequences, padding skipped entirely.
+
+    q, k, v: (total, nheads, headdim), the tokens of all sequences back to back.
+    cu_seqlens: (batch + 1,) int32 cumulative lengths, cu_seqlens[0] = 0, cu_seqlens[-1] = total.
+    max_seqlen: an int >= the longest sequence. Dropout is drawn as in :func:`flash_attention`
+    with seqlen_q = seqlen_k = max_seqlen, so both agree on the valid rows of a padded batch.
+    Returns (total, nheads, headdim) in q's dtype; differentiable in q, k, v.
+    """
+    _check_qkv(q, k, v, packed=True)
+    dropout_p = _check_dropout(dropout_p)
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2
+            or cu_seqlens.dtype != torch.int32):
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor (batch + 1,) of cumulative sequence lengths, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    # value checks cost a GPU sync (and a graph break): eager CPU tensors (the interpreter) only
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        lengths = cu_seqlens.diff()
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0] or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
+        if int(lengths.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
+    scale = _scale(softmax_scale, q.shape[-1])
+    out, _ = _flash_attn_fwd_op(q, k, v, None, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, scale,
+                                _seed_tensor(seed, dropout_p))
+    return out
+
+
+def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
+    """The kernels' keep-mask: bool (batch, nheads, seqlen_q, seqlen_k), True = kept, drawn with the
+    same Philox counters as the attention kernels for ``seed`` and dropout probability ``p``."""
+    device = torch.device(device)
+    if device.type == "cpu" and not _INTERPRET:
+        raise ValueError("dropout_mask runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1)")
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed.item())
+    threshold, _ = _dropout_args(_check_dropout(p))
+    keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
+    block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
+    grid = (batch * nheads, triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
+    with _on_device(keep):
+        _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, int(seed), threshold, BLOCK_M=block_m, BLOCK_N=block_n)
+    return keep.bool()

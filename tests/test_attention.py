@@ -1,0 +1,360 @@
+"""Tests of the Triton fused attention (kernels/attention.py).
+
+Without a CUDA GPU the kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1,
+set below before triton is imported): tiny shapes, few cases. The `gpu` tests run the real shapes
+on the GPU machine. Accuracy rule (DESIGN.md): the kernel's error against an fp64 reference is at
+most 2x the error of the torch op in the same dtype, plus a small absolute floor.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastelectra import ops  # noqa: E402
+from fastelectra.kernels.attention import dropout_mask, flash_attention, flash_attention_varlen  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}  # absolute error floor
+
+
+# ----------------------------------------------------------------------------- references
+def reference(q, k, v, mask=None, keep=None, p=0.0, scale=None):
+    """softmax(q kᵀ·scale, padded keys -inf) [* keep / (1 - p)] @ v in q's dtype; rows with no valid
+    key give 0. q: (B, Tq, H, D); mask: (B, Tk) bool; keep: (B, H, Tq, Tk) bool."""
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1.0 - p)
+    return torch.matmul(probs, vh).transpose(1, 2)
+
+
+def run(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn(q, k, v) for upstream gradient do."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return [out.detach(), *grads]
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_to_reference(kernel_fn, ref_fn, q, k, v, do):
+    """Kernel vs fp64 reference, bounded by 2x the same-dtype torch error + floor, for out and grads."""
+    exact = run(ref_fn, q.double(), k.double(), v.double(), do.double())
+    same_dtype = run(ref_fn, q, k, v, do)
+    got = run(kernel_fn, q, k, v, do)
+    for name, g, t, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact):
+        assert g.dtype == q.dtype and g.shape == e.shape, name
+        assert torch.isfinite(g).all(), name
+        bound = 2 * max_err(t, e) + FLOOR[q.dtype] * max(1.0, e.abs().max().item())
+        assert max_err(g, e) <= bound, f"{name}: kernel error {max_err(g, e):.3g} > {bound:.3g}"
+
+
+def make_mask(kind, batch, seqlen, device=DEVICE):
+    """None, a prefix mask ("prefix"), or holes inside the sequence too ("general")."""
+    if kind is None:
+        return None
+    lengths = torch.tensor([seqlen, max(1, seqlen // 2 + 1), max(1, seqlen - 3)][:batch])
+    mask = torch.arange(seqlen)[None, :] < lengths[:, None]
+    if kind == "general":
+        mask[0, 1::3] = False  # holes inside a sequence, not only a padded tail
+    return mask.to(device)
+
+
+def rand(*shape, dtype=torch.float16, generator=None):
+    return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("batch, seqlen_q, seqlen_k, nheads, head_dim, dtype, mask_kind", [
+    (2, 33, 33, 2, 32, torch.float16, "general"),    # odd length, holes in the mask
+    (2, 17, 17, 2, 64, torch.bfloat16, "prefix"),
+    (1, 1, 1, 1, 16, torch.float16, None),           # a batch of one, T = 1
+    (2, 17, 40, 1, 16, torch.bfloat16, "lengths"),   # Tq != Tk, key lengths, masked q tail
+    (1, 40, 40, 2, 64, torch.float32, "general"),    # fp32: the IEEE-dot path
+])
+def test_matches_reference(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype, mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q = rand(batch, seqlen_q, nheads, head_dim, dtype=dtype, generator=g)
+    k, v = (rand(batch, seqlen_k, nheads, head_dim, dtype=dtype, generator=g) for _ in range(2))
+    do = rand(batch, seqlen_q, nheads, head_dim, dtype=dtype, generator=g)
+    mask = make_mask("prefix" if mask_kind == "lengths" else mask_kind, batch, seqlen_k)
+    if mask_kind == "lengths":
+        lengths = mask.sum(1).to(torch.int32)
+        kernel = lambda q, k, v: flash_attention(q, k, v, key_lengths=lengths)  # noqa: E731
+    else:
+        kernel = lambda q, k, v: flash_attention(q, k, v, mask)  # noqa: E731
+    assert_close_to_reference(kernel, lambda q, k, v: reference(q, k, v, mask), q, k, v, do)
+
+
+def test_strided_qkv_views_and_scale():
+    """q, k, v as views into one fused projection output (B, T, 3, H, D): strides, no copies."""
+    g = torch.Generator().manual_seed(1)
+    qkv = rand(2, 24, 3, 2, 32, generator=g)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    do = rand(2, 24, 2, 32, generator=g)
+    mask = make_mask("general", 2, 24)
+    assert_close_to_reference(lambda q, k, v: flash_attention(q, k, v, mask, softmax_scale=0.3),
+                              lambda q, k, v: reference(q, k, v, mask, scale=0.3), q, k, v, do)
+
+
+# ----------------------------------------------------------------------------- masking
+def test_padded_keys_get_zero_probability():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (rand(2, 20, 2, 16, generator=g) for _ in range(3))
+    do = rand(2, 20, 2, 16, generator=g)
+    mask = make_mask("general", 2, 20)
+    out, dq, dk, dv = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.2, seed=7), q, k, v, do)
+    k2, v2 = k.clone(), v.clone()
+    k2[~mask] = 100.0   # garbage at padded keys must not matter
+    v2[~mask] = -50.0
+    out2, dq2, _, _ = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.2, seed=7), q, k2, v2, do)
+    assert torch.equal(out, out2) and torch.equal(dq, dq2)
+    assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all()
+
+
+def test_padded_query_rows_do_not_poison_gradients():
+    """Query rows that are padding give finite outputs; with zero upstream gradient there, whatever
+    they hold does not change dK/dV, and their dQ is zero."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (rand(2, 24, 2, 32, generator=g) for _ in range(3))
+    mask = make_mask("prefix", 2, 24)
+    do = rand(2, 24, 2, 32, generator=g) * mask[:, :, None, None]
+    fn = lambda q, k, v: flash_attention(q, k, v, mask)  # noqa: E731
+    out, dq, dk, dv = run(fn, q, k, v, do)
+    q2 = q.clone()
+    q2[~mask] = rand(int((~mask).sum()), 2, 32, generator=g) * 30.0
+    out2, dq2, dk2, dv2 = run(fn, q2, k, v, do)
+    for t in (out, dq, dk, dv, out2, dq2, dk2, dv2):
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(dk2, dk, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(dv2, dv, atol=2e-3, rtol=1e-2)
+    assert (dq2[~mask] == 0).all()
+
+
+def test_sequence_without_valid_keys_gives_zeros():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (rand(2, 17, 2, 16, generator=g) for _ in range(3))
+    do = rand(2, 17, 2, 16, generator=g)
+    mask = torch.ones(2, 17, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out, dq, dk, dv = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.1, seed=1), q, k, v, do)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    keep = dropout_mask(1, 2, 2, 17, 17, 0.1, DEVICE)
+    ref = reference(q[:1].double(), k[:1].double(), v[:1].double(), mask[:1], keep[:1], 0.1)
+    assert max_err(out[:1], ref) < 2e-3
+
+
+# ----------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("dtype, p", [(torch.float16, 0.1), (torch.bfloat16, 0.5)])
+def test_dropout_matches_reference_with_kernel_mask(dtype, p):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (rand(2, 33, 2, 32, dtype=dtype, generator=g) for _ in range(3))
+    do = rand(2, 33, 2, 32, dtype=dtype, generator=g)
+    mask = make_mask("general", 2, 33)
+    keep = dropout_mask(1234, 2, 2, 33, 33, p, DEVICE)
+    assert_close_to_reference(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=1234),
+                              lambda q, k, v: reference(q, k, v, mask, keep, p), q, k, v, do)
+
+
+def test_dropout_mask_statistics():
+    batch, nheads, seqlen = 2, 2, 40
+    n = batch * nheads * seqlen * seqlen
+    for p in (0.1, 0.5):
+        keep = dropout_mask(99, batch, nheads, seqlen, seqlen, p, DEVICE).float()
+        sd = ((1 - p) * p / n) ** 0.5
+        assert abs(keep.mean().item() - (1 - p)) < 4 * sd, p
+        per_lane = keep.reshape(-1, seqlen // 8, 8).mean(dim=(0, 1))  # each of the 8 draws per call
+        assert ((per_lane - (1 - p)).abs() < 4 * sd * 8 ** 0.5).all(), (p, per_lane)
+    a = dropout_mask(5, batch, nheads, seqlen, seqlen, 0.5, DEVICE)
+    assert torch.equal(a, dropout_mask(5, batch, nheads, seqlen, seqlen, 0.5, DEVICE))
+    assert not torch.equal(a, dropout_mask(6, batch, nheads, seqlen, seqlen, 0.5, DEVICE))
+    assert not torch.equal(a[0, 0], a[0, 1]) and not torch.equal(a[0, 0], a[1, 0])
+    assert dropout_mask(5, 1, 1, 8, 8, 0.0, DEVICE).all()
+
+
+def philox4x32_10(counter, seed):
+    """Philox4x32-10 (Salmon et al. 2011) on 64-bit counters (c0, c1 = lo, hi; c2 = c3 = 0) with
+    key (seed lo, seed hi): the generator tl.randint4x runs, in numpy."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    c0, c1 = counter & m32, counter >> np.uint64(32)
+    c2 = c3 = np.zeros_like(counter)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0, p2 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2   # < 2^64: no overflow
+        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & m32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return c0, c1, c2, c3
+
+
+def test_dropout_mask_follows_the_documented_counter_layout():
+    """counter = ((b·H + h)·Tq + r)·cdiv(Tk, 8) + col // 8; col j of a group takes word
+    2·(j % 2) + (j // 2) % 2, low half for j < 4; keep when the 16-bit draw >= round(p·2^16)."""
+    import numpy as np
+
+    batch, nheads, seqlen_q, seqlen_k, p, seed = 2, 2, 3, 21, 0.3, 2**40 + 12345
+    groups = -(-seqlen_k // 8)
+    bh, r, col = np.meshgrid(np.arange(batch * nheads), np.arange(seqlen_q), np.arange(seqlen_k), indexing="ij")
+    counter = ((bh * seqlen_q + r) * groups + col // 8).astype(np.uint64)
+    words = philox4x32_10(counter, seed)
+    j = col % 8
+    word = np.choose(2 * (j % 2) + (j // 2) % 2, words)
+    draw = np.where(j < 4, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    expected = torch.from_numpy(draw >= round(p * 2**16)).reshape(batch, nheads, seqlen_q, seqlen_k)
+    assert torch.equal(dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, DEVICE).cpu(), expected)
+
+
+def test_dropout_seed_none_follows_torch_manual_seed():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (rand(1, 16, 1, 16, generator=g) for _ in range(3))
+    torch.manual_seed(0)
+    a = flash_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(0)
+    b = flash_attention(q, k, v, dropout_p=0.3)
+    c = flash_attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- varlen
+def test_varlen_matches_padded():
+    g = torch.Generator().manual_seed(7)
+    lengths = [17, 5, 33]
+    batch, seqlen, nheads, head_dim, p = len(lengths), max(lengths), 2, 16, 0.1
+    q, k, v, do = (rand(batch, seqlen, nheads, head_dim, generator=g) for _ in range(4))
+    mask = (torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]).to(DEVICE)
+    do = do * mask[:, :, None, None]
+    dense = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=11), q, k, v, do)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    packed = [t[mask] for t in (q, k, v, do)]                       # (total, H, D)
+    varlen = run(lambda q, k, v: flash_attention_varlen(q, k, v, cu, seqlen, dropout_p=p, seed=11),
+                 *packed[:3], packed[3])
+    for name, d, vl in zip(("out", "dq", "dk", "dv"), dense, varlen):
+        assert vl.shape == packed[0].shape
+        torch.testing.assert_close(vl, d[mask], atol=2e-3, rtol=1e-2, msg=name)
+
+
+# ----------------------------------------------------------------------------- compile, errors
+def test_torch_compile_fullgraph_traces_the_custom_ops():
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (rand(2, 17, 2, 16, generator=g) for _ in range(3))
+    mask = make_mask("general", 2, 17)
+
+    def loss(q, k, v):
+        return flash_attention(q, k, v, mask, dropout_p=0.1).float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    eager = run(loss, q, k, v, torch.tensor(1.0))
+    torch.manual_seed(3)
+    traced = run(compiled, q, k, v, torch.tensor(1.0))
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)
+
+
+def test_custom_op_registration():
+    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration agree with the op."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (rand(1, 16, 1, 16, generator=g).requires_grad_(True) for _ in range(3))
+    mask = make_mask("prefix", 1, 16)
+    seed = torch.tensor(3, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastelectra.flash_attn_fwd.default,
+                          (q, k, v, mask, None, None, 0, 0.1, 0.25, seed),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = rand(1, 8, 1, 16)
+    with pytest.raises(ValueError, match="headdim"):
+        flash_attention(rand(1, 8, 1, 48), rand(1, 8, 1, 48), rand(1, 8, 1, 48))
+    with pytest.raises(ValueError, match="4-D"):
+        flash_attention(q[0], q[0], q[0])
+    with pytest.raises(TypeError, match="share one dtype"):
+        flash_attention(q, q.float(), q)
+    with pytest.raises(TypeError, match="float16"):
+        flash_attention(q.to(torch.int32), q.to(torch.int32), q.to(torch.int32))
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attention(q, q, q, dropout_p=1.0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        flash_attention(q, q, q, torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        flash_attention(q, q, q, torch.ones(1, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        flash_attention_varlen(q[0], q[0], q[0], torch.tensor([0, 8], device=DEVICE), 8)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        flash_attention_varlen(q[0], q[0], q[0], torch.tensor([0, 8], dtype=torch.int32, device=DEVICE), 4)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="rise from 0"):
+            flash_attention_varlen(q[0], q[0], q[0], torch.tensor([0, 9], dtype=torch.int32), 9)
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+def _gpu_case(batch, seqlen, nheads, head_dim, dtype=torch.bfloat16, masked=True, p=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(batch, seqlen, nheads, head_dim, generator=g).to("cuda", dtype) for _ in range(4))
+    mask = None
+    if masked:
+        lengths = torch.randint(max(1, seqlen // 2), seqlen + 1, (batch,), generator=g)
+        mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).cuda()
+    keep = dropout_mask(seed + 1, batch, nheads, seqlen, seqlen, p, "cuda") if p > 0 else None
+    assert_close_to_reference(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=seed + 1),
+                              lambda q, k, v: reference(q, k, v, mask, keep, p), q, k, v, do)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, seqlen, nheads, head_dim, dtype, masked, p", [
+    (4, 512, 12, 64, torch.bfloat16, True, 0.1),   # ELECTRA-Base: mask + dropout
+    (4, 512, 12, 64, torch.float16, False, 0.0),
+    (3, 77, 4, 64, torch.bfloat16, True, 0.0),
+    (2, 256, 4, 128, torch.bfloat16, True, 0.1),
+    (2, 200, 2, 32, torch.float32, True, 0.0),
+    (5, 1, 3, 64, torch.bfloat16, False, 0.0),
+])
+def test_gpu_real_shapes(batch, seqlen, nheads, head_dim, dtype, masked, p):
+    _gpu_case(batch, seqlen, nheads, head_dim, dtype, masked, p)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_and_keep_fraction():
+    lengths = [512, 301, 77, 1]
+    q, k, v, do = (torch.randn(len(lengths), 512, 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    mask = torch.arange(512, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+    do = do * mask[:, :, None, None]
+    dense = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.1, seed=5), q, k, v, do)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(device="cuda", dtype=torch.int32)
+    packed = [t[mask] for t in (q, k, v, do)]
+    varlen = run(lambda q, k, v: flash_attention_varlen(q, k, v, cu, 512, dropout_p=0.1, seed=5),
+                 *packed[:3], packed[3])
+    for d, vl in zip(dense, varlen):
+        torch.testing.assert_close(vl, d[mask], atol=1e-2, rtol=2e-2)
+    keep = dropout_mask(5, 4, 12, 512, 512, 0.1, "cuda")
+    assert abs(keep.float().mean().item() - 0.9) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_ops_attention_dispatch_and_inductor():
+    q, k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    mask = torch.ones(2, 128, dtype=torch.long, device="cuda")
+    mask[1, 100:] = 0
+    out = ops.attention(q, k, v, mask, dropout_p=0.1, seed=3, backend="fused")
+    torch.testing.assert_close(out, flash_attention(q, k, v, mask.bool(), dropout_p=0.1, seed=3))
+    compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v, mask.bool()), fullgraph=True)
+    out = compiled(q, k, v)
+    out.float().sum().backward()
+    torch.testing.assert_close(out, flash_attention(q, k, v, mask.bool()))
+    assert torch.isfinite(q.grad).all()
