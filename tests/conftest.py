@@ -1,9 +1,14 @@
 import os
 
 import pytest
+import torch
 
 # Tests choose their backend explicitly; a FASTELECTRA_BACKEND from the caller's shell would override it.
 os.environ.pop("FASTELECTRA_BACKEND", None)
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. It must be chosen
+# before triton is first imported, by whichever test module comes first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
