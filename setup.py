@@ -43,7 +43,10 @@ def extension_build():
 
     use_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                 and os.environ.get("FASTELECTRA_NO_CUDA") != "1")
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -ffp-contract=off: the host noise math must round like the device's (csrc/philox.h); no
+    # --use_fast_math for nvcc: it would flush denormals that the CPU op keeps. No -std: torch's
+    # build helpers pick the C++ standard its headers need (c++17 or c++20).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "fastelectra._C",
@@ -51,7 +54,7 @@ def extension_build():
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=[("FASTELECTRA_WITH_CUDA", None)],
             extra_link_args=["-fopenmp"],
-            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"], "nvcc": ["-O3"]},
         )
     else:
         ext = cpp_extension.CppExtension(

@@ -1,0 +1,225 @@
+// fastelectra::replace_tokens: schema, argument checks and the CPU implementation.
+//
+// Fuses ELECTRA's replacement step for the (N, V) generator logits of the masked positions:
+// Gumbel-max sampling sample = argmax_c(logits[c] * (1/tau) + g_c) with counter-based Philox
+// noise (philox.h; tau = 0: plain argmax), the scatter of the samples into a copy of the original
+// ids, the is-replaced labels (masked AND sample != original) and optionally the row log-sum-exp
+// of the logits (fp32, for the generator's MLM loss).
+//
+//   replace_tokens(Tensor logits, Tensor input_ids, Tensor masked_positions, float temperature,
+//                  int seed, int offset, bool return_lse) -> (ids, labels, sampled, lse)
+//   logits (N, V) fp32/fp16/bf16 contiguous; input_ids (B, T) int64; masked_positions (N,) int64
+//   flat indices into input_ids.view(-1), one per row of logits, expected distinct.
+//   ids (B, T) int64, labels (B, T) bool, sampled (N,) int64, lse (N,) fp32 or (0,) when not asked.
+//
+//   gumbel_noise(Tensor logits, int seed, int offset) -> Tensor
+//   the (N, V) fp32 noise g that replace_tokens adds for these logits' shape, seed and offset
+//   (only the shape and device of `logits` are used). For tests and debugging.
+//
+// The CPU version runs rows in parallel (at::parallel_for) with the same noise, the same
+// candidate order and the same cheap filter as the CUDA kernel (replace_tokens_kernel.cu), so
+// both return identical samples for the same logits, seed and offset. It raises on every invalid
+// input, including masked positions outside input_ids and ids outside [0, V).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "philox.h"
+#include "replace_tokens.h"
+
+// Makes `import fastelectra._C` work (the ops are registered by the static initialisers below).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fastelectra {
+
+void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input_ids,
+                               const at::Tensor& masked_positions, double temperature,
+                               c10::DeviceType device_type) {
+  TORCH_CHECK(logits.dim() == 2, "replace_tokens: logits must be 2-D (num_masked, vocab_size), got shape ",
+              logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "replace_tokens: logits must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(logits.size(1) >= 1, "replace_tokens: logits has an empty vocabulary dimension");
+  TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max(),
+              "replace_tokens: logits vocabulary size must be below 2^31, got ", logits.size(1));
+  TORCH_CHECK(logits.is_contiguous(), "replace_tokens: logits must be contiguous (row-major (num_masked, "
+              "vocab_size)), got strides ", logits.strides(), "; call .contiguous() first");
+  TORCH_CHECK(input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
+              "replace_tokens: input_ids must be an int64 tensor of shape (batch, seqlen), got ",
+              input_ids.scalar_type(), " of shape ", input_ids.sizes());
+  TORCH_CHECK(masked_positions.scalar_type() == at::kLong && masked_positions.dim() == 1,
+              "replace_tokens: masked_positions must be a 1-D int64 tensor of flat indices into input_ids, got ",
+              masked_positions.scalar_type(), " of shape ", masked_positions.sizes());
+  TORCH_CHECK(masked_positions.size(0) == logits.size(0), "replace_tokens: masked_positions has ",
+              masked_positions.size(0), " entries but logits has ", logits.size(0), " rows; they must match");
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0,
+              "replace_tokens: temperature must be a finite number >= 0, got ", temperature);
+  TORCH_CHECK(logits.device() == input_ids.device() && logits.device() == masked_positions.device(),
+              "replace_tokens: logits, input_ids and masked_positions must be on one device, got logits on ",
+              logits.device(), ", input_ids on ", input_ids.device(), ", masked_positions on ",
+              masked_positions.device());
+  TORCH_CHECK(logits.device().type() == device_type, "replace_tokens: the ", device_type,
+              " implementation got logits on ", logits.device());
+}
+
+bool inverse_temperature(double temperature, float* inv_tau) {
+  if (!(temperature > 0.0)) return false;
+  const float inv = (float)(1.0 / temperature);
+  if (!std::isfinite(inv)) return false;
+  *inv_tau = inv;
+  return true;
+}
+
+void check_gumbel_noise_args(const at::Tensor& logits, c10::DeviceType device_type) {
+  TORCH_CHECK(logits.dim() == 2, "gumbel_noise: logits must be 2-D (num_masked, vocab_size), got shape ",
+              logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "gumbel_noise: logits must be a floating tensor, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.device().type() == device_type, "gumbel_noise: the ", device_type,
+              " implementation got logits on ", logits.device());
+}
+
+namespace {
+
+// The sample of one row (see better_candidate in philox.h for the order). The noise filter is the
+// CUDA kernel's: an element whose upper-bound key is below the best exact key cannot win.
+template <typename scalar_t, bool kNoise>
+int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau, uint64_t seed,
+                   uint64_t offset) {
+  float best_key = -std::numeric_limits<float>::infinity();
+  int64_t best_col = vocab;  // none yet
+  if (kNoise) {
+    const uint64_t row_begin = (uint64_t)row * (uint64_t)vocab;
+    int64_t col = 0;
+    while (col < vocab) {  // one Philox call per group of 4 flat indices
+      const uint64_t flat = row_begin + (uint64_t)col;
+      const PhiloxWords r = philox_group(flat >> 2, seed, offset);
+      const int first = (int)(flat & 3);
+      const int count = (int)std::min<int64_t>(4 - first, vocab - col);
+      for (int j = 0; j < count; ++j, ++col) {
+        const float xs = fe_mul(static_cast<float>(x[col]), inv_tau);
+        const float u = uniform_open(r.w[first + j]);
+        if (!(xs + gumbel_upper_bound(u) >= best_key)) continue;
+        const float key = fe_add(xs, gumbel_from_uniform(u));
+        if (better_candidate(key, col, best_key, best_col)) {
+          best_key = key;
+          best_col = col;
+        }
+      }
+    }
+  } else {
+    for (int64_t col = 0; col < vocab; ++col) {
+      const float key = static_cast<float>(x[col]);
+      if (better_candidate(key, col, best_key, best_col)) {
+        best_key = key;
+        best_col = col;
+      }
+    }
+  }
+  return best_col < vocab ? best_col : 0;  // no candidate: a row of NaN
+}
+
+template <typename scalar_t>
+float row_logsumexp(const scalar_t* x, int64_t vocab) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < vocab; ++c) m = std::max(m, static_cast<float>(x[c]));  // NaN skipped here
+  if (std::isinf(m)) {
+    bool has_nan = false;
+    for (int64_t c = 0; c < vocab; ++c) has_nan |= std::isnan(static_cast<float>(x[c]));
+    return (m < 0 && has_nan) ? std::numeric_limits<float>::quiet_NaN() : m;
+  }
+  double s = 0.0;
+  for (int64_t c = 0; c < vocab; ++c) s += std::exp((double)(static_cast<float>(x[c]) - m));
+  return m + (float)std::log(s);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cpu(
+    const at::Tensor& logits, const at::Tensor& input_ids, const at::Tensor& masked_positions,
+    double temperature, int64_t seed, int64_t offset, bool return_lse) {
+  check_replace_tokens_args(logits, input_ids, masked_positions, temperature, c10::DeviceType::CPU);
+  const int64_t n = logits.size(0), vocab = logits.size(1);
+  const at::Tensor ids = input_ids.contiguous();
+  const at::Tensor positions = masked_positions.contiguous();
+  const int64_t numel = ids.numel();
+  const int64_t* ids_p = ids.data_ptr<int64_t>();
+  const int64_t* pos_p = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(pos_p[i] >= 0 && pos_p[i] < numel, "replace_tokens: masked_positions[", i, "] = ", pos_p[i],
+                " is out of range for input_ids with ", numel, " elements");
+  for (int64_t i = 0; i < numel; ++i)
+    TORCH_CHECK(ids_p[i] >= 0 && ids_p[i] < vocab, "replace_tokens: input_ids contains ", ids_p[i],
+                " (flat index ", i, "), outside [0, vocab_size=", vocab, ") of logits");
+
+  at::Tensor out_ids = ids.clone();
+  at::Tensor labels = at::zeros(ids.sizes(), ids.options().dtype(at::kBool));
+  at::Tensor sampled = at::empty({n}, ids.options());
+  at::Tensor lse = at::empty({return_lse ? n : 0}, logits.options().dtype(at::kFloat));
+  if (n == 0) return {out_ids, labels, sampled, lse};
+
+  float inv_tau = 1.0f;
+  const bool noise = inverse_temperature(temperature, &inv_tau);
+  const uint64_t useed = (uint64_t)seed, uoffset = (uint64_t)offset;
+  int64_t* sampled_p = sampled.data_ptr<int64_t>();
+  float* lse_p = return_lse ? lse.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / vocab);  // rows per task: >= ~32k elements
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "replace_tokens_cpu", [&] {
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* xr = x + row * vocab;
+        sampled_p[row] = noise ? sample_row<scalar_t, true>(xr, row, vocab, inv_tau, useed, uoffset)
+                               : sample_row<scalar_t, false>(xr, row, vocab, inv_tau, useed, uoffset);
+        if (lse_p) lse_p[row] = row_logsumexp(xr, vocab);
+      }
+    });
+  });
+
+  int64_t* out_p = out_ids.data_ptr<int64_t>();
+  bool* labels_p = labels.data_ptr<bool>();
+  for (int64_t i = 0; i < n; ++i) {  // sequential: duplicate positions resolve to the last row
+    out_p[pos_p[i]] = sampled_p[i];
+    labels_p[pos_p[i]] = sampled_p[i] != ids_p[pos_p[i]];
+  }
+  return {out_ids, labels, sampled, lse};
+}
+
+at::Tensor gumbel_noise_cpu(const at::Tensor& logits, int64_t seed, int64_t offset) {
+  check_gumbel_noise_args(logits, c10::DeviceType::CPU);
+  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  const int64_t total = out.numel();
+  float* out_p = out.data_ptr<float>();
+  at::parallel_for(0, (total + 3) / 4, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const PhiloxWords r = philox_group((uint64_t)g, (uint64_t)seed, (uint64_t)offset);
+      for (int j = 0; j < 4 && g * 4 + j < total; ++j) out_p[g * 4 + j] = gumbel_from_uniform(uniform_open(r.w[j]));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastelectra, m) {
+  m.def("replace_tokens(Tensor logits, Tensor input_ids, Tensor masked_positions, float temperature, "
+        "int seed, int offset, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gumbel_noise(Tensor logits, int seed, int offset) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastelectra, CPU, m) {
+  m.impl("replace_tokens", &replace_tokens_cpu);
+  m.impl("gumbel_noise", &gumbel_noise_cpu);
+}
+
+}  // namespace fastelectra

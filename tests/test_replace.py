@@ -1,0 +1,441 @@
+"""The fastelectra::replace_tokens op (csrc/): Philox, noise, samples, labels, lse, errors, tracing.
+
+An independent numpy re-implementation of the counter layout, Philox4x32-10 and the Gumbel noise
+(written from csrc/philox.h's description, checked against the Random123 known answers) is the
+bit-for-bit reference of the CPU op; `gpu` tests check CPU == CUDA.
+"""
+import math
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from fastelectra import extension, ops
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+# tests of the numpy reference and of the CUDA source alone: they run without the built extension
+WITHOUT_EXTENSION = ("test_philox_reference_known_answers", "test_noise_is_gumbel_and_the_log_is_accurate",
+                     "test_upper_bound_of_the_noise_holds", "test_cuda_kernel_compiles_with_nvcc")
+
+
+@pytest.fixture(autouse=True)
+def _extension_loaded(request):
+    if request.function.__name__ in WITHOUT_EXTENSION:
+        return
+    ok, why = extension.status()
+    if not ok:
+        pytest.skip(f"fastelectra._C unavailable: {why}")
+
+
+def op(*args):
+    return torch.ops.fastelectra.replace_tokens(*args)
+
+
+# ----------------------------------------------------------------------------- numpy reference
+U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(ctr, key):
+    """Philox4x32-10 on arrays: ctr = 4 word arrays, key = 2 word arrays -> 4 uint32 arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in ctr)
+    k0, k1 = (np.asarray(k, dtype=np.uint64) for k in key)
+    for rnd in range(10):
+        if rnd:
+            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & U32, (k1 + np.uint64(0xBB67AE85)) & U32
+        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & U32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & U32
+    return [c.astype(np.uint32) for c in (c0, c1, c2, c3)]
+
+
+F32 = np.float32
+
+
+def _hexf(s):
+    return F32(float.fromhex(s))
+
+
+def uniform_open(r):
+    v = r.astype(F32) * _hexf("0x1p-32") + _hexf("0x1p-33")
+    return np.minimum(v, _hexf("0x1.fffffep-1"))
+
+
+def log_ref(x):
+    """The op's logarithm, float32 operation for operation."""
+    ix = x.astype(F32).view(np.uint32).astype(np.int64)
+    k = ((ix - 0x3F3504F3 + (64 << 23)) & 0xFFFFFFFF) >> 23
+    k = k - 64
+    m = ((ix - (k << 23)) & 0xFFFFFFFF).astype(np.uint32).view(F32)
+    f = m - F32(1)
+    s = f / (F32(2) + f)
+    z = s * s
+    p = _hexf("0x1.24924ap-2") + z * _hexf("0x1.c71c72p-3")
+    p = _hexf("0x1.99999ap-2") + z * p
+    p = _hexf("0x1.555556p-1") + z * p
+    log_m = (s + s) + (s * z) * p
+    kf = k.astype(F32)
+    return kf * _hexf("0x1.62e4p-1") + (log_m + kf * _hexf("0x1.7f7d1cp-20"))
+
+
+def gumbel_ref(v):
+    w = F32(1) - v
+    c = (F32(1) - w) - v
+    e = -(log_ref(w) + c / w)
+    return -log_ref(e)
+
+
+def noise_ref(n_rows, vocab, seed, offset):
+    """(n_rows, vocab) float32 Gumbel noise: flat index row*V + col, Philox counter (flat // 4 lo,
+    hi, offset lo, hi), key (seed lo, hi), word flat % 4."""
+    flat = np.arange(n_rows * vocab, dtype=np.uint64)
+    group = flat >> np.uint64(2)
+    seed, offset = seed % 2**64, offset % 2**64
+    words = philox4x32_10((group & U32, group >> np.uint64(32), np.full_like(group, offset & 0xFFFFFFFF),
+                           np.full_like(group, offset >> 32)), (seed & 0xFFFFFFFF, seed >> 32))
+    r = np.choose((flat & np.uint64(3)).astype(np.int64), words)
+    with np.errstate(all="ignore"):
+        return gumbel_ref(uniform_open(r)).reshape(n_rows, vocab)
+
+
+def samples_ref(logits, temperature, seed, offset):
+    x = logits.float().numpy()
+    if temperature == 0:
+        return np.argmax(x, axis=1)
+    keys = x * F32(1.0 / temperature) + noise_ref(*x.shape, seed, offset)
+    return np.argmax(keys, axis=1)  # first index of the max, as the op
+
+
+# ----------------------------------------------------------------------------- Philox and noise
+KAT = [  # Random123 kat_vectors, philox4x32 10: counter, key -> output
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_reference_known_answers(ctr, key, expected):
+    out = philox4x32_10([[c] for c in ctr], [[k] for k in key])
+    assert [int(w[0]) for w in out] == list(expected)
+
+
+def test_op_noise_starts_from_the_known_answer():
+    # seed 0, offset 0, flat indices 0..3: counter 0, key 0 -> the first known answer
+    noise = torch.ops.fastelectra.gumbel_noise(torch.empty(1, 4), 0, 0)
+    words = np.array(KAT[0][2], dtype=np.uint32)
+    np.testing.assert_array_equal(noise.numpy()[0], gumbel_ref(uniform_open(words)))
+
+
+@pytest.mark.parametrize("shape,seed,offset", [((3, 7), 0, 0), ((5, 1), 1, 2), ((2, 30522), 2**62 - 1, 7),
+                                               ((4, 33), 12345, 2**40 + 3), ((1, 4096), -1, -1)])
+def test_op_noise_bit_identical_to_numpy(shape, seed, offset):
+    got = torch.ops.fastelectra.gumbel_noise(torch.empty(shape, dtype=torch.bfloat16), seed, offset)
+    assert got.dtype == torch.float32 and got.shape == shape
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), noise_ref(*shape, seed, offset).view(np.uint32))
+
+
+def test_noise_is_gumbel_and_the_log_is_accurate():
+    x = np.exp(np.linspace(-23.0, 3.0, 20001)).astype(F32)
+    np.testing.assert_allclose(log_ref(x), np.log(x.astype(np.float64)), rtol=0, atol=3e-7 * 23)
+    g = noise_ref(64, 4096, 5, 0).ravel().astype(np.float64)
+    assert abs(g.mean() - 0.5772156649) < 0.01 and abs(g.var() - math.pi**2 / 6) < 0.03  # Euler gamma, pi^2/6
+    # the noise of every part of the uniform map, extremes included (v -> 0 gives the largest noise)
+    v = np.concatenate([np.exp(np.linspace(np.log(2.0**-33), 0.0, 200001)), [2.0**-33, 2.0**-24, 0.5, 1 - 2.0**-24]])
+    v = np.minimum(v.astype(F32), _hexf("0x1.fffffep-1"))
+    exact = -np.log(-np.log1p(-v.astype(np.float64)))
+    np.testing.assert_allclose(gumbel_ref(v), exact, rtol=0, atol=4e-6)
+
+
+def test_upper_bound_of_the_noise_holds():
+    """The kernels skip the exact noise where logit/tau + bound < best key; the bound must hold."""
+    rng = np.random.default_rng(0)
+    r = np.concatenate([rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32),
+                        np.arange(0, 2**16, dtype=np.uint32), (2**32 - 1 - np.arange(2**16)).astype(np.uint32),
+                        (np.uint64(1) << np.arange(32, dtype=np.uint64)).astype(np.uint32)])
+    v = uniform_open(r)
+    bound = F32(-0.693147182) * (v.view(np.uint32).astype(F32) * _hexf("0x1p-23") - F32(127)) + _hexf("0x1p-8")
+    assert (gumbel_ref(v) <= bound).all()
+
+
+# ----------------------------------------------------------------------------- samples
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,vocab", [(64, 1), (300, 7), (40, 129), (3, 30522)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_samples_bit_identical_to_numpy(dtype, n, vocab, temperature):
+    g = torch.Generator().manual_seed(n * vocab)
+    logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
+    ids = torch.randint(0, vocab, (n, 3), generator=g)
+    pos = torch.randperm(3 * n, generator=g)[:n]
+    _, _, sampled, _ = op(logits, ids, pos, temperature, 2**61 + 17, 5, False)
+    np.testing.assert_array_equal(sampled.numpy(), samples_ref(logits, temperature, 2**61 + 17, 5))
+
+
+def test_low_precision_logits_sample_like_their_fp32_values():
+    logits = torch.randn(50, 1001).bfloat16()
+    ids, pos = torch.zeros(5, 10, dtype=torch.long), torch.arange(50)
+    a = op(logits, ids, pos, 1.0, 3, 0, True)
+    b = op(logits.float(), ids, pos, 1.0, 3, 0, True)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _chi_square_pvalue(counts, probs):
+    n = counts.sum()
+    expected = probs * n
+    stat = ((counts - expected) ** 2 / expected).sum()
+    dof = len(counts) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sample_distribution_is_softmax(temperature):
+    row = torch.tensor([1.5, 0.0, -1.0, 2.0, 0.5, -3.0, 1.0], dtype=torch.float64)
+    draws = 200_000
+    logits = row.float().expand(draws, -1).contiguous()
+    ids = torch.zeros(1, draws, dtype=torch.long)
+    _, _, sampled, _ = op(logits, ids, torch.arange(draws), temperature, 99, int(temperature * 10), False)
+    counts = torch.bincount(sampled, minlength=row.numel()).double()
+    probs = torch.softmax(row / temperature, 0)
+    assert _chi_square_pvalue(counts, probs) > 1e-3, (counts / draws, probs)
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(20, 30522)
+    ids, pos = torch.zeros(4, 10, dtype=torch.long), torch.randperm(40)[:20]
+    for temperature in (0.0, 1e-300):  # 1/tau overflowing fp32 is the tau -> 0 limit too
+        _, _, sampled, _ = op(logits, ids, pos, temperature, 1, 0, False)
+        torch.testing.assert_close(sampled, torch.argmax(logits, dim=1))
+    ties = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0]])
+    assert op(ties, ids, pos[:1], 0.0, 1, 0, False)[2].item() == 1  # the first maximum
+
+
+def test_labels_ids_and_untouched_positions():
+    g = torch.Generator().manual_seed(0)
+    vocab, (b, t) = 50, (4, 33)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    pos = torch.randperm(b * t, generator=g)[:40]
+    logits = torch.randn(40, vocab, generator=g)
+    logits[torch.arange(0, 40, 2), ids.view(-1)[pos[::2]]] += 30.0  # even rows: the original wins
+    before = ids.clone()
+    out, labels, sampled, lse = op(logits, ids, pos, 1.0, 8, 0, False)
+    assert torch.equal(ids, before) and out.shape == ids.shape and labels.dtype == torch.bool
+    assert lse.shape == (0,)
+    flat_out, flat_lab, orig = out.view(-1), labels.view(-1), ids.view(-1)
+    assert torch.equal(flat_out[pos], sampled)
+    assert torch.equal(flat_lab[pos], sampled != orig[pos])
+    assert not flat_lab[pos[::2]].any()  # the original may be sampled; then the label is False
+    assert flat_lab[pos[1::2]].float().mean() > 0.8
+    untouched = torch.ones(b * t, dtype=torch.bool)
+    untouched[pos] = False
+    assert torch.equal(flat_out[untouched], orig[untouched]) and not flat_lab[untouched].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lse_matches_torch(dtype):
+    logits = (4 * torch.randn(30, 30522)).to(dtype)
+    logits[3] = -float("inf")
+    logits[4, 5] = float("inf")
+    lse = op(logits, torch.zeros(3, 10, dtype=torch.long), torch.arange(30), 1.0, 0, 0, True)[3]
+    assert lse.dtype == torch.float32 and lse.shape == (30,)
+    torch.testing.assert_close(lse, torch.logsumexp(logits.float(), dim=1), rtol=1e-5, atol=1e-5)
+
+
+def special_logits():
+    """Rows of -inf, +inf, NaN (documented: NaN never wins, a row of NaN samples column 0)."""
+    logits = torch.randn(6, 100)
+    logits[0] = -float("inf")
+    logits[1, 5] = float("inf")
+    logits[2, 3] = float("nan")
+    logits[3] = float("nan")
+    logits[4] = -float("inf")
+    logits[4, 77] = 0.0
+    return logits
+
+
+def test_special_values():
+    logits = special_logits()
+    _, _, sampled, lse = op(logits, torch.zeros(2, 3, dtype=torch.long), torch.arange(6), 1.0, 0, 0, True)
+    assert sampled[:5].tolist() == [0, 5, sampled[2].item(), 0, 77] and sampled[2].item() != 3
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1), equal_nan=True)
+
+
+def test_same_seed_same_result_other_seed_or_offset_differs():
+    logits, ids, pos = torch.randn(64, 100), torch.zeros(8, 8, dtype=torch.long), torch.arange(64)
+    a = op(logits, ids, pos, 1.0, 7, 0, False)[2]
+    assert torch.equal(a, op(logits, ids, pos, 1.0, 7, 0, False)[2])
+    assert (a != op(logits, ids, pos, 1.0, 8, 0, False)[2]).float().mean() > 0.5
+    assert (a != op(logits, ids, pos, 1.0, 7, 1, False)[2]).float().mean() > 0.5
+    assert (a != op(logits, ids, pos, 1.0, 2**32 + 7, 0, False)[2]).float().mean() > 0.5  # seed's high word
+
+
+def test_empty_masked_set():
+    ids = torch.randint(0, 9, (2, 5))
+    out, labels, sampled, lse = op(torch.empty(0, 9), ids, torch.empty(0, dtype=torch.long), 1.0, 0, 0, True)
+    assert torch.equal(out, ids) and not labels.any() and sampled.shape == (0,) and lse.shape == (0,)
+    res = ops.replace_tokens(torch.empty(0, 9), ids, torch.empty(0, dtype=torch.long), seed=1, backend="fused")
+    assert torch.equal(res[0], ids) and len(res) == 3
+
+
+def test_wrapper_dispatches_to_the_op():
+    logits, ids, pos = torch.randn(6, 11), torch.randint(0, 11, (2, 5)), torch.tensor([0, 2, 4, 6, 8, 9])
+    got = ops.replace_tokens(logits, ids, pos, temperature=0.9, seed=4, offset=2, return_lse=True, backend="fused")
+    want = op(logits, ids, pos, 0.9, 4, 2, True)
+    assert len(got) == 4 and all(torch.equal(x, y) for x, y in zip(got, want))
+    torch.manual_seed(0)
+    a = ops.replace_tokens(logits, ids, pos, backend="fused")  # seed drawn by ops.draw_seed
+    torch.manual_seed(0)
+    assert torch.equal(a[2], ops.replace_tokens(logits, ids, pos, backend="fused")[2])
+
+
+# ----------------------------------------------------------------------------- registration
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_opcheck(return_lse):
+    logits = torch.randn(5, 13, dtype=torch.bfloat16)
+    args = (logits, torch.randint(0, 13, (2, 4)), torch.tensor([7, 0, 3, 5, 1]), 1.0, 3, 0, return_lse)
+    torch.library.opcheck(torch.ops.fastelectra.replace_tokens.default, args)
+    torch.library.opcheck(torch.ops.fastelectra.gumbel_noise.default, (logits, 3, 1))
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    def step(logits, ids, pos):
+        out, labels, sampled, lse = ops.replace_tokens(logits * 2.0, ids, pos, temperature=1.0, seed=5,
+                                                       return_lse=True, backend="fused")
+        return out + 1, labels, lse.sum()
+
+    logits, ids, pos = torch.randn(6, 17), torch.randint(0, 17, (3, 4)), torch.tensor([0, 3, 4, 7, 9, 11])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for x, y in zip(compiled(logits, ids, pos), step(logits, ids, pos)):
+        torch.testing.assert_close(x, y)
+
+
+# ----------------------------------------------------------------------------- errors
+def _args(**override):
+    args = dict(logits=torch.randn(3, 10), input_ids=torch.zeros(2, 4, dtype=torch.long),
+                masked_positions=torch.tensor([0, 5, 7]), temperature=1.0, seed=0, offset=0, return_lse=False)
+    args.update(override)
+    return tuple(args.values())
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(logits=torch.randn(3, 10).long()), "logits must be float32, float16 or bfloat16"),
+    (dict(logits=torch.randn(3, 10, 1)), "logits must be 2-D"),
+    (dict(logits=torch.randn(10, 3).t()), "logits must be contiguous"),
+    (dict(logits=torch.randn(3, 20)[:, ::2]), "logits must be contiguous"),
+    (dict(logits=torch.randn(3, 0)), "empty vocabulary"),
+    (dict(input_ids=torch.zeros(2, 4, dtype=torch.int32)), "input_ids must be an int64 tensor"),
+    (dict(input_ids=torch.zeros(8, dtype=torch.long)), "input_ids must be an int64 tensor of shape"),
+    (dict(masked_positions=torch.tensor([0, 5, 7], dtype=torch.int32)), "masked_positions must be a 1-D int64"),
+    (dict(masked_positions=torch.tensor([0, 5])), "masked_positions has 2 entries but logits has 3 rows"),
+    (dict(masked_positions=torch.tensor([0, 5, 8])), r"masked_positions\[2\] = 8 is out of range"),
+    (dict(masked_positions=torch.tensor([0, -1, 7])), r"masked_positions\[1\] = -1 is out of range"),
+    (dict(input_ids=torch.full((2, 4), 10)), r"input_ids contains 10 .*outside \[0, vocab_size=10\)"),
+    (dict(input_ids=torch.full((2, 4), -2)), "input_ids contains -2"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+])
+def test_bad_input_raises_a_clear_error(override, message):
+    with pytest.raises(RuntimeError, match=message):
+        op(*_args(**override))
+
+
+def test_device_mix_is_rejected_by_the_wrapper():
+    with pytest.raises(ValueError, match="input_ids is on meta but logits is on cpu"):
+        ops.replace_tokens(torch.randn(3, 10), torch.zeros(2, 4, dtype=torch.long, device="meta"),
+                           torch.tensor([0, 5, 7]), seed=0, backend="fused")
+
+
+# ----------------------------------------------------------------------------- CUDA source
+def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    cmd = [nvcc, "-c", "-arch=sm_90", "-O3", "-std=c++17", "-I", CSRC, os.path.join(CSRC, "replace_tokens_kernel.cu"),
+           "-o", str(tmp_path / "replace_tokens_kernel.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr.lower(), res.stderr
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,vocab,temperature", [(2500, 30522, 1.0), (37, 7, 0.5), (64, 1, 1.0), (33, 129, 2.0),
+                                                 (300, 30522, 0.0), (5, 8193, 1.0)])
+def test_cuda_matches_cpu_bit_for_bit(dtype, n, vocab, temperature):
+    g = torch.Generator().manual_seed(vocab + n)
+    logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
+    ids = torch.randint(0, vocab, (n, 4), generator=g)
+    pos = torch.randperm(4 * n, generator=g)[:n]
+    cpu = op(logits, ids, pos, temperature, 2**62 - 3, 11, True)
+    gpu = op(logits.cuda(), ids.cuda(), pos.cuda(), temperature, 2**62 - 3, 11, True)
+    for name, c, d in zip(("ids", "labels", "sampled"), cpu[:3], gpu[:3]):
+        assert torch.equal(c, d.cpu()), name
+    torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_noise_matches_cpu_bit_for_bit():
+    like = torch.empty(7, 30522)
+    cpu = torch.ops.fastelectra.gumbel_noise(like, 2**62 - 1, 3)
+    gpu = torch.ops.fastelectra.gumbel_noise(like.cuda(), 2**62 - 1, 3)
+    assert torch.equal(cpu.view(torch.int32), gpu.cpu().view(torch.int32))
+
+
+@pytest.mark.gpu
+def test_cuda_unaligned_logits_and_stream():
+    base = torch.randn(9 * 1001 + 1, device="cuda").bfloat16()
+    logits = base[1:].view(9, 1001)  # 2-byte offset: not 16-byte aligned, element-by-element path
+    assert logits.data_ptr() % 16 != 0
+    ids, pos = torch.randint(0, 1001, (3, 3), device="cuda"), torch.arange(9, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gpu = op(logits, ids, pos, 1.0, 5, 0, True)
+    stream.synchronize()
+    cpu = op(logits.cpu(), ids.cpu(), pos.cpu(), 1.0, 5, 0, True)
+    assert torch.equal(gpu[2].cpu(), cpu[2])
+    torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_flags_invalid_rows_without_crashing():
+    logits = torch.randn(3, 10, device="cuda")
+    ids = torch.zeros(2, 4, dtype=torch.long, device="cuda")
+    ids[0, 1] = 10  # original id >= V at position 1
+    out, labels, sampled, _ = op(logits, ids, torch.tensor([1, 99, 6], device="cuda"), 1.0, 0, 0, False)
+    assert sampled[:2].tolist() == [-1, -1] and sampled[2].item() >= 0
+    assert out.view(-1)[1].item() == 10 and not labels.view(-1)[:6].any()
+    torch.cuda.synchronize()  # the context is still healthy
+
+
+@pytest.mark.gpu
+def test_cuda_device_mix_is_rejected():
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        op(torch.randn(3, 10, device="cuda"), torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 5, 7]),
+           1.0, 0, 0, False)
+
+
+@pytest.mark.gpu
+def test_cuda_special_values_and_empty_set_match_cpu():
+    logits, ids, pos = special_logits(), torch.zeros(2, 3, dtype=torch.long), torch.arange(6)
+    cpu = op(logits, ids, pos, 1.0, 0, 0, True)
+    gpu = op(logits.cuda(), ids.cuda(), pos.cuda(), 1.0, 0, 0, True)
+    assert torch.equal(cpu[2], gpu[2].cpu())
+    torch.testing.assert_close(gpu[3].cpu(), cpu[3], equal_nan=True, rtol=2e-6, atol=2e-6)
+    out, labels, sampled, lse = op(torch.empty(0, 9, device="cuda"), ids.cuda(),
+                                   torch.empty(0, dtype=torch.long, device="cuda"), 1.0, 0, 0, True)
+    assert torch.equal(out, ids.cuda()) and not labels.any() and sampled.numel() == 0 and lse.numel() == 0
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    logits = torch.randn(5, 13, device="cuda", dtype=torch.bfloat16)
+    args = (logits, torch.randint(0, 13, (2, 4), device="cuda"), torch.tensor([7, 0, 3, 5, 1], device="cuda"),
+            1.0, 3, 0, True)
+    torch.library.opcheck(torch.ops.fastelectra.replace_tokens.default, args)
+    torch.library.opcheck(torch.ops.fastelectra.gumbel_noise.default, (logits, 3, 1))
