@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "info": ("fastelectra.cli", "versions, GPU and which backends are usable here"),
     "pretrain": ("fastelectra.pretrain", "ELECTRA pretraining from a text corpus"),
+    "finetune": ("fastelectra.finetune", "fine-tune a sequence classifier on a CSV/JSONL file"),
+    "predict": ("fastelectra.predict", "label a CSV/JSONL file with a fine-tuned classifier"),
 }
 
 

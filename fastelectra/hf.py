@@ -39,16 +39,25 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no weights in {path}: expected {' or '.join(WEIGHT_FILES)}")
 
 
-def load_model(cls, path: str, **config_overrides):
+def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
     """Build ``cls`` from ``path/config.json`` and load its weights, strictly: every parameter must be
-    present (except the generator's LM head, tied to the word embeddings) and no key left over."""
+    present (except the generator's LM head, tied to the word embeddings) and no key left over.
+
+    ``new_head=True`` (fine-tuning on a new task) loads only the encoder (``electra.*``, which must be
+    complete): the checkpoint's head keys are dropped and ``cls``'s head keeps its fresh initialisation.
+    A bare ElectraModel checkpoint (keys without the ``electra.`` prefix) is then accepted too."""
     config = ElectraConfig.from_json_file(os.path.join(path, "config.json"))
     if config_overrides:
         config = ElectraConfig.from_dict({**config.to_dict(), **config_overrides})
     model = cls(config)
-    state = {k: v for k, v in load_state_dict_file(path).items() if k not in IGNORED_KEYS}
+    state = load_state_dict_file(path)
+    if new_head:
+        if not any(k.startswith("electra.") for k in state):
+            state = {"electra." + k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k.startswith("electra.")}
+    state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
     own = model.state_dict()
-    missing = [k for k in own if k not in state and k not in TIED_KEYS]
+    missing = [k for k in own if k not in state and k not in TIED_KEYS and (k.startswith("electra.") or not new_head)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match {cls.__name__}: missing keys {missing[:8]}"

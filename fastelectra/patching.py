@@ -1,0 +1,296 @@
+"""Patch a live torch model in place: fastelectra's fused modules replace LayerNorms and ELECTRA attention.
+
+    report = fastelectra.patch(model)      # HF ElectraModel / ElectraFor*, or any torch model
+    print(report)                          # what was replaced (and what was left as is, and why)
+    fastelectra.unpatch(model)             # the original modules are back
+
+What is swapped (every parameter is shared, never copied, and the attribute names stay, so the
+state dict keeps its keys and an optimizer built before patching keeps working):
+
+  nn.LayerNorm (any model)          → FusedLayerNorm (1-D normalized_shape; subclasses with their own
+                                      forward are left alone)
+  ELECTRA post-LN tails             → the same module with ``LayerNorm(dropout(dense(x)) + input)`` done
+    (ElectraSelfOutput, ElectraOutput)  by one fused residual-add + dropout + LayerNorm call
+  ELECTRA self-attention            → PatchedSelfAttention: the same query/key/value Linear layers,
+    (ElectraSelfAttention)              attention through fastelectra.ops.attention with a key-padding mask
+
+Left untouched: cross-attention (ElectraCrossAttention) and causal (decoder) self-attention, which
+need masks other than key padding; the report lists them. Patched attention does not return attention
+weights (HF's ``output_attentions`` gets None). The attention mask HF builds for the configured
+``attn_implementation`` (eager: additive float, sdpa: bool, both (B, 1, Tq, Tk); or None) is turned
+back into the (B, Tk) key-padding mask; any other mask (causal, per-query, a bias) is a clear error.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .nn import FusedLayerNorm
+
+__all__ = ["patch", "unpatch", "PatchReport", "PatchedSelfAttention", "FusedPostLNOutput"]
+
+ORIGINAL = "_fastelectra_original"    # attribute (not a submodule) holding the module a patch replaced
+# transformers' classes whose code the fused replacements below reproduce
+ATTENTION_CLASSES = {"ElectraSelfAttention"}
+TAIL_CLASSES = {"ElectraSelfOutput", "ElectraOutput"}
+MASKED_BELOW = -1e4                   # additive-mask entries at or below this are "do not attend" (HF uses finfo.min)
+_mask_cache = None                    # (weakref to the last HF mask, its key-padding mask): shared by all layers
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did: ``replaced`` holds (module path, old class, new class); ``skipped`` holds
+    (module path, reason) for modules of a patchable kind that were left as they are."""
+
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, old, new in self.replaced:
+            out[f"{old} -> {new}"] = out.get(f"{old} -> {new}", 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"fastelectra.patch: replaced {len(self.replaced)} modules"]
+        lines += [f"  {n} x {kind}" for kind, n in self.counts().items()]
+        lines += [f"  left as is: {path} ({why})" for path, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _class_name(m: nn.Module) -> str:
+    return type(m).__name__
+
+
+def _is_transformers(m: nn.Module, names: set[str]) -> bool:
+    return type(m).__module__.startswith("transformers.") and type(m).__name__ in names
+
+
+# ----------------------------------------------------------------------------- replacement modules
+def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: int) -> torch.Tensor | None:
+    """The (B, Tk) bool key-padding mask (True = attend) behind the mask HF passes to self-attention.
+
+    Accepts None, a (B, Tk) 0/1 mask, or a (B, 1 or heads, Tq, Tk) mask that is bool (True = attend) or
+    additive float (0 = attend, <= -1e4 = masked) and the same for every query and head. Raises ValueError
+    for anything else (causal or per-query masks, attention biases): those need the unpatched module.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        if mask.shape != (batch, seqlen_k):
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not match (batch, seqlen) = "
+                             f"{(batch, seqlen_k)}")
+        return mask != 0
+    if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[-1] != seqlen_k:
+        raise ValueError(f"patched attention expects a (batch, 1, seqlen_q, seqlen_k) attention mask, got shape "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        attend = mask
+    elif mask.dtype.is_floating_point:
+        attend = mask == 0
+        if not bool(((mask == 0) | (mask <= MASKED_BELOW)).all()):
+            raise ValueError("patched attention got an additive attention mask with values other than 0 and a large "
+                             "negative number (an attention bias, not a key-padding mask); unpatch this model "
+                             "(fastelectra.unpatch) to use it")
+    else:
+        attend = mask != 0
+    first = attend[:, :1, :1, :]                                                # (B, 1, 1, Tk)
+    if not bool((attend == first).all()):
+        raise ValueError("patched attention supports key-padding masks only (the same keys masked for every query "
+                         "and head); this mask differs between queries (causal or per-query masking) - unpatch "
+                         "the model (fastelectra.unpatch) to use it")
+    # a copy, so the (B, 1, Tq, Tk) mask is not kept alive by a view of it
+    return first[:, 0, 0, :].expand(batch, seqlen_k).clone(memory_format=torch.contiguous_format)
+
+
+class PatchedSelfAttention(nn.Module):
+    """Drop-in for transformers' ElectraSelfAttention backed by fastelectra.ops.attention.
+
+    Keeps the original's ``query``/``key``/``value`` Linear layers and ``dropout`` (same state-dict keys).
+    forward(hidden_states (B, T, hidden), attention_mask=None, past_key_values=None, **kwargs)
+    → (context (B, T, hidden), None): attention weights are never materialised.
+    """
+
+    def __init__(self, original: nn.Module, backend: str | None = None):
+        super().__init__()
+        self.query, self.key, self.value = original.query, original.key, original.value
+        self.dropout = original.dropout
+        self.num_attention_heads = original.num_attention_heads
+        self.attention_head_size = original.attention_head_size
+        self.scaling = original.scaling
+        self.backend = backend
+        self.layer_idx = getattr(original, "layer_idx", None)
+
+    @staticmethod
+    def key_padding_mask(mask, batch, seqlen_k):
+        # every layer receives the same mask tensor: convert (and check, one host sync on CUDA) once per forward
+        global _mask_cache
+        if mask is None:
+            return None
+        if _mask_cache is not None and _mask_cache[0]() is mask:
+            return _mask_cache[1]
+        kpm = key_padding_mask_from_hf(mask, batch, seqlen_k)
+        _mask_cache = (weakref.ref(mask), kpm)
+        return kpm
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            raise ValueError("patched ELECTRA self-attention does not support past_key_values (a decoder cache); "
+                             "unpatch the model (fastelectra.unpatch) for cached decoding")
+        b, t, _ = hidden_states.shape
+        shape = (b, t, self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(shape)                                   # (B, T, H, D)
+        k = self.key(hidden_states).view(shape)
+        v = self.value(hidden_states).view(shape)
+        kpm = self.key_padding_mask(attention_mask, b, t)
+        ctx = ops.attention(q, k, v, kpm, dropout_p=self.dropout.p if self.training else 0.0,
+                            softmax_scale=self.scaling, backend=self.backend)      # (B, T, H, D)
+        return ctx.reshape(b, t, -1), None
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_attention_heads}, head_dim={self.attention_head_size}, "
+                f"dropout_p={self.dropout.p}, backend={self.backend or 'auto'}")
+
+
+class FusedPostLNOutput(nn.Module):
+    """Drop-in for transformers' ElectraSelfOutput / ElectraOutput: LayerNorm(dropout(dense(x)) + input)
+    with the dropout, residual add and LayerNorm in one fused call. Same ``dense``/``LayerNorm``/``dropout``."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = original.dense, original.LayerNorm, original.dropout
+
+    def forward(self, hidden_states, input_tensor):
+        p = self.dropout.p if self.training else 0.0
+        return self.LayerNorm(self.dense(hidden_states), residual=input_tensor, dropout_p=p)
+
+
+# ----------------------------------------------------------------------------- patch / unpatch
+def _layer_norm_replacement(m: nn.Module, backend, report: PatchReport, path: str):
+    if isinstance(m, FusedLayerNorm) or not isinstance(m, nn.LayerNorm):
+        return None
+    if type(m).forward is not nn.LayerNorm.forward:
+        report.skipped.append((path, f"{_class_name(m)} has its own forward"))
+        return None
+    if len(m.normalized_shape) != 1:
+        report.skipped.append((path, f"normalized_shape {tuple(m.normalized_shape)} is not 1-D"))
+        return None
+    return FusedLayerNorm.from_layer_norm(m, backend=backend)
+
+
+def _attention_replacement(m: nn.Module, backend, report: PatchReport, path: str):
+    if _is_transformers(m, {"ElectraCrossAttention"}):
+        report.skipped.append((path, "cross-attention"))
+        return None
+    if not _is_transformers(m, ATTENTION_CLASSES):
+        return None
+    if getattr(m, "is_causal", False) or getattr(m, "is_decoder", False):
+        report.skipped.append((path, "causal (decoder) self-attention"))
+        return None
+    return PatchedSelfAttention(m, backend=backend)
+
+
+def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True,
+          backend: str | None = None) -> PatchReport:
+    """Swap ``model``'s LayerNorms (and, for transformers' ELECTRA, its self-attentions and post-LN tails)
+    for fastelectra's fused modules, in place. Parameters are shared and state-dict keys unchanged.
+
+    ``backend`` (auto | fused | eager; None = auto) is given to every new module. Calling patch twice is
+    harmless (already patched modules are kept). Returns a :class:`PatchReport`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        from .backend import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS}")
+    if isinstance(model, nn.LayerNorm) or _is_transformers(model, ATTENTION_CLASSES | TAIL_CLASSES):
+        raise ValueError(f"model is itself a {_class_name(model)}, which cannot be replaced in place; patch the "
+                         "module that holds it (or use fastelectra.nn.FusedLayerNorm.from_layer_norm)")
+    report = PatchReport()
+    new_for: dict[int, nn.Module] = {}     # id(old) -> new, so a module shared by two parents stays shared
+
+    def replacement(m: nn.Module, path: str) -> nn.Module | None:
+        new = None
+        if layer_norm:
+            new = _layer_norm_replacement(m, backend, report, path)
+        if new is None and attention:
+            new = _attention_replacement(m, backend, report, path)
+        return new
+
+    def visit(parent: nn.Module, prefix: str, seen: set[int]) -> None:
+        for name, child in list(parent._modules.items()):   # named_children() would hide repeats
+            if child is None:
+                continue
+            path = prefix + name
+            if id(child) in new_for:
+                setattr(parent, name, new_for[id(child)])
+                continue
+            if id(child) in seen:
+                continue
+            new = replacement(child, path)
+            if new is not None:
+                object.__setattr__(new, ORIGINAL, child)
+                new.train(child.training)
+                new_for[id(child)] = new
+                setattr(parent, name, new)
+                report.replaced.append((path, _class_name(child), _class_name(new)))
+                child = new
+            seen.add(id(child))
+            visit(child, path + ".", seen)
+            # post-LN tails: fused once their LayerNorm is (the LayerNorm swap above ran in visit)
+            if layer_norm and _is_transformers(child, TAIL_CLASSES) and isinstance(child.LayerNorm, FusedLayerNorm):
+                tail = FusedPostLNOutput(child)
+                object.__setattr__(tail, ORIGINAL, child)
+                tail.train(child.training)
+                new_for[id(child)] = tail
+                setattr(parent, name, tail)
+                report.replaced.append((path, _class_name(child), _class_name(tail)))
+
+    visit(model, "", {id(model)})
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo :func:`patch`: put every replaced module back (with the replacement's current parameters,
+    submodules and train/eval mode). Returns the number of modules restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    old_for: dict[int, nn.Module] = {}
+    restored = 0
+
+    def original_of(m: nn.Module) -> nn.Module:
+        orig = m.__dict__[ORIGINAL]
+        for name, child in m.named_children():
+            setattr(orig, name, child)
+        for name, p in m.named_parameters(recurse=False):
+            setattr(orig, name, p)
+        orig.train(m.training)
+        return orig
+
+    def visit(parent: nn.Module, seen: set[int]) -> None:
+        nonlocal restored
+        for name, child in list(parent._modules.items()):   # named_children() would hide repeats
+            if child is None:
+                continue
+            if id(child) in old_for:
+                setattr(parent, name, old_for[id(child)])
+                continue
+            if id(child) in seen:
+                continue
+            if ORIGINAL in child.__dict__:
+                orig = original_of(child)
+                old_for[id(child)] = orig
+                setattr(parent, name, orig)
+                restored += 1
+                child = orig
+            seen.add(id(child))
+            visit(child, seen)
+
+    visit(model, {id(model)})
+    return restored

@@ -1,0 +1,281 @@
+"""fastelectra.patch / unpatch on live transformers models and plain torch models: outputs, gradients,
+state dicts and training agree with the unpatched twin; unpatch restores the original modules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastelectra
+from fastelectra.nn import FusedLayerNorm
+from fastelectra.patching import FusedPostLNOutput, PatchedSelfAttention, key_padding_mask_from_hf
+
+transformers = pytest.importorskip("transformers")
+
+HEADS = ["ElectraModel", "ElectraForPreTraining", "ElectraForMaskedLM", "ElectraForSequenceClassification",
+         "ElectraForTokenClassification", "ElectraForQuestionAnswering"]
+LAYERS = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: one CPU thread is fastest, and far faster than two on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hf_config(**overrides):
+    kw = dict(vocab_size=211, embedding_size=40, hidden_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
+              intermediate_size=72, max_position_embeddings=64, layer_norm_eps=1e-7, num_labels=3,
+              attn_implementation="eager")
+    kw.update(overrides)
+    return transformers.ElectraConfig(**kw)
+
+
+def padded_batch(vocab=211, b=3, t=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 15:] = 0
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros(b, t, dtype=torch.long)
+    types[:, t // 2:] = 1
+    return ids, mask, types
+
+
+def randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def make_pair(name, **overrides):
+    torch.manual_seed(0)
+    ref = getattr(transformers, name)(hf_config(**overrides))
+    randomise(ref)
+    ref.eval()
+    return ref, copy.deepcopy(ref)
+
+
+def first_output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits], -1)
+    return out.last_hidden_state
+
+
+def module_types(model):
+    return [(n, type(m)) for n, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.parametrize("name", HEADS)
+def test_patched_electra_matches_outputs_and_gradients(name, backend, impl):
+    extra = dict(num_labels=2) if name == "ElectraForQuestionAnswering" else {}   # start/end logits
+    ref, model = make_pair(name, attn_implementation=impl, **extra)
+    keys_before = list(model.state_dict())
+    report = fastelectra.patch(model, backend=backend)
+    assert list(model.state_dict()) == keys_before
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref.state_dict()[k], rtol=0, atol=0)
+
+    ids, mask, types = padded_batch()
+    out = first_output(model(input_ids=ids, attention_mask=mask, token_type_ids=types))
+    expected = first_output(ref(input_ids=ids, attention_mask=mask, token_type_ids=types))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * w).sum().backward()
+    (expected * w).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if ref_params[n].grad is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, ref_params[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+    counts = report.counts()
+    n_ln = 1 + 2 * LAYERS + (1 if name == "ElectraForMaskedLM" else 0)
+    assert counts["LayerNorm -> FusedLayerNorm"] == n_ln
+    assert counts["ElectraSelfAttention -> PatchedSelfAttention"] == LAYERS
+    assert counts["ElectraSelfOutput -> FusedPostLNOutput"] == LAYERS
+    assert counts["ElectraOutput -> FusedPostLNOutput"] == LAYERS
+    assert not report.skipped
+    assert "replaced" in str(report)
+    paths = [p for p, _, _ in report.replaced]
+    prefix = "" if name == "ElectraModel" else "electra."
+    assert f"{prefix}embeddings.LayerNorm" in paths and f"{prefix}encoder.layer.0.attention.self" in paths
+
+
+@pytest.mark.parametrize("name", ["ElectraForPreTraining", "ElectraForMaskedLM"])
+def test_unpatch_restores_modules_and_outputs(name):
+    ref, model = make_pair(name)
+    types_before = module_types(model)
+    fastelectra.patch(model)
+    assert isinstance(model.electra.embeddings.LayerNorm, FusedLayerNorm)
+    assert isinstance(model.electra.encoder.layer[0].attention.self, PatchedSelfAttention)
+    assert isinstance(model.electra.encoder.layer[0].output, FusedPostLNOutput)
+    model.train()                                      # the mode set while patched survives unpatch
+    assert fastelectra.unpatch(model) == 1 + 2 * LAYERS + (name == "ElectraForMaskedLM") + 3 * LAYERS
+    assert module_types(model) == types_before
+    assert model.training and all(m.training for m in model.modules())
+    assert fastelectra.unpatch(model) == 0
+    model.eval()
+    ids, mask, types = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   ref(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+
+
+def test_training_after_patch_matches_unpatched_twin():
+    ref, model = make_pair("ElectraForSequenceClassification", hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    opt_model = torch.optim.AdamW(model.parameters(), lr=1e-3)   # built before patching: params are shared
+    fastelectra.patch(model)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    ids, mask, types = padded_batch()
+    labels = torch.tensor([0, 2, 1])
+    model.train()
+    ref.train()
+    for _ in range(4):
+        losses = []
+        for m, opt in ((model, opt_model), (ref, opt_ref)):
+            loss = m(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_training_mode_uses_attention_dropout():
+    _, model = make_pair("ElectraModel", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
+    fastelectra.patch(model, backend="eager")
+    ids, mask, _ = padded_batch()
+    model.train()
+    torch.manual_seed(0)
+    a = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    b = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not torch.allclose(a, b)
+    model.eval()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               model(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_bert_and_plain_torch_models_get_fused_layer_norms():
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40, attn_implementation="eager")).eval()
+    randomise(bert)
+    ref = copy.deepcopy(bert)
+    report = fastelectra.patch(bert)
+    assert report.counts() == {"LayerNorm -> FusedLayerNorm": 5}             # attention is ELECTRA-only
+    ids, mask, _ = padded_batch(99, t=17)
+    torch.testing.assert_close(bert(ids, attention_mask=mask).last_hidden_state,
+                               ref(ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+    ln = nn.LayerNorm(24)
+    net = nn.Sequential(nn.Linear(24, 24), ln, nn.GELU(), nn.Linear(24, 24), ln,           # one LayerNorm, twice
+                        nn.TransformerEncoderLayer(24, 2, 48, dropout=0.0, batch_first=True),
+                        nn.LayerNorm((3, 8)))                                             # not 1-D: left as is
+    randomise(net)
+    net_ref = copy.deepcopy(net)
+    report = fastelectra.patch(net)
+    assert report.counts() == {"LayerNorm -> FusedLayerNorm": 3}
+    assert net[1] is net[4] and isinstance(net[1], FusedLayerNorm)
+    assert report.skipped == [("6", "normalized_shape (3, 8) is not 1-D")]
+    x = torch.randn(2, 5, 24)
+    out, expected = net[:6](x), net_ref[:6](x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(net[1].weight.grad, net_ref[1].weight.grad, atol=1e-5, rtol=1e-4)
+    assert fastelectra.unpatch(net) == 3
+    assert type(net[1]) is nn.LayerNorm and net[1] is net[4]
+
+
+def test_patch_flags_and_repeated_calls():
+    _, model = make_pair("ElectraModel")
+    assert set(fastelectra.patch(model, attention=False).counts()) == {
+        "LayerNorm -> FusedLayerNorm", "ElectraSelfOutput -> FusedPostLNOutput", "ElectraOutput -> FusedPostLNOutput"}
+    assert set(fastelectra.patch(model, layer_norm=False).counts()) == {"ElectraSelfAttention -> PatchedSelfAttention"}
+    assert fastelectra.patch(model).replaced == []
+    with pytest.raises(ValueError, match="itself a LayerNorm"):
+        fastelectra.patch(nn.LayerNorm(8))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fastelectra.patch("model")
+    with pytest.raises(ValueError, match="backend="):
+        fastelectra.patch(model, backend="triton")
+
+
+def test_decoder_attention_is_left_alone():
+    ref, model = make_pair("ElectraModel", is_decoder=True, add_cross_attention=True)
+    report = fastelectra.patch(model)
+    reasons = {why for _, why in report.skipped}
+    assert reasons == {"causal (decoder) self-attention", "cross-attention"}
+    assert len(report.skipped) == 2 * LAYERS
+    assert "PatchedSelfAttention" not in {new for _, _, new in report.replaced}
+    ids, mask, _ = padded_batch()
+    enc = torch.randn(3, 7, 48)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc).last_hidden_state,
+                               ref(input_ids=ids, attention_mask=mask, encoder_hidden_states=enc).last_hidden_state,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_masks_that_are_not_key_padding_are_rejected():
+    b, t = 2, 5
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    expected = valid
+    bool4d = valid[:, None, None, :].expand(b, 1, t, t)
+    additive = torch.zeros(b, 1, t, t).masked_fill(~bool4d, torch.finfo(torch.float32).min)
+    assert torch.equal(key_padding_mask_from_hf(bool4d, b, t), expected)
+    assert torch.equal(key_padding_mask_from_hf(additive, b, t), expected)
+    assert torch.equal(key_padding_mask_from_hf(valid.long(), b, t), expected)
+    assert key_padding_mask_from_hf(None, b, t) is None
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool)).expand(b, 1, t, t)
+    with pytest.raises(ValueError, match="key-padding masks only"):
+        key_padding_mask_from_hf(causal, b, t)
+    with pytest.raises(ValueError, match="attention bias"):
+        key_padding_mask_from_hf(torch.randn(b, 1, t, t), b, t)
+    with pytest.raises(ValueError, match="expects a"):
+        key_padding_mask_from_hf(torch.ones(b, t, t), b, t)
+
+    _, model = make_pair("ElectraModel")
+    fastelectra.patch(model)
+    ids = torch.randint(1, 211, (b, t))
+    with pytest.raises(ValueError, match="key-padding masks only"):
+        model(input_ids=ids, attention_mask=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ElectraForPreTraining", "ElectraForSequenceClassification"])
+def test_patched_model_on_cuda_bf16(name):
+    """Patched bf16 on CUDA (Triton kernels) vs unpatched: its error against the fp32 model is at most
+    twice the unpatched bf16 model's error (the kernel issues' rule), plus a small absolute slack."""
+    ref, model = make_pair(name, attn_implementation="sdpa", hidden_size=128, num_attention_heads=2,
+                           intermediate_size=256)
+    ids, mask, types = (t.cuda() for t in padded_batch(t=61))
+    ref32 = ref.cuda()
+    with torch.no_grad():
+        gold = ref32(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    ref_bf16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    model = model.cuda().to(torch.bfloat16)
+    fastelectra.patch(model, backend="fused")
+    with torch.no_grad():
+        base = ref_bf16(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.float()
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.float()
+    valid = mask.bool() if out.dim() == 2 else slice(None)
+    err_base = (base - gold)[valid].abs().max().item()
+    err = (out - gold)[valid].abs().max().item()
+    assert err <= 2 * err_base + 1e-2, (err, err_base)
