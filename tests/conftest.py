@@ -19,3 +19,12 @@ def _skip_gpu_tests_without_cuda(request):
 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread for modules of tiny models: faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

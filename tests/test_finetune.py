@@ -16,6 +16,8 @@ from fastelectra.finetune import finetune, layerwise_param_groups, read_examples
 from fastelectra.model import ElectraDiscriminator, ElectraForSequenceClassification
 from fastelectra.predict import predict
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = ["the", "a", "movie", "film", "story", "plot", "actor", "scene", "was", "is", "very", "quite", "and",
           "but", "it", "this", "really", "so", "of", "in"]
@@ -56,15 +58,6 @@ def tiny_config(**kw):
     return ElectraConfig(**{**dict(vocab_size=len(VOCAB), embedding_size=64, hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=128, max_position_embeddings=32,
                                    backend="eager"), **kw})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one CPU thread is fastest, and far faster than two on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 
 from fastelectra.config import ElectraConfig
 from fastelectra.model import ElectraDiscriminator, ElectraForSequenceClassification, ElectraGenerator
+from electra_fixtures import hf_config, padded_batch, randomise
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,35 +17,6 @@ PAIRS = [
     ("ElectraForMaskedLM", ElectraGenerator),
     ("ElectraForSequenceClassification", ElectraForSequenceClassification),
 ]
-
-
-def hf_config(**overrides):
-    # E != H (embeddings_project), several heads, odd sizes, a non-default eps and activation
-    kw = dict(vocab_size=211, embedding_size=40, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-              intermediate_size=72, max_position_embeddings=64, layer_norm_eps=1e-7, num_labels=3,
-              attn_implementation="eager")
-    kw.update(overrides)
-    return transformers.ElectraConfig(**kw)
-
-
-def padded_batch(vocab, b=3, t=23, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (b, t), generator=g)
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, 15:] = 0
-    mask[2, 4:] = 0
-    ids[mask == 0] = 0
-    types = torch.zeros(b, t, dtype=torch.long)
-    types[:, t // 2:] = 1
-    return ids, mask, types
-
-
-def randomise(model, seed=1):
-    """Non-trivial LayerNorm/bias values, so parity does not hinge on ones and zeros."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def load_pair(hf_name, ours_cls, tmp_path, **overrides):

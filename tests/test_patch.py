@@ -9,48 +9,13 @@ from torch import nn
 import fastelectra
 from fastelectra.nn import FusedLayerNorm
 from fastelectra.patching import FusedPostLNOutput, PatchedSelfAttention, key_padding_mask_from_hf
+from electra_fixtures import LAYERS, hf_config, padded_batch, randomise
 
 transformers = pytest.importorskip("transformers")
 
 HEADS = ["ElectraModel", "ElectraForPreTraining", "ElectraForMaskedLM", "ElectraForSequenceClassification",
          "ElectraForTokenClassification", "ElectraForQuestionAnswering"]
-LAYERS = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one CPU thread is fastest, and far faster than two on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def hf_config(**overrides):
-    kw = dict(vocab_size=211, embedding_size=40, hidden_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
-              intermediate_size=72, max_position_embeddings=64, layer_norm_eps=1e-7, num_labels=3,
-              attn_implementation="eager")
-    kw.update(overrides)
-    return transformers.ElectraConfig(**kw)
-
-
-def padded_batch(vocab=211, b=3, t=23, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (b, t), generator=g)
-    mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, 15:] = 0
-    mask[2, 4:] = 0
-    ids[mask == 0] = 0
-    types = torch.zeros(b, t, dtype=torch.long)
-    types[:, t // 2:] = 1
-    return ids, mask, types
-
-
-def randomise(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_pair(name, **overrides):
