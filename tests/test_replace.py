@@ -29,7 +29,9 @@ def _extension_loaded(request):
         return
     ok, why = extension.status()
     if not ok:
-        pytest.skip(f"fastelectra._C unavailable: {why}")
+        if shutil.which(os.environ.get("CXX", "c++")) is not None:
+            pytest.fail(f"a C++ compiler is here but fastelectra._C is unavailable: {why}")
+        pytest.skip(f"no C++ compiler toolchain to build fastelectra._C: {why}")
 
 
 def op(*args):
