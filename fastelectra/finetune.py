@@ -38,6 +38,7 @@ from . import backend as _backend
 from .config import ElectraConfig
 from .data import FastElectraError, load_tokenizer, save_tokenizer_files
 from .model import ElectraForSequenceClassification
+from .pretrain import lr_lambda
 
 __all__ = ["Examples", "read_examples", "read_config", "load_classifier_tokenizer", "resolve_checkpoint",
            "layerwise_param_groups", "make_batches", "evaluate", "finetune", "add_cli_arguments", "run_cli"]
@@ -230,15 +231,6 @@ def layerwise_param_groups(model: ElectraForSequenceClassification, lr: float, l
     return [groups[k] for k in sorted(groups)]
 
 
-def warmup_linear(warmup: int, total: int):
-    """lr factor: linear warmup over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_logits(model, batches, device) -> torch.Tensor:
@@ -369,7 +361,7 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
     total = steps_per_epoch * epochs
     opt = torch.optim.AdamW(layerwise_param_groups(model, lr, layer_decay, weight_decay), lr=lr,
                             betas=(0.9, 0.999), eps=1e-6, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(int(warmup * total), total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(warmup * total), total))
 
     gen = torch.Generator().manual_seed(seed)
     history, best, best_epoch, bad = [], -1.0, 0, 0
