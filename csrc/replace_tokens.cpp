@@ -7,12 +7,15 @@
 // of the logits (fp32, for the generator's MLM loss).
 //
 //   replace_tokens(Tensor logits, Tensor input_ids, Tensor masked_positions, float temperature,
-//                  int seed, int offset, bool return_lse) -> (ids, labels, sampled, lse)
+//                  Tensor seed, int offset, bool return_lse) -> (ids, labels, sampled, lse)
 //   logits (N, V) fp32/fp16/bf16 contiguous; input_ids (B, T) int64; masked_positions (N,) int64
 //   flat indices into input_ids.view(-1), one per row of logits, expected distinct.
+//   seed: int64, one element, on logits' device. It is read where the noise is made (by the CUDA
+//   kernel from device memory), never copied to the host: no sync, and a CUDA graph that captured
+//   the op draws with whatever value the seed tensor holds at each replay.
 //   ids (B, T) int64, labels (B, T) bool, sampled (N,) int64, lse (N,) fp32 or (0,) when not asked.
 //
-//   gumbel_noise(Tensor logits, int seed, int offset) -> Tensor
+//   gumbel_noise(Tensor logits, Tensor seed, int offset) -> Tensor
 //   the (N, V) fp32 noise g that replace_tokens adds for these logits' shape, seed and offset
 //   (only the shape and device of `logits` are used). For tests and debugging.
 //
@@ -44,7 +47,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace fastelectra {
 
 void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input_ids,
-                               const at::Tensor& masked_positions, double temperature,
+                               const at::Tensor& masked_positions, double temperature, const at::Tensor& seed,
                                c10::DeviceType device_type) {
   TORCH_CHECK(logits.dim() == 2, "replace_tokens: logits must be 2-D (num_masked, vocab_size), got shape ",
               logits.sizes());
@@ -72,6 +75,7 @@ void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input
               masked_positions.device());
   TORCH_CHECK(logits.device().type() == device_type, "replace_tokens: the ", device_type,
               " implementation got logits on ", logits.device());
+  check_seed_arg("replace_tokens", seed, logits);
 }
 
 bool inverse_temperature(double temperature, float* inv_tau) {
@@ -82,13 +86,22 @@ bool inverse_temperature(double temperature, float* inv_tau) {
   return true;
 }
 
-void check_gumbel_noise_args(const at::Tensor& logits, c10::DeviceType device_type) {
+void check_gumbel_noise_args(const at::Tensor& logits, const at::Tensor& seed, c10::DeviceType device_type) {
   TORCH_CHECK(logits.dim() == 2, "gumbel_noise: logits must be 2-D (num_masked, vocab_size), got shape ",
               logits.sizes());
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "gumbel_noise: logits must be a floating tensor, got ",
               logits.scalar_type());
   TORCH_CHECK(logits.device().type() == device_type, "gumbel_noise: the ", device_type,
               " implementation got logits on ", logits.device());
+  check_seed_arg("gumbel_noise", seed, logits);
+}
+
+void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& logits) {
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+              ": seed must be an int64 tensor with one element (e.g. torch.tensor([seed])), got ",
+              seed.scalar_type(), " of shape ", seed.sizes());
+  TORCH_CHECK(seed.device() == logits.device(), op, ": seed must be on the device of logits (", logits.device(),
+              "), got seed on ", seed.device());
 }
 
 namespace {
@@ -147,8 +160,8 @@ float row_logsumexp(const scalar_t* x, int64_t vocab) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cpu(
     const at::Tensor& logits, const at::Tensor& input_ids, const at::Tensor& masked_positions,
-    double temperature, int64_t seed, int64_t offset, bool return_lse) {
-  check_replace_tokens_args(logits, input_ids, masked_positions, temperature, c10::DeviceType::CPU);
+    double temperature, const at::Tensor& seed, int64_t offset, bool return_lse) {
+  check_replace_tokens_args(logits, input_ids, masked_positions, temperature, seed, c10::DeviceType::CPU);
   const int64_t n = logits.size(0), vocab = logits.size(1);
   const at::Tensor ids = input_ids.contiguous();
   const at::Tensor positions = masked_positions.contiguous();
@@ -170,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cpu(
 
   float inv_tau = 1.0f;
   const bool noise = inverse_temperature(temperature, &inv_tau);
-  const uint64_t useed = (uint64_t)seed, uoffset = (uint64_t)offset;
+  const uint64_t useed = (uint64_t)*seed.const_data_ptr<int64_t>(), uoffset = (uint64_t)offset;
   int64_t* sampled_p = sampled.data_ptr<int64_t>();
   float* lse_p = return_lse ? lse.data_ptr<float>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 32768 / vocab);  // rows per task: >= ~32k elements
@@ -195,14 +208,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cpu(
   return {out_ids, labels, sampled, lse};
 }
 
-at::Tensor gumbel_noise_cpu(const at::Tensor& logits, int64_t seed, int64_t offset) {
-  check_gumbel_noise_args(logits, c10::DeviceType::CPU);
+at::Tensor gumbel_noise_cpu(const at::Tensor& logits, const at::Tensor& seed, int64_t offset) {
+  check_gumbel_noise_args(logits, seed, c10::DeviceType::CPU);
+  const uint64_t useed = (uint64_t)*seed.const_data_ptr<int64_t>();
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   const int64_t total = out.numel();
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, (total + 3) / 4, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const PhiloxWords r = philox_group((uint64_t)g, (uint64_t)seed, (uint64_t)offset);
+      const PhiloxWords r = philox_group((uint64_t)g, useed, (uint64_t)offset);
       for (int j = 0; j < 4 && g * 4 + j < total; ++j) out_p[g * 4 + j] = gumbel_from_uniform(uniform_open(r.w[j]));
     }
   });
@@ -213,8 +227,8 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& logits, int64_t seed, int64_t offs
 
 TORCH_LIBRARY(fastelectra, m) {
   m.def("replace_tokens(Tensor logits, Tensor input_ids, Tensor masked_positions, float temperature, "
-        "int seed, int offset, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("gumbel_noise(Tensor logits, int seed, int offset) -> Tensor");
+        "Tensor seed, int offset, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gumbel_noise(Tensor logits, Tensor seed, int offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastelectra, CPU, m) {

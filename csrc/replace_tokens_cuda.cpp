@@ -3,6 +3,9 @@
 // current stream, without a host synchronisation. Compiled only in the CUDA build
 // (FASTELECTRA_WITH_CUDA); the CPU build sees an empty file.
 //
+// The seed is an int64 (1,) tensor on the logits' device whose pointer is handed to the kernels,
+// which load it themselves: nothing is copied to the host, so the op is safe to capture in a CUDA
+// graph and each replay uses the value the seed tensor holds then.
 // Invalid data cannot be checked here without a sync, so the kernel does it: a row whose masked
 // position lies outside input_ids, or whose original id lies outside [0, V), leaves ids and labels
 // untouched and reports sampled[row] = -1 (see replace_tokens_kernel.cu).
@@ -23,8 +26,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cuda(
     const at::Tensor& logits, const at::Tensor& input_ids, const at::Tensor& masked_positions,
-    double temperature, int64_t seed, int64_t offset, bool return_lse) {
-  check_replace_tokens_args(logits, input_ids, masked_positions, temperature, c10::DeviceType::CUDA);
+    double temperature, const at::Tensor& seed, int64_t offset, bool return_lse) {
+  check_replace_tokens_args(logits, input_ids, masked_positions, temperature, seed, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), vocab = logits.size(1);
   const at::Tensor ids = input_ids.contiguous();
@@ -53,19 +56,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cuda(
   args.lse = return_lse ? lse.data_ptr<float>() : nullptr;
   args.inv_tau = 1.0f;
   args.noise = inverse_temperature(temperature, &args.inv_tau);
-  args.seed = (uint64_t)seed;
+  args.seed = seed.const_data_ptr<int64_t>();
   args.offset = (uint64_t)offset;
   const cudaError_t err = launch_replace_tokens(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "replace_tokens: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {out_ids, labels, sampled, lse};
 }
 
-at::Tensor gumbel_noise_cuda(const at::Tensor& logits, int64_t seed, int64_t offset) {
-  check_gumbel_noise_args(logits, c10::DeviceType::CUDA);
+at::Tensor gumbel_noise_cuda(const at::Tensor& logits, const at::Tensor& seed, int64_t offset) {
+  check_gumbel_noise_args(logits, seed, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   const cudaError_t err = launch_gumbel_noise(out.data_ptr<float>(), logits.size(0), logits.size(1),
-                                              (uint64_t)seed, (uint64_t)offset, c10::cuda::getCurrentCUDAStream());
+                                              seed.const_data_ptr<int64_t>(), (uint64_t)offset,
+                                              c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "gumbel_noise: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return out;
 }

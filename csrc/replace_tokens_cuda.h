@@ -24,7 +24,7 @@ struct ReplaceTokensLaunch {
   float* lse;                // (n_rows,) row log-sum-exp of the logits, or nullptr
   float inv_tau;             // 1 / temperature, used when noise is true
   bool noise;                // false: plain argmax (temperature 0)
-  uint64_t seed;
+  const int64_t* seed;       // (1,) Philox key on the device, read by the kernel (no host copy)
   uint64_t offset;
 };
 
@@ -32,8 +32,8 @@ struct ReplaceTokensLaunch {
 cudaError_t launch_replace_tokens(const ReplaceTokensLaunch& args, cudaStream_t stream);
 
 // Enqueues a kernel writing the Gumbel noise of every element of an (n_rows, vocab) logits
-// tensor into `out` (fp32, contiguous), the same noise replace_tokens adds. For tests.
-cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, uint64_t seed, uint64_t offset,
+// tensor into `out` (fp32, contiguous), the same noise replace_tokens adds; `seed` as above. For tests.
+cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, const int64_t* seed, uint64_t offset,
                                 cudaStream_t stream);
 
 }  // namespace fastelectra

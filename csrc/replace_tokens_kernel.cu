@@ -21,6 +21,10 @@
 // changes no result: the winner is the lexicographic max of (exact key, -column), which does not
 // depend on the order elements are visited, so CPU and CUDA agree bit for bit.
 //
+// Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
+// tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
+// captured a launch keys each replay with the value the seed tensor holds at that replay.
+//
 // Errors without a host sync: the host checks dtypes, shapes and devices; the data-dependent
 // checks run here. A row whose masked position lies outside input_ids, or whose original id lies
 // outside [0, V), writes nothing into ids/labels and reports sampled[row] = -1 (a valid sample is
@@ -133,13 +137,14 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
                       int64_t* __restrict__ Sampled,          // (n_rows,)
                       float* __restrict__ Lse,                // (n_rows,) when kLse
                       float inv_tau,
-                      uint64_t seed,
+                      const int64_t* __restrict__ Seed,       // (1,) Philox key
                       uint64_t offset) {
   constexpr int VEC = kVectorBytes / sizeof(T);  // 4 fp32 or 8 fp16/bf16 per vector
   constexpr int UNROLL = 16 / VEC;               // vectors per lane per step: 16 elements
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= n_rows) return;  // whole warp
+  const uint64_t seed = kNoise ? (uint64_t)__ldg(Seed) : 0;  // argmax (tau = 0) needs no key
 
   const int64_t row_begin = row * vocab, row_end = row_begin + vocab;  // flat range of the row
   const int64_t vec_begin = row_begin / VEC, vec_end = (row_end + VEC - 1) / VEC;
@@ -221,10 +226,11 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   }
 }
 
-__global__ void gumbel_noise_kernel(float* __restrict__ Out,  // (total,) = (n_rows * vocab,)
+__global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (total,) = (n_rows * vocab,)
                                     int64_t total,
-                                    uint64_t seed,
+                                    const int64_t* __restrict__ Seed,  // (1,) Philox key
                                     uint64_t offset) {
+  const uint64_t seed = (uint64_t)__ldg(Seed);
   const int64_t groups = (total + 3) / 4;
   for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
        g += (int64_t)gridDim.x * blockDim.x) {
@@ -274,7 +280,7 @@ cudaError_t launch_replace_tokens(const ReplaceTokensLaunch& args, cudaStream_t 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, uint64_t seed, uint64_t offset,
+cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, const int64_t* seed, uint64_t offset,
                                 cudaStream_t stream) {
   const int64_t total = n_rows * vocab;
   if (total <= 0) return cudaSuccess;

@@ -55,6 +55,13 @@ def _load() -> tuple[bool, str]:
         return False, f"{built_error}; JIT build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
 
 
+def _check_seed_fake(op: str, seed, logits) -> None:
+    torch._check(seed.dtype == torch.int64 and seed.numel() == 1,
+                 lambda: f"{op}: seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+    torch._check(seed.device == logits.device,
+                 lambda: f"{op}: seed must be on the device of logits ({logits.device}), got seed on {seed.device}")
+
+
 def _register_fakes() -> None:
     """Shape-only (fake/meta) implementations, so torch.compile and FakeTensor can trace the ops."""
 
@@ -66,6 +73,7 @@ def _register_fakes() -> None:
                      lambda: f"replace_tokens: masked_positions must be 1-D, got {masked_positions.dim()}-D")
         torch._check(masked_positions.shape[0] == logits.shape[0],
                      lambda: "replace_tokens: masked_positions and logits must have the same number of rows")
+        _check_seed_fake("replace_tokens", seed, logits)
         n = logits.shape[0]
         ids = input_ids.new_empty(input_ids.shape)
         labels = input_ids.new_empty(input_ids.shape, dtype=torch.bool)
@@ -76,6 +84,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fastelectra::gumbel_noise")
     def _gumbel_noise_fake(logits, seed, offset):
         torch._check(logits.dim() == 2, lambda: f"gumbel_noise: logits must be 2-D, got {logits.dim()}-D")
+        _check_seed_fake("gumbel_noise", seed, logits)
         return logits.new_empty(logits.shape, dtype=torch.float32)
 
 

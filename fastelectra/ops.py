@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
+from . import rng as _rng
 
 __all__ = ["layer_norm", "attention", "replace_tokens",
            "layer_norm_reference", "attention_reference", "replace_tokens_reference"]
@@ -41,11 +42,6 @@ def _check_same_device(**tensors: torch.Tensor | None) -> None:
                              "all tensors must be on one device")
 
 
-def draw_seed() -> int:
-    """A fresh 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-
-
 # ----------------------------------------------------------------------------- layer norm
 def layer_norm_reference(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0):
     """Torch reference of :func:`layer_norm` (dropout from torch's RNG)."""
@@ -60,8 +56,9 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
     """y = LayerNorm(dropout(x, p) + residual) over the last dimension.
 
     x, residual: (..., N); weight, bias: (N,) or None. Returns y with x's shape and dtype.
-    ``dropout_p`` is applied as given (pass 0.0 in eval mode); ``seed`` keys the fused kernel's
-    in-kernel dropout (drawn from torch's generator when None).
+    ``dropout_p`` is applied as given (pass 0.0 in eval mode). ``seed`` (None | int | one-element
+    integer tensor) keys the fused kernel's in-kernel dropout, which reads it on x's device; None
+    draws it from torch's generator of that device (no host sync). The reference ignores it.
     """
     _check_float("x", x)
     n = x.shape[-1] if x.dim() > 0 else 0
@@ -108,9 +105,11 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim).
     key_padding_mask: (batch, seqlen_k), True/1 for real tokens (HF's attention_mask), or None.
-    Returns (batch, seqlen_q, nheads, headdim) in q's dtype. ``dropout_p`` is applied as given.
-    The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other head sizes and float64 run
-    the reference.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype. ``dropout_p`` is applied as given;
+    ``seed`` (None | int | one-element integer tensor) keys the fused kernel's in-kernel dropout,
+    which reads it on q's device (None: drawn from torch's generator of that device, no host sync;
+    the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
+    head sizes and float64 run the reference.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
@@ -145,15 +144,26 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
 
 
 # ----------------------------------------------------------------------------- replacement
-def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature=1.0, seed=0, offset=0,
+def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature=1.0, seed=None, offset=0,
                              return_lse=False):
-    """Torch reference of :func:`replace_tokens`: Gumbel-max with noise from a torch.Generator
-    seeded by (seed, offset); the same distribution as the fused op, not the same draws."""
+    """Torch reference of :func:`replace_tokens`: Gumbel-max with uniforms from torch's RNG; the same
+    distribution as the fused op, not the same draws.
+
+    ``seed`` None: torch's generator of the logits' device (``torch.manual_seed`` reproduces it; no
+    host sync, safe in a CUDA graph; ``offset`` is unused). An int or one-element integer tensor:
+    a fresh torch.Generator seeded from (seed, offset), the same draws for an int and a tensor of
+    equal value; a tensor is read with ``.item()`` (a host sync: explicit seeds are for tests)."""
     x = logits.float()
     if temperature > 0.0:
-        gen = torch.Generator(device=logits.device)
-        gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (2**63))
-        u = torch.rand(x.shape, generator=gen, device=x.device).clamp_(min=torch.finfo(torch.float32).tiny)
+        if seed is None:
+            u = torch.rand_like(x)        # (rand_like also traces with symbolic shapes under torch.compile)
+        else:
+            where = seed.device if isinstance(seed, torch.Tensor) else "cpu"  # validated without a copy
+            seed = int(_rng.seed_tensor(seed, where).item())
+            gen = torch.Generator(device=logits.device)
+            gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (2**63))
+            u = torch.rand(x.shape, generator=gen, device=x.device)
+        u = u.clamp_(min=torch.finfo(torch.float32).tiny)
         sampled = torch.argmax(x / temperature - torch.log(-torch.log(u)), dim=-1)
     else:
         sampled = torch.argmax(x, dim=-1)
@@ -183,7 +193,7 @@ def _check_replace_args(logits, input_ids, masked_positions, temperature) -> Non
                          f"{logits.shape[0]} rows; they must match")
     if logits.shape[1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
-    if not (temperature >= 0.0 and math.isfinite(temperature)):
+    if not 0.0 <= temperature < math.inf:  # false for NaN too; unlike math.isfinite, traceable for a SymFloat
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     _check_same_device(logits=logits, input_ids=input_ids, masked_positions=masked_positions)
     # Data checks: on CPU only (a sync on GPU, where the _C kernel flags bad rows with sampled = -1)
@@ -211,11 +221,17 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     samples the same distribution with other draws. Positions should be distinct and logits
     contiguous. On CUDA, index ranges are checked inside the kernel without a host sync: a row
     whose position or original id is out of range writes nothing and reports ``sampled = -1``.
+
+    ``seed``: None, an int, or a one-element integer tensor. The fused op takes it as an int64 (1,)
+    tensor on the logits' device that its kernel reads from memory (see fastelectra.rng): None
+    draws it there from torch's generator, so ``torch.manual_seed`` reproduces a run, the step has
+    no host sync and every replay of a captured CUDA graph samples afresh. An int and a tensor of
+    the same value give the same samples. For the eager path see :func:`replace_tokens_reference`.
     """
     _check_replace_args(logits, input_ids, masked_positions, temperature)
-    seed = draw_seed() if seed is None else int(seed)
     logits = logits.detach()
     if _backend.use_extension(backend, "replace_tokens"):
+        seed = _rng.seed_tensor(seed, logits.device)
         ids, labels, sampled, lse = torch.ops.fastelectra.replace_tokens(
             logits, input_ids, masked_positions, float(temperature), seed, int(offset), bool(return_lse))
         return (ids, labels, sampled, lse) if return_lse else (ids, labels, sampled)

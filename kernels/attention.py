@@ -23,6 +23,8 @@ Counter of the 8-key group g of query row r in (batch b, head h):
     ((b·nheads + h)·seqlen_q + r)·cdiv(seqlen_k, 8) + g   (Philox key = the 64-bit seed)
 so the mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k =
 max_seqlen) draws the same mask as the padded layout. ``dropout_mask`` returns it for tests.
+The seed is an int64 (1,) tensor on q's device (fastelectra.rng) that the kernels load: no
+``.item()``, no host sync, and a CUDA-graph replay uses the fresh seed drawn in the graph.
 
 Limits. Non-causal; headdim 16, 32, 64 or 128; fp16 and bf16 (fp32 runs a correct, slower path
 with IEEE-precision dots); self-attention in the varlen mode (one cu_seqlens for q and k).
@@ -42,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rng import check_seed_tensor, seed_tensor
+
 __all__ = ["flash_attention", "flash_attention_varlen", "dropout_mask", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -50,7 +54,6 @@ DRAW_BITS = tl.constexpr(16)         # bits of one dropout draw: a 32-bit Philox
 DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
 KEYS_PER_CALL = tl.constexpr(8)      # keep decisions per Philox call: 4 words x 2 draws
 DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
-SEED_MAX = 2**62                     # seeds are drawn in [0, 2^62) like fastelectra.ops.draw_seed
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter (triton 3.9) multiplies bfloat16 bit patterns as integers in tl.dot; under it the
@@ -83,7 +86,7 @@ def _halves(
 
 @triton.jit
 def _dropout_draws(
-    seed,            # Philox key
+    seed,            # scalar int64 Philox key
     rng_base,        # int64: first counter of this (batch, head)
     rng_row_stride,  # counters per query row: cdiv(seqlen_k, KEYS_PER_CALL)
     offs_m,          # (BLOCK_M,) query rows inside the sequence
@@ -160,7 +163,7 @@ def _attn_fwd_kernel(
     seqlen_q,        # query rows per sequence (max_seqlen when VARLEN)
     seqlen_k,        # key rows per sequence (max_seqlen when VARLEN)
     qk_scale,        # softmax_scale / ln 2, so scores go straight into exp2
-    seed,            # Philox key of the dropout mask
+    Seed,            # (1,) int64 Philox key of the dropout mask; read when IS_DROPOUT
     drop_threshold,  # a probability is dropped when its 16-bit draw is below this
     drop_scale,      # 1 / (1 - dropout_p)
     seq_bucket,      # next power of two of max(seqlen_q, seqlen_k): autotuning key only
@@ -193,6 +196,8 @@ def _attn_fwd_kernel(
     rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if IS_DROPOUT:
+        seed = tl.load(Seed)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                # running row sum of exp2
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
@@ -283,7 +288,7 @@ def _attn_bwd_dkdv_kernel(
     seqlen_k,
     qk_scale,        # softmax_scale / ln 2
     sm_scale,        # softmax_scale
-    seed,
+    Seed,            # (1,) int64 Philox key; read when IS_DROPOUT
     drop_threshold,
     drop_scale,
     seq_bucket,      # autotuning key only
@@ -318,6 +323,8 @@ def _attn_bwd_dkdv_kernel(
     rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
 
     key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
+    if IS_DROPOUT:
+        seed = tl.load(Seed)
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
@@ -376,7 +383,7 @@ def _attn_bwd_dq_kernel(
     seqlen_k,
     qk_scale,        # softmax_scale / ln 2
     sm_scale,        # softmax_scale
-    seed,
+    Seed,            # (1,) int64 Philox key; read when IS_DROPOUT
     drop_threshold,
     drop_scale,
     seq_bucket,      # autotuning key only
@@ -414,6 +421,8 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    if IS_DROPOUT:
+        seed = tl.load(Seed)
 
     for start_n in range(0, k_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -441,7 +450,7 @@ def _dropout_mask_kernel(
     Keep,            # (batch, nheads, seqlen_q, seqlen_k) int8 keep-mask, written here
     seqlen_q,
     seqlen_k,
-    seed,
+    Seed,            # (1,) int64 Philox key
     drop_threshold,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -452,7 +461,7 @@ def _dropout_mask_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
     rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
-    draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
+    draws = _dropout_draws(tl.load(Seed), rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
     keep = (draws >= drop_threshold).to(tl.int8)
     Keep += bh.to(tl.int64) * seqlen_q * seqlen_k
     tl.store(Keep + offs_m[:, None] * seqlen_k + offs_n[None, :], keep,
@@ -567,11 +576,17 @@ def _mask_args(key_mask, key_lens, layout, device):
     return placeholder, placeholder, 0, False, False
 
 
-def _common_args(layout, dropout_p, softmax_scale, seed, dtype):
+def _seed_arg(seed, q, dropout_p):
+    """The kernels' Seed pointer: the int64 (1,) seed on q's device, or q as an unread stand-in
+    when there is no dropout."""
+    return check_seed_tensor(seed, q.device) if dropout_p > 0.0 else q
+
+
+def _common_args(layout, dropout_p, softmax_scale, seed, q):
     threshold, drop_scale = _dropout_args(dropout_p)
-    return dict(qk_scale=softmax_scale * LOG2E, seed=seed, drop_threshold=threshold, drop_scale=drop_scale,
-                seq_bucket=triton.next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
-                IS_DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), drop_threshold=threshold,
+                drop_scale=drop_scale, seq_bucket=triton.next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
+                IS_DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 HEAD_DIM=layout.head_dim, VARLEN=layout.varlen)
 
 
@@ -592,7 +607,7 @@ def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, s
         q, k, v, out, lse, mask, lens, cu,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
         layout.nheads, layout.seqlen_q, layout.seqlen_k,
-        HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q.dtype))
+        HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q))
     return out, lse
 
 
@@ -611,7 +626,7 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
     _attn_bwd_preprocess_kernel[(triton.cdiv(layout.seqlen_q, _PREPROCESS_BLOCK) * n_bh,)](
         out, do, delta, cu, *layout.strides(out), *layout.strides(do), layout.nheads, layout.seqlen_q,
         HEAD_DIM=layout.head_dim, BLOCK_M=_PREPROCESS_BLOCK, VARLEN=layout.varlen)
-    common = _common_args(layout, dropout_p, softmax_scale, seed, q.dtype)
+    common = _common_args(layout, dropout_p, softmax_scale, seed, q)
 
     def grid_kv(meta):
         return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]) * n_bh,)
@@ -639,10 +654,10 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
 @torch.library.custom_op("fastelectra::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
                        key_lens: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
-                       dropout_p: float, softmax_scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       dropout_p: float, softmax_scale: float,
+                       seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with _on_device(q):
-        return _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                          int(seed.item()))
+        return _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
 
 
 @_flash_attn_fwd_op.register_fake
@@ -658,10 +673,11 @@ def _flash_attn_fwd_fake(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dr
 def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, key_mask: Optional[torch.Tensor], key_lens: Optional[torch.Tensor],
                        cu_seqlens: Optional[torch.Tensor], max_seqlen: int, dropout_p: float,
-                       softmax_scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       softmax_scale: float,
+                       seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on_device(q):
         return _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
-                          softmax_scale, int(seed.item()))
+                          softmax_scale, seed)
 
 
 @_flash_attn_bwd_op.register_fake
@@ -730,16 +746,9 @@ def _scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
-    """The dropout seed as a CPU int64 tensor (traceable by torch.compile; read on the host, no
-    GPU sync). None draws from torch's default CPU generator, so torch.manual_seed reproduces."""
-    if dropout_p == 0.0:
-        return torch.zeros((), dtype=torch.int64)
-    if seed is None:
-        return torch.randint(0, SEED_MAX, (), dtype=torch.int64)
-    if isinstance(seed, torch.Tensor):
-        return seed.detach().to(device="cpu", dtype=torch.int64).reshape(())
-    return torch.tensor(int(seed), dtype=torch.int64)
+def _seed_for(seed, dropout_p: float, q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The dropout seed as an int64 (1,) tensor on q's device (see fastelectra.rng); None without dropout."""
+    return seed_tensor(seed, q.device) if dropout_p > 0.0 else None
 
 
 def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None, *,
@@ -751,8 +760,10 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
     fp16/bf16 (fp32 runs a slower exact path).
     key_padding_mask: (batch, seqlen_k) bool/integer, True/1 = attend, honoured exactly.
     key_lengths: (batch,) integer valid key counts, an alternative for prefix masks.
-    dropout_p: applied as given; ``seed`` keys the in-kernel Philox (None: drawn from torch's
-    default generator). A sequence without a valid key gives zeros.
+    dropout_p: applied as given; ``seed`` (None | int | one-element integer tensor) keys the
+    in-kernel Philox, read on q's device (None: drawn from torch's generator of q's device, so
+    torch.manual_seed reproduces; no host sync). Unused when dropout_p == 0. A sequence without a
+    valid key gives zeros.
     Returns (batch, seqlen_q, nheads, headdim) in q's dtype; differentiable in q, k, v.
     """
     _check_qkv(q, k, v, packed=False)
@@ -780,7 +791,7 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
             raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
     scale = _scale(softmax_scale, q.shape[-1])
     out, _ = _flash_attn_fwd_op(q, k, v, key_padding_mask, key_lengths, None, 0, dropout_p, scale,
-                                _seed_tensor(seed, dropout_p))
+                                _seed_for(seed, dropout_p, q))
     return out
 
 
@@ -813,22 +824,22 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
             raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
     scale = _scale(softmax_scale, q.shape[-1])
     out, _ = _flash_attn_fwd_op(q, k, v, None, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, scale,
-                                _seed_tensor(seed, dropout_p))
+                                _seed_for(seed, dropout_p, q))
     return out
 
 
 def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     """The kernels' keep-mask: bool (batch, nheads, seqlen_q, seqlen_k), True = kept, drawn with the
-    same Philox counters as the attention kernels for ``seed`` and dropout probability ``p``."""
+    same Philox counters as the attention kernels for ``seed`` (an int or a one-element integer
+    tensor) and dropout probability ``p``."""
     device = torch.device(device)
     if device.type == "cpu" and not _INTERPRET:
         raise ValueError("dropout_mask runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1)")
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed.item())
+    seed = seed_tensor(seed, device)
     threshold, _ = _dropout_args(_check_dropout(p))
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
     grid = (batch * nheads, triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
     with _on_device(keep):
-        _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, int(seed), threshold, BLOCK_M=block_m, BLOCK_N=block_n)
+        _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()

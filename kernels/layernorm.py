@@ -9,11 +9,13 @@ Design.
 - Rows are normalised in fp32 whatever the input dtype (fp32/fp16/bf16, mixed allowed: y and dx
   take x's dtype, dresidual the residual's, dW/dB the parameters'). Forward saves mean and rstd
   per row (fp32).
-- Dropout draws its keep-mask in-kernel from Philox keyed by ``seed``; element (row, col) uses
+- Dropout draws its keep-mask in-kernel from Philox keyed by the seed; element (row, col) uses
   counter (col // 4, row lo 32 bits, row hi 32 bits, 0) and output ``col % 4`` of that call, so
   one Philox evaluation serves four columns and the mask depends only on (seed, row, col), never
   on block sizes. Keep iff the 32-bit draw >= round(p * 2**32). The backward recomputes the
   mask; it is never stored. ``dropout_mask`` returns the same mask for tests.
+- The seed is an int64 (1,) tensor on x's device (fastelectra.rng) that the kernels load: no
+  ``.item()``, no host sync, and a CUDA-graph replay uses the fresh seed drawn in the graph.
 - Pre-norm sum s = dropout(x) + residual: recomputed in the backward instead of saved. For
   memory-bound work both cost the same traffic over forward + backward (saving s adds a write
   in forward and replaces two reads by one in backward), but recomputing keeps the forward (the
@@ -25,8 +27,7 @@ Design.
 - Without dropout dx == dresidual, so the backward writes one tensor and returns it for both
   (a second copy is written only when the residual has another dtype).
 - Wrapped as torch.library custom ops (forward, backward) with fake implementations and
-  ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through them; the seed is
-  passed as a CPU int64 tensor so drawing it needs no ``.item()`` in the traced graph.
+  ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through them.
 
 Limits: 1 <= N <= 8192 (one row fits in one block); rows are made contiguous.
 
@@ -41,6 +42,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..rng import check_seed_tensor, seed_tensor
 
 __all__ = ["fused_layer_norm", "dropout_mask", "MAX_N"]
 
@@ -60,7 +63,7 @@ UINT32_RANGE = 2**32    # Philox draws are uniform 32-bit integers
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _keep_mask(
-    seed,                   # scalar int: Philox key
+    seed,                   # scalar int64: Philox key
     rows,                   # [BLOCK_M, 1] int64: row index of each tile row
     threshold,              # scalar int: keep iff draw >= threshold = round(p * 2**32)
     BLOCK_M: tl.constexpr,
@@ -79,7 +82,7 @@ def _keep_mask(
     return draws >= threshold.to(tl.uint32)
 
 
-@triton.jit(do_not_specialize=["threshold", "seed"])
+@triton.jit(do_not_specialize=["threshold"])
 def _layer_norm_fwd_kernel(
     X,                      # (M, N) input to dropout, contiguous
     Res,                    # (M, N) residual (unused unless HAS_RESIDUAL)
@@ -93,7 +96,7 @@ def _layer_norm_fwd_kernel(
     eps,                    # fp32
     scale,                  # fp32: 1 / (1 - p)
     threshold,              # int: dropout keep threshold (see _keep_mask)
-    seed,                   # int: Philox key
+    Seed,                   # (1,) int64 Philox key (read only when HAS_DROPOUT)
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -110,7 +113,7 @@ def _layer_norm_fwd_kernel(
 
     s = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, rows, threshold, BLOCK_M, BLOCK_N)
+        keep = _keep_mask(tl.load(Seed), rows, threshold, BLOCK_M, BLOCK_N)
         s = tl.where(keep, s * scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(Res + offs, mask=mask, other=0.0).to(tl.float32)
@@ -128,7 +131,7 @@ def _layer_norm_fwd_kernel(
     tl.store(Rstd + row_idx, rstd, mask=row_idx < m)
 
 
-@triton.jit(do_not_specialize=["threshold", "seed"])
+@triton.jit(do_not_specialize=["threshold"])
 def _layer_norm_bwd_kernel(
     DY,                     # (M, N) gradient of y, contiguous
     X,                      # (M, N) forward input
@@ -145,7 +148,7 @@ def _layer_norm_bwd_kernel(
     rows_per_program,       # int, a multiple of BLOCK_M
     scale,                  # fp32: 1 / (1 - p)
     threshold,              # int: dropout keep threshold (see _keep_mask)
-    seed,                   # int: Philox key
+    Seed,                   # (1,) int64 Philox key (read only when HAS_DROPOUT)
     HAS_RESIDUAL: tl.constexpr,
     STORE_DRES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -159,6 +162,8 @@ def _layer_norm_bwd_kernel(
     col_ok = cols < n
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
@@ -208,19 +213,19 @@ def _layer_norm_bwd_kernel(
         tl.store(DB + part, tl.sum(db_acc, axis=0), mask=part_ok)
 
 
-@triton.jit(do_not_specialize=["threshold", "seed"])
+@triton.jit(do_not_specialize=["threshold"])
 def _dropout_mask_kernel(
     Keep,                   # (M, N) uint8 out: 1 = kept
     m,                      # rows
     n,                      # columns = row stride
     threshold,              # int: dropout keep threshold (see _keep_mask)
-    seed,                   # int: Philox key
+    Seed,                   # (1,) int64 Philox key
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     rows = (tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
-    keep = _keep_mask(seed, rows, threshold, BLOCK_M, BLOCK_N)
+    keep = _keep_mask(tl.load(Seed), rows, threshold, BLOCK_M, BLOCK_N)
     tl.store(Keep + rows * n + cols, keep.to(tl.uint8), mask=(rows < m) & (cols < n))
 
 
@@ -262,13 +267,20 @@ def _check_rows(name: str, t: torch.Tensor, n: int) -> None:
                          f"strides {t.stride()}")
 
 
+def _seed_arg(seed: Optional[torch.Tensor], x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The kernels' Seed pointer: the int64 (1,) seed on x's device, or x as an unread stand-in
+    when there is no dropout."""
+    return check_seed_tensor(seed, x.device) if dropout_p > 0.0 else x
+
+
 def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-         bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: int):
+         bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
     """Launch the forward on (M, N) rows. Returns y (M, N) in x's dtype, mean and rstd (M,) fp32."""
     m, n = x.shape
     _check_rows("x", x, n)
     if residual is not None:
         _check_rows("residual", residual, n)
+    seed = _seed_arg(seed, x, dropout_p)
     y = torch.empty_like(x)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -292,11 +304,13 @@ def _stores_dres(x: torch.Tensor, residual: Optional[torch.Tensor], dropout_p: f
 
 
 def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-         bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int):
+         bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float,
+         seed: Optional[torch.Tensor]):
     """Launch the backward. Returns (dx, dresidual or an empty tensor, dweight or empty, dbias or empty)."""
     m, n = x.shape
     for name, t in (("dy", dy), ("x", x)) + ((("residual", residual),) if residual is not None else ()):
         _check_rows(name, t, n)
+    seed = _seed_arg(seed, x, dropout_p)
     dx = torch.empty_like(x)
     store_dres = _stores_dres(x, residual, dropout_p)
     dres = torch.empty_like(residual) if store_dres else x.new_empty(0)
@@ -325,16 +339,12 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], we
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
-def _seed_value(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())  # a CPU tensor: no device sync
-
-
 @torch.library.custom_op(
     "fastelectra::layer_norm_fwd", mutates_args=(),
     schema="(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, float dropout_p, "
            "Tensor? seed) -> (Tensor, Tensor, Tensor)")
 def _layer_norm_fwd_op(x, residual, weight, bias, eps, dropout_p, seed):
-    return _fwd(x, residual, weight, bias, eps, dropout_p, _seed_value(seed))
+    return _fwd(x, residual, weight, bias, eps, dropout_p, seed)
 
 
 @_layer_norm_fwd_op.register_fake
@@ -348,7 +358,7 @@ def _(x, residual, weight, bias, eps, dropout_p, seed):
     schema="(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
            "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)")
 def _layer_norm_bwd_op(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed):
-    return _bwd(dy, x, residual, weight, bias, mean, rstd, dropout_p, _seed_value(seed))
+    return _bwd(dy, x, residual, weight, bias, mean, rstd, dropout_p, seed)
 
 
 @_layer_norm_bwd_op.register_fake
@@ -381,7 +391,7 @@ _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- functional API
-def _check_inputs(x, weight, bias, residual, dropout_p, seed) -> int:
+def _check_inputs(x, weight, bias, residual, dropout_p) -> int:
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -401,10 +411,6 @@ def _check_inputs(x, weight, bias, residual, dropout_p, seed) -> int:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if seed is not None and not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must fit in 64 bits (int64), got {seed}")
     return n
 
 
@@ -412,25 +418,25 @@ def fused_layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0
     """y = LayerNorm(dropout(x, dropout_p) + residual) over the last dimension (Triton, autograd-capable).
 
     x, residual: (..., N) with 1 <= N <= 8192, any float dtype each; weight, bias: (N,) or None.
-    Returns y of x's shape and dtype. ``dropout_p`` is applied as given (pass 0.0 in eval mode);
-    ``seed`` (int) keys the in-kernel dropout mask, drawn from torch's default CPU generator when
-    None, so ``torch.manual_seed`` reproduces a run. The mask for a seed is ``dropout_mask(...)``.
+    Returns y of x's shape and dtype. ``dropout_p`` is applied as given (pass 0.0 in eval mode).
+    ``seed`` (None | int | one-element integer tensor) keys the in-kernel dropout mask; the kernels
+    read it from x's device. None draws it from torch's generator of x's device (no host sync;
+    ``torch.manual_seed`` reproduces a run). Unused when ``dropout_p == 0``. The mask for a seed is
+    ``dropout_mask(...)``.
     """
-    n = _check_inputs(x, weight, bias, residual, dropout_p, seed)
+    n = _check_inputs(x, weight, bias, residual, dropout_p)
+    seed_t = seed_tensor(seed, x.device) if dropout_p > 0.0 else None
     shape = x.shape
     x2 = x.reshape(-1, n).contiguous()
     res2 = residual.reshape(-1, n).contiguous() if residual is not None else None
-    seed_t = None
-    if dropout_p > 0.0:
-        # same draw as fastelectra.ops.draw_seed, kept a tensor so torch.compile needs no .item()
-        seed_t = (torch.randint(0, 2**62, (1,), dtype=torch.int64) if seed is None
-                  else torch.tensor([seed], dtype=torch.int64))
     y, _, _ = _layer_norm_fwd_op(x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
     return y.view(shape)
 
 
-def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
+def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     """The keep-mask (bool, ``shape`` = (..., N)) that ``fused_layer_norm`` uses for ``seed`` and ``p``.
+
+    ``seed``: an int or a one-element integer tensor (as given to ``fused_layer_norm``).
 
     ``fused_layer_norm(x, ..., dropout_p=p, seed=seed)`` computes ``x * mask / (1 - p)`` before the
     residual add, for x of this shape (rows are the flattened leading dimensions).
@@ -445,9 +451,10 @@ def dropout_mask(seed: int, shape, p: float, device=None) -> torch.Tensor:
     for d in shape[:-1]:
         m *= d
     keep = torch.empty(m, n, dtype=torch.uint8, device=device)
+    seed_t = seed_tensor(seed, keep.device)
     if m > 0:
         block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
         with _on_device(keep):
-            _dropout_mask_kernel[(triton.cdiv(m, block_m),)](keep, m, n, _threshold(p), int(seed), BLOCK_M=block_m,
+            _dropout_mask_kernel[(triton.cdiv(m, block_m),)](keep, m, n, _threshold(p), seed_t, BLOCK_M=block_m,
                                                               BLOCK_N=block_n, num_warps=num_warps)
     return keep.view(shape).bool()

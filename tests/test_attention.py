@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from fastelectra import ops  # noqa: E402
 from fastelectra.kernels.attention import dropout_mask, flash_attention, flash_attention_varlen  # noqa: E402
+from fastelectra.kernels.layernorm import fused_layer_norm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}  # absolute error floor
@@ -219,6 +220,19 @@ def test_dropout_mask_follows_the_documented_counter_layout():
     assert torch.equal(dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, DEVICE).cpu(), expected)
 
 
+def test_seed_tensor_gives_the_same_output_gradients_and_mask_as_the_int():
+    g = torch.Generator().manual_seed(10)
+    q, k, v, do = (rand(1, 19, 2, 16, generator=g) for _ in range(4))
+    mask = make_mask("prefix", 1, 19)
+    by_int = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.3, seed=2**40 + 7), q, k, v, do)
+    for seed in (torch.tensor(2**40 + 7), torch.tensor([2**40 + 7], device=DEVICE)):   # CPU 0-d, (1,) on q's device
+        by_tensor = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.3, seed=seed), q, k, v, do)
+        for a, b in zip(by_tensor, by_int):
+            assert torch.equal(a, b)
+        assert torch.equal(dropout_mask(seed, 1, 2, 19, 19, 0.3, DEVICE),
+                           dropout_mask(2**40 + 7, 1, 2, 19, 19, 0.3, DEVICE))
+
+
 def test_dropout_seed_none_follows_torch_manual_seed():
     g = torch.Generator().manual_seed(6)
     q, k, v = (rand(1, 16, 1, 16, generator=g) for _ in range(3))
@@ -249,21 +263,33 @@ def test_varlen_matches_padded():
 
 
 # ----------------------------------------------------------------------------- compile, errors
-def test_torch_compile_fullgraph_traces_the_custom_ops():
+def test_torch_compile_fullgraph_traces_attention_and_layer_norm_dropout():
+    """A block with both kernels' dropout, seeds drawn in the graph (seed=None): fullgraph tracing
+    means no graph break (no .item() on a seed); forward and backward match eager under the same
+    torch.manual_seed, and each call draws fresh masks for both kernels."""
+    torch._dynamo.reset()
     g = torch.Generator().manual_seed(8)
     q, k, v = (rand(2, 17, 2, 16, generator=g) for _ in range(3))
     mask = make_mask("general", 2, 17)
+    x, r = (torch.randn(2, 17, 32, generator=g).to(DEVICE) for _ in range(2))
 
-    def loss(q, k, v):
-        return flash_attention(q, k, v, mask, dropout_p=0.1).float().square().sum()
+    def block(q, k, v):
+        attn = flash_attention(q, k, v, mask, dropout_p=0.3)
+        tail = fused_layer_norm(x, None, None, 1e-5, residual=r, dropout_p=0.3)   # a mask of its own
+        return torch.cat([attn.flatten(), tail.flatten()])
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    do = torch.ones(2 * 17 * 2 * 16 + x.numel(), device=DEVICE)
     torch.manual_seed(3)
-    eager = run(loss, q, k, v, torch.tensor(1.0))
+    eager = run(block, q, k, v, do)
     torch.manual_seed(3)
-    traced = run(compiled, q, k, v, torch.tensor(1.0))
+    traced = run(compiled, q, k, v, do)
+    again = run(compiled, q, k, v, do)
     for a, b in zip(eager, traced):
         assert torch.equal(a, b)
+    n_attn = q.numel()
+    assert not torch.equal(traced[0][:n_attn], again[0][:n_attn])     # attention masks differ
+    assert not torch.equal(traced[0][n_attn:], again[0][n_attn:])     # layer norm masks differ
 
 
 def test_custom_op_registration():
@@ -271,10 +297,18 @@ def test_custom_op_registration():
     g = torch.Generator().manual_seed(9)
     q, k, v = (rand(1, 16, 1, 16, generator=g).requires_grad_(True) for _ in range(3))
     mask = make_mask("prefix", 1, 16)
-    seed = torch.tensor(3, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.fastelectra.flash_attn_fwd.default,
-                          (q, k, v, mask, None, None, 0, 0.1, 0.25, seed),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)   # the seed lives on q's device
+    for p, s in ((0.1, seed), (0.0, None)):
+        torch.library.opcheck(torch.ops.fastelectra.flash_attn_fwd.default,
+                              (q, k, v, mask, None, None, 0, p, 0.25, s),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        out, lse = torch.ops.fastelectra.flash_attn_fwd.default(q, k, v, mask, None, None, 0, 0.1, 0.25, seed)
+    torch.library.opcheck(torch.ops.fastelectra.flash_attn_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, None, None, 0,
+                           0.1, 0.25, seed), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="seed must be an int64 tensor of one element"):
+        torch.ops.fastelectra.flash_attn_fwd.default(q, k, v, mask, None, None, 0, 0.1, 0.25, None)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -300,6 +334,11 @@ def test_bad_inputs_raise_clear_errors():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="rise from 0"):
             flash_attention_varlen(q[0], q[0], q[0], torch.tensor([0, 9], dtype=torch.int32), 9)
+    for seed in (1.5, torch.tensor([1, 2]), torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="seed"):
+            flash_attention(q, q, q, dropout_p=0.1, seed=seed)
+    with pytest.raises(TypeError, match="seed"):
+        dropout_mask(torch.tensor([1, 2]), 1, 1, 8, 8, 0.1, DEVICE)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
@@ -353,8 +392,54 @@ def test_gpu_ops_attention_dispatch_and_inductor():
     mask[1, 100:] = 0
     out = ops.attention(q, k, v, mask, dropout_p=0.1, seed=3, backend="fused")
     torch.testing.assert_close(out, flash_attention(q, k, v, mask.bool(), dropout_p=0.1, seed=3))
+    torch.testing.assert_close(out, ops.attention(q, k, v, mask, dropout_p=0.1, backend="fused",
+                                                  seed=torch.tensor([3], device="cuda")))
     compiled = torch.compile(lambda q, k, v: flash_attention(q, k, v, mask.bool()), fullgraph=True)
     out = compiled(q, k, v)
     out.float().sum().backward()
     torch.testing.assert_close(out, flash_attention(q, k, v, mask.bool()))
     assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_without_host_sync_and_fresh_masks_on_cuda_graph_replay():
+    """The seeds are drawn and read on the device: a training step with both kernels' dropout makes no
+    synchronising CUDA call, and a captured CUDA graph draws new masks on every replay."""
+    q, k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    x, r = (torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w, b = torch.ones(256, device="cuda", requires_grad=True), torch.zeros(256, device="cuda", requires_grad=True)
+    mask = torch.arange(128, device="cuda")[None, :] < torch.tensor([128, 90], device="cuda")[:, None]
+
+    def step(seed=None):
+        attn = flash_attention(q, k, v, mask, dropout_p=0.5, seed=seed)
+        tail = fused_layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.5, seed=seed)
+        return attn, tail
+
+    for seed in (None, 5):                      # compile and autotune outside the checked region
+        a, t = step(seed)
+        (a.float().sum() + t.float().sum()).backward()
+    seeds = (None, 5, torch.tensor([5], device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in seeds:
+            a, t = step(seed)
+            (a.float().sum() + t.float().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            a, t = step()
+        graph.replay()
+        a1, t1 = a.clone(), t.clone()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(a1, a) and not torch.equal(t1, t)

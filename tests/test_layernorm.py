@@ -149,6 +149,24 @@ def test_same_seed_same_output_different_seed_different_output():
     assert not torch.equal(dropout_mask(11, (6, 200), 0.2), dropout_mask(12, (6, 200), 0.2))
 
 
+@pytest.mark.parametrize("as_tensor", [
+    lambda s: torch.tensor(s),                                        # 0-d int64 on the CPU
+    lambda s: torch.tensor([s], dtype=torch.int32, device=DEVICE),    # (1,) int32 on x's device
+], ids=["cpu-0d", "device-int32"])
+def test_seed_tensor_gives_the_same_mask_output_and_gradients_as_the_int(as_tensor):
+    x, r, w, b = make_inputs((6, 200), torch.float32)
+    dy = torch.randn(6, 200, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def run(seed):
+        return outputs_and_grads(lambda x, r, w, b: fused_layer_norm(x, w, b, residual=r, dropout_p=0.2, seed=seed),
+                                 (x, r, w, b), dy)
+
+    for got, want in zip(run(as_tensor(11)), run(11)):
+        assert torch.equal(got, want)
+    assert torch.equal(dropout_mask(as_tensor(11), (6, 200), 0.2, device=DEVICE),
+                       dropout_mask(11, (6, 200), 0.2, device=DEVICE))
+
+
 def test_seed_none_is_drawn_from_torch_generator():
     x, r, w, b = make_inputs((4, 200), torch.float32)
     with torch.no_grad():
@@ -200,10 +218,15 @@ def test_zero_dropout_mask_keeps_everything():
     (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 1.0}), ValueError, "dropout_p"),
     (lambda: (torch.randn(2, 8), None, None, {"dropout_p": -0.1}), ValueError, "dropout_p"),
     (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": 1.5}), TypeError, "seed"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": torch.tensor([1, 2])}), TypeError, "seed"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": torch.tensor([1.0])}), TypeError, "seed"),
     (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": 2**64}), ValueError, "64 bits"),
+    (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": torch.tensor([1], device="meta")}),
+     ValueError, "seed is on meta"),
     (lambda: (torch.randn(2, 8), torch.randn(8, device="meta"), None, {}), ValueError, "weight is on"),
 ], ids=["int-x", "too-wide", "empty-row", "scalar", "weight-shape", "bias-shape", "residual-shape",
-        "residual-dtype", "p-one", "p-negative", "seed-float", "seed-too-big", "device-mismatch"])
+        "residual-dtype", "p-one", "p-negative", "seed-float", "seed-two-elements", "seed-float-tensor",
+        "seed-too-big", "seed-device", "device-mismatch"])
 def test_bad_inputs_raise_clear_errors(make, exc, match):
     x, w, b, kw = make()
     with pytest.raises(exc, match=match):
@@ -218,25 +241,37 @@ def test_dropout_mask_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- custom ops / compile
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("p", [0.1, 0.0])
+def test_custom_ops_pass_opcheck(p):
     x, r, w, b = make_inputs((4, 200), torch.float32)
-    seed = torch.tensor([3], dtype=torch.int64)
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE) if p > 0 else None  # the seed lives on x's device
     fwd = torch.ops.fastelectra.layer_norm_fwd.default
-    torch.library.opcheck(fwd, (x, r, w, b, 1e-5, 0.1, seed),
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-5, p, seed),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with torch.no_grad():
-        _, mean, rstd = fwd(x, r, w, b, 1e-5, 0.1, seed)
+        _, mean, rstd = fwd(x, r, w, b, 1e-5, p, seed)
     dy = torch.randn_like(x)
     bwd = torch.ops.fastelectra.layer_norm_bwd.default
-    torch.library.opcheck(bwd, (dy, x.detach(), r.detach(), w.detach(), b.detach(), mean, rstd, 0.1, seed),
+    torch.library.opcheck(bwd, (dy, x.detach(), r.detach(), w.detach(), b.detach(), mean, rstd, p, seed),
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("seed", [17, None])
+def test_custom_op_rejects_a_seed_the_kernels_cannot_read():
+    x = torch.randn(2, 16, device=DEVICE)
+    fwd = torch.ops.fastelectra.layer_norm_fwd.default
+    for seed in (None, torch.tensor([3], dtype=torch.int32, device=DEVICE), torch.tensor([3, 4], device=DEVICE)):
+        with pytest.raises(ValueError, match="seed must be an int64 tensor of one element"):
+            fwd(x, None, None, None, 1e-5, 0.1, seed)
+
+
+@pytest.mark.parametrize("seed", [17, "tensor", None])
 def test_torch_compile_fullgraph_traces_forward_and_backward(seed):
     # The custom ops are opaque to dynamo (their fake implementations give shapes), so this traces
     # the same graph on CPU under the interpreter as on a GPU; aot_eager also traces the backward.
+    # The seed (drawn in the graph when None) reaches the kernels as a tensor: no .item() to break on.
     torch._dynamo.reset()
+    if seed == "tensor":
+        seed = torch.tensor([17], device=DEVICE)
 
     def tail(x, r, w, b):
         return fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=0.1, seed=seed) * 2
@@ -246,10 +281,12 @@ def test_torch_compile_fullgraph_traces_forward_and_backward(seed):
     dy = torch.randn(2, 3, 200, device=DEVICE)
     torch.manual_seed(0)
     got = outputs_and_grads(compiled, (x, r, w, b), dy)
+    again = outputs_and_grads(compiled, (x, r, w, b), dy)
     torch.manual_seed(0)
     want = outputs_and_grads(tail, (x, r, w, b), dy)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[0], again[0]) == (seed is not None)  # a fresh mask per call when seed is None
 
 
 # ----------------------------------------------------------------------------- GPU, real sizes
@@ -288,4 +325,6 @@ def test_gpu_ops_layer_norm_dispatches_to_kernel():
     with torch.no_grad():
         got = ops.layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.1, seed=9, backend="fused")
         want = fused_layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.1, seed=9)
-    assert torch.equal(got, want)
+        from_tensor = ops.layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.1, backend="fused",
+                                     seed=torch.tensor([9], device="cuda"))
+    assert torch.equal(got, want) and torch.equal(from_tensor, want)

@@ -3,6 +3,7 @@
 An independent numpy re-implementation of the counter layout, Philox4x32-10 and the Gumbel noise
 (written from csrc/philox.h's description, checked against the Random123 known answers) is the
 bit-for-bit reference of the CPU op; `gpu` tests check CPU == CUDA.
+The op's seed is an int64 (1,) tensor on the logits' device; the helpers below turn an int into one.
 """
 import math
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastelectra import extension, ops
+from fastelectra import extension, ops, rng
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
@@ -34,8 +35,19 @@ def _extension_loaded(request):
         pytest.skip(f"no C++ compiler toolchain to build fastelectra._C: {why}")
 
 
-def op(*args):
-    return torch.ops.fastelectra.replace_tokens(*args)
+def op(logits, input_ids, masked_positions, temperature, seed, offset, return_lse):
+    """The raw replace_tokens op; an int seed is passed as the (1,) tensor on logits' device it takes."""
+    if isinstance(seed, int):
+        seed = rng.seed_tensor(seed, logits.device)
+    return torch.ops.fastelectra.replace_tokens(logits, input_ids, masked_positions, temperature, seed, offset,
+                                                return_lse)
+
+
+def noise(logits, seed, offset):
+    """The raw gumbel_noise op, with an int seed as in :func:`op`."""
+    if isinstance(seed, int):
+        seed = rng.seed_tensor(seed, logits.device)
+    return torch.ops.fastelectra.gumbel_noise(logits, seed, offset)
 
 
 # ----------------------------------------------------------------------------- numpy reference
@@ -128,15 +140,15 @@ def test_philox_reference_known_answers(ctr, key, expected):
 
 def test_op_noise_starts_from_the_known_answer():
     # seed 0, offset 0, flat indices 0..3: counter 0, key 0 -> the first known answer
-    noise = torch.ops.fastelectra.gumbel_noise(torch.empty(1, 4), 0, 0)
+    got = noise(torch.empty(1, 4), 0, 0)
     words = np.array(KAT[0][2], dtype=np.uint32)
-    np.testing.assert_array_equal(noise.numpy()[0], gumbel_ref(uniform_open(words)))
+    np.testing.assert_array_equal(got.numpy()[0], gumbel_ref(uniform_open(words)))
 
 
 @pytest.mark.parametrize("shape,seed,offset", [((3, 7), 0, 0), ((5, 1), 1, 2), ((2, 30522), 2**62 - 1, 7),
                                                ((4, 33), 12345, 2**40 + 3), ((1, 4096), -1, -1)])
 def test_op_noise_bit_identical_to_numpy(shape, seed, offset):
-    got = torch.ops.fastelectra.gumbel_noise(torch.empty(shape, dtype=torch.bfloat16), seed, offset)
+    got = noise(torch.empty(shape, dtype=torch.bfloat16), seed, offset)
     assert got.dtype == torch.float32 and got.shape == shape
     np.testing.assert_array_equal(got.numpy().view(np.uint32), noise_ref(*shape, seed, offset).view(np.uint32))
 
@@ -288,30 +300,92 @@ def test_wrapper_dispatches_to_the_op():
     got = ops.replace_tokens(logits, ids, pos, temperature=0.9, seed=4, offset=2, return_lse=True, backend="fused")
     want = op(logits, ids, pos, 0.9, 4, 2, True)
     assert len(got) == 4 and all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+# ----------------------------------------------------------------------------- the seed tensor
+def test_tensor_seed_gives_the_int_seeds_samples():
+    logits, ids, pos = torch.randn(40, 257), torch.randint(0, 257, (4, 10)), torch.randperm(40)
+    for value in (0, 12345, 2**62 + 5, -3):
+        want = op(logits, ids, pos, 1.0, value, 4, True)
+        got = torch.ops.fastelectra.replace_tokens(logits, ids, pos, 1.0, torch.tensor([value]), 4, True)
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+        for seed in (value, torch.tensor([value]), torch.tensor(value), torch.tensor([[value]], dtype=torch.int64)):
+            res = ops.replace_tokens(logits, ids, pos, seed=seed, offset=4, return_lse=True, backend="fused")
+            assert all(torch.equal(x, y) for x, y in zip(res, want))
+        # the eager reference: its own draws, but the same ones for an int and a tensor seed
+        ref_int = ops.replace_tokens(logits, ids, pos, seed=value, offset=4, backend="eager")
+        ref_tensor = ops.replace_tokens(logits, ids, pos, seed=torch.tensor([value]), offset=4, backend="eager")
+        assert all(torch.equal(x, y) for x, y in zip(ref_int, ref_tensor))
+    assert torch.equal(noise(torch.empty(3, 9), 77, 1), torch.ops.fastelectra.gumbel_noise(
+        torch.empty(3, 9), torch.tensor([77]), 1))
+
+
+def test_seed_tensor_is_read_when_the_op_runs():
+    """The op reads the seed's value at each call, so changing it in place changes the samples."""
+    logits, ids, pos = torch.randn(64, 100), torch.zeros(8, 8, dtype=torch.long), torch.arange(64)
+    seed = torch.tensor([5])
+    a = torch.ops.fastelectra.replace_tokens(logits, ids, pos, 1.0, seed, 0, False)[2]
+    seed.fill_(6)
+    b = torch.ops.fastelectra.replace_tokens(logits, ids, pos, 1.0, seed, 0, False)[2]
+    assert torch.equal(b, op(logits, ids, pos, 1.0, 6, 0, False)[2]) and (a != b).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("backend", ["fused", "eager"])
+def test_seed_none_follows_torch_manual_seed(backend):
+    logits, ids, pos = torch.randn(64, 100), torch.zeros(8, 8, dtype=torch.long), torch.arange(64)
     torch.manual_seed(0)
-    a = ops.replace_tokens(logits, ids, pos, backend="fused")  # seed drawn by ops.draw_seed
+    a = ops.replace_tokens(logits, ids, pos, backend=backend)[2]
+    b = ops.replace_tokens(logits, ids, pos, backend=backend)[2]
     torch.manual_seed(0)
-    assert torch.equal(a[2], ops.replace_tokens(logits, ids, pos, backend="fused")[2])
+    assert torch.equal(a, ops.replace_tokens(logits, ids, pos, backend=backend)[2])
+    assert (a != b).float().mean() > 0.5  # the generator moved on: a fresh seed per call
+
+
+@pytest.mark.parametrize("seed", [torch.tensor([1.0]), torch.tensor([1, 2]), torch.tensor([1], dtype=torch.int32),
+                                  torch.empty(0, dtype=torch.long)])
+def test_bad_seed_tensor_is_a_clear_error_of_the_op(seed):
+    logits, ids, pos = torch.randn(3, 10), torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 5, 7])
+    with pytest.raises(RuntimeError, match="replace_tokens: seed must be an int64 tensor with one element"):
+        torch.ops.fastelectra.replace_tokens(logits, ids, pos, 1.0, seed, 0, False)
+    with pytest.raises(RuntimeError, match="gumbel_noise: seed must be an int64 tensor with one element"):
+        torch.ops.fastelectra.gumbel_noise(logits, seed, 0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "eager"])
+@pytest.mark.parametrize("seed,exc", [(torch.tensor([1.0]), TypeError), (torch.tensor([1, 2]), TypeError),
+                                      (torch.tensor([True]), TypeError), (1.5, TypeError), ("7", TypeError),
+                                      (2**64, ValueError)])
+def test_bad_seed_is_a_clear_error_of_the_wrapper(backend, seed, exc):
+    logits, ids, pos = torch.randn(3, 10), torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 5, 7])
+    with pytest.raises(exc, match="^seed "):
+        ops.replace_tokens(logits, ids, pos, seed=seed, backend=backend)
 
 
 # ----------------------------------------------------------------------------- registration
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_opcheck(return_lse):
     logits = torch.randn(5, 13, dtype=torch.bfloat16)
-    args = (logits, torch.randint(0, 13, (2, 4)), torch.tensor([7, 0, 3, 5, 1]), 1.0, 3, 0, return_lse)
+    seed = torch.tensor([3])
+    args = (logits, torch.randint(0, 13, (2, 4)), torch.tensor([7, 0, 3, 5, 1]), 1.0, seed, 0, return_lse)
     torch.library.opcheck(torch.ops.fastelectra.replace_tokens.default, args)
-    torch.library.opcheck(torch.ops.fastelectra.gumbel_noise.default, (logits, 3, 1))
+    torch.library.opcheck(torch.ops.fastelectra.gumbel_noise.default, (logits, seed, 1))
 
 
 def test_torch_compile_fullgraph_traces_the_op():
-    def step(logits, ids, pos):
-        out, labels, sampled, lse = ops.replace_tokens(logits * 2.0, ids, pos, temperature=1.0, seed=5,
+    def step(logits, ids, pos, seed):
+        out, labels, sampled, lse = ops.replace_tokens(logits * 2.0, ids, pos, temperature=1.0, seed=seed,
                                                        return_lse=True, backend="fused")
         return out + 1, labels, lse.sum()
 
     logits, ids, pos = torch.randn(6, 17), torch.randint(0, 17, (3, 4)), torch.tensor([0, 3, 4, 7, 9, 11])
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for x, y in zip(compiled(logits, ids, pos), step(logits, ids, pos)):
+    for seed in (5, torch.tensor([5])):
+        for x, y in zip(compiled(logits, ids, pos, seed), step(logits, ids, pos, seed)):
+            torch.testing.assert_close(x, y)
+    torch.manual_seed(1)  # seed None: drawn inside the graph from torch's generator
+    drawn = compiled(logits, ids, pos, None)
+    torch.manual_seed(1)
+    for x, y in zip(drawn, step(logits, ids, pos, None)):
         torch.testing.assert_close(x, y)
 
 
@@ -383,8 +457,8 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, n, vocab, temperature):
 @pytest.mark.gpu
 def test_cuda_noise_matches_cpu_bit_for_bit():
     like = torch.empty(7, 30522)
-    cpu = torch.ops.fastelectra.gumbel_noise(like, 2**62 - 1, 3)
-    gpu = torch.ops.fastelectra.gumbel_noise(like.cuda(), 2**62 - 1, 3)
+    cpu = noise(like, 2**62 - 1, 3)
+    gpu = noise(like.cuda(), 2**62 - 1, 3)
     assert torch.equal(cpu.view(torch.int32), gpu.cpu().view(torch.int32))
 
 
@@ -437,7 +511,55 @@ def test_cuda_special_values_and_empty_set_match_cpu():
 @pytest.mark.gpu
 def test_cuda_opcheck():
     logits = torch.randn(5, 13, device="cuda", dtype=torch.bfloat16)
+    seed = torch.tensor([3], device="cuda")
     args = (logits, torch.randint(0, 13, (2, 4), device="cuda"), torch.tensor([7, 0, 3, 5, 1], device="cuda"),
-            1.0, 3, 0, True)
+            1.0, seed, 0, True)
     torch.library.opcheck(torch.ops.fastelectra.replace_tokens.default, args)
-    torch.library.opcheck(torch.ops.fastelectra.gumbel_noise.default, (logits, 3, 1))
+    torch.library.opcheck(torch.ops.fastelectra.gumbel_noise.default, (logits, seed, 1))
+
+
+@pytest.mark.gpu
+def test_cuda_seed_on_another_device_is_rejected():
+    logits, ids, pos = (torch.randn(3, 10, device="cuda"), torch.zeros(2, 4, dtype=torch.long, device="cuda"),
+                        torch.tensor([0, 5, 7], device="cuda"))
+    with pytest.raises(RuntimeError, match=r"replace_tokens: seed must be on the device of logits \(cuda:0\), "
+                                           "got seed on cpu"):
+        torch.ops.fastelectra.replace_tokens(logits, ids, pos, 1.0, torch.tensor([1]), 0, False)
+    with pytest.raises(RuntimeError, match="gumbel_noise: seed must be on the device of logits"):
+        torch.ops.fastelectra.gumbel_noise(logits, torch.tensor([1]), 0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_read_the_seed_tensor():
+    """Captured once, the op keys every replay with the seed tensor's value at that replay (no host
+    copy of the seed); with seed None the wrapper draws a fresh seed inside the graph per replay."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(64, 1000, generator=g)).bfloat16()
+    ids = torch.randint(0, 1000, (8, 16), generator=g)
+    pos = torch.randperm(128, generator=g)[:64]
+    dev = [t.cuda() for t in (logits, ids, pos)]
+    seed = torch.zeros(1, dtype=torch.long, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        op(*dev, 1.0, seed, 3, True)
+        ops.replace_tokens(*dev, backend="fused")
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(*dev, 1.0, seed, 3, True)
+    for value in (7, 2**62 - 1):
+        seed.fill_(value)
+        graph.replay()
+        want = op(logits, ids, pos, 1.0, value, 3, True)
+        for name, c, d in zip(("ids", "labels", "sampled"), want[:3], captured[:3]):
+            assert torch.equal(c, d.cpu()), (name, value)
+
+    fresh = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(fresh):
+        drawn = ops.replace_tokens(*dev, backend="fused")[2]
+    fresh.replay()
+    first = drawn.cpu()
+    fresh.replay()
+    assert (first != drawn.cpu()).float().mean() > 0.5
