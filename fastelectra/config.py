@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -106,6 +107,11 @@ class ElectraConfig:
                                  "set the special-token ids from the tokenizer")
             ids[name] = v
         return tuple(ids.values())
+
+    def max_predictions(self, seqlen: int) -> int:
+        """Masked slots per sequence of length ``seqlen``: ceil(mask_prob · seqlen), at least 1. A
+        static count, so the step's shapes do not depend on the data (no host sync, graph capture)."""
+        return max(1, math.ceil(self.mask_prob * seqlen))
 
     def generator(self) -> "ElectraConfig":
         """The generator's config: same depth and embeddings, hidden = generator_hidden_size (or the

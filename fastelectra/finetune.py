@@ -38,7 +38,7 @@ from . import backend as _backend
 from .config import ElectraConfig
 from .data import FastElectraError, load_tokenizer, save_tokenizer_files
 from .model import ElectraForSequenceClassification
-from .pretrain import lr_lambda
+from .pretrain import decays, lr_lambda
 
 __all__ = ["Examples", "read_examples", "read_config", "load_classifier_tokenizer", "resolve_checkpoint",
            "layerwise_param_groups", "make_batches", "evaluate", "finetune", "add_cli_arguments", "run_cli"]
@@ -224,7 +224,7 @@ def layerwise_param_groups(model: ElectraForSequenceClassification, lr: float, l
             depth = n_layers + 1
         else:
             depth = 0
-        decay = not (name.endswith(".bias") or "LayerNorm" in name)
+        decay = decays(name)
         g = groups.setdefault((depth, decay), {"params": [], "lr": lr * layer_decay ** depth,
                                                "weight_decay": weight_decay if decay else 0.0, "depth": depth})
         g["params"].append(p)

@@ -37,7 +37,8 @@ def check_inputs(config: ElectraConfig, input_ids, attention_mask=None, token_ty
     """Raise a clear error for ids/masks that would fail (or silently misbehave) inside the model.
 
     Value-range checks read the data; on CUDA they cost one host sync (disable with check_values=False
-    when the data were validated on the CPU)."""
+    when the data were validated on the CPU). They are skipped while torch.compile traces, where
+    reading values would break the graph."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -59,7 +60,7 @@ def check_inputs(config: ElectraConfig, input_ids, attention_mask=None, token_ty
             raise TypeError(f"{name} must be an integer or bool tensor, got {t_.dtype}")
         if t_.device != input_ids.device:
             raise ValueError(f"{name} is on {t_.device} but input_ids is on {input_ids.device}")
-    if not check_values:
+    if not check_values or torch.compiler.is_compiling():
         return
     stats = [input_ids.min(), input_ids.max()]
     if token_type_ids is not None:
@@ -324,10 +325,11 @@ class ElectraPretrainingOutput:
     rtd_accuracy: torch.Tensor      # (logit > 0) == replaced, over non-pad tokens
     rtd_precision: torch.Tensor     # of the tokens predicted replaced, the fraction that were
     rtd_recall: torch.Tensor        # of the replaced tokens, the fraction predicted
-    num_masked: torch.Tensor        # N
+    num_masked: torch.Tensor        # N: real masked tokens (a 0-d tensor)
     disc_logits: torch.Tensor       # (B, T)
     is_replaced: torch.Tensor       # (B, T) bool labels
-    masked_positions: torch.Tensor  # (N,) flat indices
+    masked_positions: torch.Tensor  # (B·K,) flat indices into (B·T) of the masked slots, K per sequence
+    masked_valid: torch.Tensor      # (B·K,) bool: the slot is a real masked token (N of them)
 
 
 def rtd_metrics(disc_logits, is_replaced, valid):
@@ -359,40 +361,68 @@ class ElectraPretrainingModel(nn.Module):
         self.register_buffer("special_ids", torch.tensor(sorted(set(config.special_token_ids))), persistent=False)
 
     def mask_tokens(self, input_ids, attention_mask):
-        """Choose mask_prob of the non-special, non-pad tokens; of those, mask_token_prob become [MASK]
-        and the rest keep the original. Returns (generator input (B, T), masked_positions (N,))."""
+        """ELECTRA's masking, as the original code does it: per sequence, k = round(mask_prob · n) of its
+        n eligible (non-special, non-pad) tokens, at least 1 (0 if n = 0), chosen uniformly without
+        replacement; of those, mask_token_prob become [MASK] and the rest keep the original.
+
+        Every sequence has K = config.max_predictions(T) ≥ k slots, so all shapes are static (no host
+        sync, no data-dependent shapes): slot j of sequence b is real when ``valid[b, j]``.
+        Returns (generator input (B, T), slot token indices (B, K) into T, valid (B, K) bool)."""
+        cfg = self.config
+        b, t = input_ids.shape
+        k_max = cfg.max_predictions(t)
         eligible = ~torch.isin(input_ids, self.special_ids)
         if attention_mask is not None:
             eligible &= attention_mask.bool()
-        chosen = (torch.rand(input_ids.shape, device=input_ids.device) < self.config.mask_prob) & eligible
-        to_mask = chosen & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.mask_token_prob)
-        gen_input = torch.where(to_mask, torch.full_like(input_ids, self.config.mask_token_id), input_ids)
-        return gen_input, chosen.reshape(-1).nonzero().squeeze(1)
+        n = eligible.sum(1)                                                          # (B,)
+        k = torch.minimum(torch.round(n * cfg.mask_prob).clamp(min=1), n)            # (B,)
+        # the top-k of iid uniform scores over the eligible tokens is a uniform k-subset of them;
+        # ineligible tokens score -1 and only fill the slots beyond k
+        scores = torch.rand(input_ids.shape, device=input_ids.device).masked_fill_(~eligible, -1.0)
+        slots = scores.topk(k_max, dim=1, sorted=True).indices                     # (B, K)
+        valid = torch.arange(k_max, device=input_ids.device) < k[:, None]          # (B, K)
+        to_mask = valid & (torch.rand(valid.shape, device=input_ids.device) < cfg.mask_token_prob)
+        originals = input_ids.gather(1, slots)
+        gen_input = input_ids.scatter(1, slots, torch.where(to_mask, cfg.mask_token_id, originals))
+        return gen_input, slots, valid
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> ElectraPretrainingOutput:
+        """One ELECTRA step without host syncs: every shape is fixed by (B, T)."""
         cfg = self.config
         check_inputs(cfg, input_ids, attention_mask, token_type_ids, self.discriminator.electra.check_values)
         input_ids = input_ids.long()
-        gen_input, masked_positions = self.mask_tokens(input_ids, attention_mask)     # (B, T), (N,)
+        b, t = input_ids.shape
+        gen_input, slots, valid = self.mask_tokens(input_ids, attention_mask)         # (B, T), (B, K), (B, K)
+        k_max = slots.shape[1]
+        rows = torch.arange(b, device=input_ids.device)[:, None]                     # (B, 1)
+        masked_positions = (rows * t + slots).reshape(-1)                            # (B·K,) into (B·T)
+        valid = valid.reshape(-1)                                                    # (B·K,)
+        n_valid = valid.sum()
 
-        logits = self.generator(gen_input, attention_mask, token_type_ids, masked_positions)  # (N, V)
-        targets = input_ids.reshape(-1).index_select(0, masked_positions)            # (N,)
-        n = masked_positions.numel()
-        mlm_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(n, 1)
+        logits = self.generator(gen_input, attention_mask, token_type_ids, masked_positions)  # (B·K, V)
+        targets = input_ids.reshape(-1).index_select(0, masked_positions)            # (B·K,)
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        mlm_loss = (ce * valid).sum() / n_valid.clamp(min=1)
 
-        disc_input, is_replaced, _ = ops.replace_tokens(logits.detach(), input_ids, masked_positions,
-                                                        temperature=cfg.sampling_temperature, backend=cfg.backend)
+        # Replacement writes only the valid slots' tokens: ids get K scratch columns, the padding slots
+        # point at their own scratch column (distinct positions, nothing real overwritten), then dropped.
+        scratch = torch.arange(t, t + k_max, device=input_ids.device)                # (K,)
+        write_pos = (rows * (t + k_max) + torch.where(valid.view(b, k_max), slots, scratch)).reshape(-1)
+        ids_ext = F.pad(input_ids, (0, k_max), value=cfg.pad_token_id)               # (B, T+K)
+        disc_ext, replaced_ext, _ = ops.replace_tokens(logits.detach(), ids_ext, write_pos,
+                                                       temperature=cfg.sampling_temperature, backend=cfg.backend)
+        disc_input, is_replaced = disc_ext[:, :t].contiguous(), replaced_ext[:, :t].contiguous()  # (B, T)
         disc_logits = self.discriminator(disc_input, attention_mask, token_type_ids)   # (B, T)
-        valid = torch.ones_like(is_replaced) if attention_mask is None else attention_mask.bool()
+        valid_tokens = torch.ones_like(is_replaced) if attention_mask is None else attention_mask.bool()
         bce = F.binary_cross_entropy_with_logits(disc_logits.float(), is_replaced.float(), reduction="none")
-        rtd_loss = (bce * valid).sum() / valid.sum().clamp(min=1)
+        rtd_loss = (bce * valid_tokens).sum() / valid_tokens.sum().clamp(min=1)
         loss = cfg.mlm_weight * mlm_loss + cfg.rtd_weight * rtd_loss
 
         with torch.no_grad():
-            mlm_accuracy = (logits.argmax(-1) == targets).float().sum() / max(n, 1)
-            rtd_accuracy, rtd_precision, rtd_recall = rtd_metrics(disc_logits, is_replaced, valid)
+            mlm_accuracy = ((logits.argmax(-1) == targets) & valid).sum().float() / n_valid.clamp(min=1)
+            rtd_accuracy, rtd_precision, rtd_recall = rtd_metrics(disc_logits, is_replaced, valid_tokens)
         return ElectraPretrainingOutput(loss, mlm_loss, rtd_loss, mlm_accuracy, rtd_accuracy, rtd_precision,
-                                        rtd_recall, torch.tensor(n), disc_logits, is_replaced, masked_positions)
+                                        rtd_recall, n_valid, disc_logits, is_replaced, masked_positions, valid)
 
     def save_pretrained(self, path: str) -> None:
         """Write ``path/discriminator`` and ``path/generator`` in transformers' format."""

@@ -8,6 +8,7 @@ FusedSelfAttention  ⇄ ELECTRA/BERT self-attention: ``query``/``key``/``value``
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -69,10 +70,13 @@ class FusedSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = hidden_states.shape
-        shape = (b, t, self.num_heads, self.head_dim)
-        q = self.query(hidden_states).view(shape)                   # (B, T, H, D): no transpose copies
-        k = self.key(hidden_states).view(shape)
-        v = self.value(hidden_states).view(shape)
+        # one GEMM for q, k and v (the three weights side by side; their gradients split back by the
+        # concatenation's backward), viewed as (B, T, 3, heads, head_dim): q, k, v are strided
+        # (B, T, H, D) views that the kernel reads in place, no transpose copies
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])          # (3·hidden, hidden)
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(hidden_states, weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
         ctx = ops.attention(q, k, v, key_padding_mask, dropout_p=self.dropout_p if self.training else 0.0,
                             backend=self.backend)                   # (B, T, H, D)
         return ctx.reshape(b, t, self.num_heads * self.head_dim)

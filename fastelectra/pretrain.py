@@ -82,7 +82,8 @@ class PretrainConfig:
     log_every: int | None = None
     resume: bool = False
     backend: str = "auto"              # auto | fused | eager
-    compile: bool = False              # torch.compile the model
+    compile: bool = False              # torch.compile the model (one graph: fullgraph=True)
+    cuda_graphs: bool = False          # torch.compile with mode="reduce-overhead": the step replays as CUDA graphs
     seed: int = 0
     vocab_size: int | None = None      # WordPiece vocab to train (without --tokenizer); must match it with one
     device: str | None = None          # None: cuda if available, else cpu
@@ -210,13 +211,19 @@ def micro_batch_seed(seed: int, step: int, j: int) -> int:
 
 
 # ----------------------------------------------------------------------------- optimizer
+def decays(name: str) -> bool:
+    """Whether AdamW's weight decay applies to the parameter ``name``: not to biases, not to LayerNorm
+    weights (BERT's and ELECTRA's rule)."""
+    return not (name.endswith("bias") or "LayerNorm" in name)
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
     """AdamW (betas 0.9/0.999, eps 1e-6 as in ELECTRA); no decay on LayerNorm weights and biases."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():      # named_parameters() lists a shared parameter once
         if not p.requires_grad:
             continue
-        (no_decay if "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+        (decay if decays(name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, fused=device.type == "cuda")
 
@@ -325,6 +332,8 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     t_start = time.perf_counter()
     master = rank == 0
     check_backend(c.backend, device)
+    if c.cuda_graphs and device.type != "cuda":
+        raise FastElectraError(f"--cuda-graphs needs a CUDA device, got {device}")
     out = os.path.abspath(c.out)
     cache = os.path.join(out, "cache")
     ckpt_path = os.path.join(out, CHECKPOINT)
@@ -364,10 +373,9 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     np.random.seed(c.seed)
     model = ElectraPretrainingModel(mcfg).to(device)
     model.train()
-    if device.type == "cuda":   # ids were checked on the CPU (PackedExamples): skip the per-step host sync
-        for m in model.modules():
-            if hasattr(m, "check_values"):
-                m.check_values = False
+    for m in model.modules():   # ids were checked on the CPU (PackedExamples): no per-step value check (a sync)
+        if hasattr(m, "check_values"):
+            m.check_values = False
     optimizer = build_optimizer(model, c.lr, c.weight_decay, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c.warmup_steps, c.steps))
     n_params = sum(p.numel() for p in model.parameters())
@@ -391,7 +399,11 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
         os.remove(metrics_path)       # a fresh run starts a fresh log
     window = window.to(device)
 
-    train_model = torch.compile(model) if c.compile else model
+    train_model = model
+    if c.compile or c.cuda_graphs:
+        # the step has no host syncs and static shapes, so it compiles to one graph (and, with
+        # reduce-overhead, replays as CUDA graphs; the fused kernels read their seeds from device memory)
+        train_model = torch.compile(model, fullgraph=True, mode="reduce-overhead" if c.cuda_graphs else None)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -534,7 +546,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-every", type=int, help="log metrics every N steps")
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--backend", choices=list(_backend.BACKENDS), default="auto", help="kernels: fused, eager (torch) or auto")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the model (as one graph)")
+    a("--cuda-graphs", action="store_true",
+      help="torch.compile with mode=reduce-overhead: replay the step as CUDA graphs (CUDA only; best for small models)")
     a("--seed", type=int, default=0)
     a("--device", help="cpu or cuda (default: cuda when available)")
     a("--num-workers", type=int, default=2, help="DataLoader workers on CUDA")
@@ -548,7 +562,7 @@ def run_cli(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, dropout=args.dropout, weight_decay=args.weight_decay,
         grad_accum=args.grad_accum,
         save_every=args.save_every, log_every=args.log_every, resume=args.resume, backend=args.backend,
-        compile=args.compile, seed=args.seed, device=args.device, num_workers=args.num_workers,
+        compile=args.compile, cuda_graphs=args.cuda_graphs, seed=args.seed, device=args.device, num_workers=args.num_workers,
         progress=not args.no_progress)
     try:
         summary = pretrain(config)

@@ -81,3 +81,87 @@ def test_pretraining_step_runs_on_the_fused_kernels_with_dropout(kernels_on_this
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fused_step_compiles_as_one_graph(kernels_on_this_device):
+    """fullgraph=True fails on a host sync, a data-dependent shape or a Python int seed read with
+    .item(): the fused step (Triton custom ops, the _C replacement op) has none."""
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(config("fused", hidden_dropout_prob=0.1,
+                                           attention_probs_dropout_prob=0.1)).to(DEVICE)
+    model.discriminator.electra.check_values = model.generator.electra.check_values = False
+    ids, mask = padded_batch()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, mask)
+    assert kernels_on_this_device["attention"] >= 4
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def small_fused_model():
+    cfg = config("fused", vocab_size=1000, embedding_size=128, hidden_size=256, num_attention_heads=4,
+                 intermediate_size=1024, generator_hidden_size=64, max_position_embeddings=128,
+                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = ElectraPretrainingModel(cfg).to(DEVICE)
+    model.discriminator.electra.check_values = model.generator.electra.check_values = False
+    return model
+
+
+def real_batch(b=16, t=128):
+    ids = torch.randint(5, 1000, (b, t), device=DEVICE)
+    lengths = torch.randint(t // 2, t + 1, (b,), device=DEVICE)
+    mask = (torch.arange(t, device=DEVICE)[None] < lengths[:, None]).long()
+    ids[:, 0] = 2
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.gpu
+def test_training_step_never_syncs_with_the_host():
+    torch.manual_seed(0)
+    model = small_fused_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids, mask = real_batch()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, mask).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()                                   # autotuning and the first launches may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_fresh_random_numbers():
+    """A captured step must not bake its seeds in: two replays differ (dropout, masking, Gumbel noise),
+    and a replay after torch.manual_seed(s) repeats the first one after the same reseed."""
+    torch.manual_seed(0)
+    model = small_fused_model()
+    ids, mask = real_batch()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):            # warm-up (autotuning) outside the capture
+        for _ in range(2):
+            model(ids, mask)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(ids, mask)
+    results = []
+    for s in (1, 2, 1):
+        torch.manual_seed(s)
+        graph.replay()
+        results.append((out.loss.clone(), out.is_replaced.clone(), out.disc_logits.clone()))
+    assert not torch.equal(results[0][2], results[1][2])
+    assert torch.equal(results[0][1], results[2][1]) and torch.equal(results[0][2], results[2][2])
+    eager = model(ids, mask)
+    assert abs(eager.loss.item() - results[0][0].item()) < 0.5 * results[0][0].item()   # same model, sane loss

@@ -151,6 +151,25 @@ def test_a_short_run_learns(corpus, tok, tmp_path):
     assert final["rtd_accuracy"] > first["rtd_accuracy"] + 0.1
 
 
+def test_compiled_run_is_one_graph_and_matches_eager(corpus, tok, tmp_path):
+    """--compile compiles the step with fullgraph=True (inductor, here on the CPU): it must trace as one
+    graph and train like the eager run (the same losses up to inductor's fp32 reassociation; inductor
+    is told to draw random numbers as eager torch does, so both runs mask and sample alike)."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fallback_random=True):
+        runs = [pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / name), steps=4,
+                                        save_every=0, compile=compile_, **{**SMALL, "dropout": 0.0}))
+                for name, compile_ in (("eager", False), ("compiled", True))]
+    eager, compiled = (rows(str(tmp_path / name)) for name in ("eager", "compiled"))
+    assert runs[1]["compile"] is True
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a, b)
+    with pytest.raises(FastElectraError, match="--cuda-graphs needs a CUDA device"):
+        pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / "g"), steps=1, cuda_graphs=True,
+                                device="cpu", **SMALL))
+
+
 def test_interrupted_and_resumed_run_reproduces_the_losses(corpus, tok, tmp_path, monkeypatch):
     steps, k = 6, 3
     full = str(tmp_path / "full")

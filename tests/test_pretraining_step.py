@@ -31,30 +31,58 @@ def batch(b=16, t=48, seed=0):
     return ids, mask
 
 
-def test_masking_statistics():
+def expected_count(n, p=0.15):
+    """The original ELECTRA code's number of masked tokens for n eligible ones (Python's round is
+    half-to-even, like tf.round and torch.round)."""
+    return min(max(1, round(n * p)), n)
+
+
+def test_masking_picks_the_original_electra_count_per_sequence():
     torch.manual_seed(0)
     model = ElectraPretrainingModel(tiny_config())
     ids, mask = batch(b=64, t=64)
+    ids[0, 1:] = PAD                                      # [CLS] only: nothing eligible
+    mask[0, 1:] = 0
+    ids[1, 3:], mask[1, 3:] = PAD, 0                      # [CLS] x [SEP]: one eligible token
+    ids[1, 2] = SEP
     eligible = (ids > MASK) & mask.bool()
-    chosen_total = masked_total = eligible_total = 0
+    k_max = model.config.max_predictions(64)
+    masked_total = chosen_total = 0
     for _ in range(20):
-        gen_input, positions = model.mask_tokens(ids, mask)
-        chosen = torch.zeros(ids.numel(), dtype=torch.bool)
-        chosen[positions] = True
-        chosen = chosen.view_as(ids)
+        gen_input, slots, valid = model.mask_tokens(ids, mask)
+        assert slots.shape == valid.shape == (64, k_max)
+        assert slots.dtype == torch.int64 and valid.dtype == torch.bool
+        chosen = torch.zeros_like(eligible).scatter_(1, slots, valid)
+        assert all(len(set(row.tolist())) == k_max for row in slots), "a slot repeats a position"
+        assert torch.equal(valid.sum(1), torch.tensor([expected_count(int(n)) for n in eligible.sum(1)]))
+        assert torch.equal(valid, valid.cummin(1).values), "real slots come first"
         assert not (chosen & ~eligible).any(), "special or pad token chosen"
         assert torch.equal(gen_input[~chosen], ids[~chosen]), "unchosen tokens changed"
         became_mask = chosen & (gen_input == MASK)
         assert torch.equal(gen_input[chosen & ~became_mask], ids[chosen & ~became_mask])  # kept originals
-        assert torch.all(positions[1:] > positions[:-1])
-        chosen_total += int(chosen.sum())
         masked_total += int(became_mask.sum())
-        eligible_total += int(eligible.sum())
-    # binomial tolerances: 5 standard deviations
-    p = chosen_total / eligible_total
-    assert abs(p - 0.15) < 5 * math.sqrt(0.15 * 0.85 / eligible_total)
-    q = masked_total / chosen_total
+        chosen_total += int(chosen.sum())
+    assert chosen_total == 20 * sum(expected_count(int(n)) for n in eligible.sum(1))
+    q = masked_total / chosen_total                      # binomial tolerance: 5 standard deviations
     assert abs(q - 0.85) < 5 * math.sqrt(0.85 * 0.15 / chosen_total)
+
+
+def test_masked_tokens_are_uniform_over_the_eligible_ones():
+    torch.manual_seed(1)
+    model = ElectraPretrainingModel(tiny_config())
+    ids, mask = batch(b=1, t=48, seed=3)
+    ids = ids.expand(500, -1).contiguous()               # one sequence, 500 independent draws at once
+    mask = mask.expand(500, -1).contiguous()
+    eligible = ((ids[0] > MASK) & mask[0].bool())
+    _, slots, valid = model.mask_tokens(ids, mask)
+    counts = torch.zeros(48).index_put_((slots[valid],), torch.ones(int(valid.sum())), accumulate=True)
+    n = int(eligible.sum())
+    assert counts[~eligible].sum() == 0
+    expect = 500 * expected_count(n) / n
+    chi2 = float(((counts[eligible] - expect) ** 2 / expect).sum())
+    # Pearson's statistic (conservative here: draws without replacement have less variance) against
+    # its mean + 5 standard deviations for n - 1 degrees of freedom
+    assert chi2 < (n - 1) + 5 * math.sqrt(2 * (n - 1))
 
 
 def test_labels_and_replacement_semantics():
@@ -87,8 +115,9 @@ def test_loss_is_weighted_sum_and_metrics_are_consistent():
     torch.testing.assert_close(out.rtd_accuracy, acc)
     assert not (out.is_replaced & ~valid).any()
     replaced_positions = out.is_replaced.view(-1).nonzero().squeeze(1)
-    assert torch.isin(replaced_positions, out.masked_positions).all()
-    assert out.num_masked.item() == out.masked_positions.numel() > 0
+    assert torch.isin(replaced_positions, out.masked_positions[out.masked_valid]).all()
+    assert out.masked_positions.shape == out.masked_valid.shape == (ids.shape[0] * model.config.max_predictions(ids.shape[1]),)
+    assert out.num_masked.item() == out.masked_valid.sum().item() > 0
     for m in (out.mlm_accuracy, out.rtd_accuracy, out.rtd_precision, out.rtd_recall):
         assert 0.0 <= m.item() <= 1.0
     model2 = ElectraPretrainingModel(tiny_config(rtd_weight=7.0, mlm_weight=0.5))
@@ -167,3 +196,28 @@ def test_pretraining_model_round_trips_through_hf_format(tmp_path):
 def test_special_ids_must_fit_the_vocabulary():
     with pytest.raises(ValueError, match="mask_token_id=500 is outside the vocabulary"):
         ElectraPretrainingModel(tiny_config(mask_token_id=500))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_the_step_is_one_graph_without_host_syncs(padded, dynamic):
+    """torch.compile(fullgraph=True) fails on anything that needs the host: .item(), data-dependent
+    shapes (nonzero, boolean indexing), Python branches on values. The step has none of them, also
+    with symbolic batch and sequence sizes (dynamic=True: what varying shapes recompile to)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny_config())
+    ids, mask = batch(b=4, t=16)
+    if not padded:
+        mask = torch.ones_like(mask)
+        ids[:, -1] = SEP
+        ids[(ids == PAD)] = 7
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    torch.manual_seed(3)
+    out = compiled(ids, mask)
+    out.loss.backward()
+    torch.manual_seed(3)
+    ref = model(ids, mask)
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert torch.equal(out.is_replaced, ref.is_replaced)
+    assert all(p.grad is not None for p in model.parameters())
