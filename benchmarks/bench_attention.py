@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import do_bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+from .common import do_bench_ms, gpu_slug, markdown_table, require_cuda, write_results
 
 SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
 CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")

@@ -23,7 +23,7 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import do_bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+from .common import do_bench_ms, gpu_slug, markdown_table, require_cuda, write_results
 
 ROWS = 65536
 HIDDEN = (256, 768, 1024, 4096)

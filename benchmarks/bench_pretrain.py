@@ -21,11 +21,12 @@ import datetime
 import time
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import cuda_events_ms, env_info, gpu_slug, markdown_table, write_results
 from fastelectra.config import ElectraConfig
 from fastelectra.model import ElectraPretrainingModel
+from fastelectra.pretrain import decays
+
+from .common import cuda_events_ms, env_info, markdown_table, pyplot, write_results
 
 SHAPES = {"tiny": (8, 64), "small": (128, 128), "base": (32, 512), "large": (8, 512)}
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # vendor datasheet, dense
@@ -101,14 +102,14 @@ def hf_step(cfg: ElectraConfig, attn: str, compile_: bool, device):
     return model, loss
 
 
-def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype):
-    torch.manual_seed(0)
-    model, loss_fn = build()
-    decay = [p for n, p in model.named_parameters() if "LayerNorm" not in n and not n.endswith("bias")]
-    rest = [p for n, p in model.named_parameters() if "LayerNorm" in n or n.endswith("bias")]
+def training_step(model, loss_fn, ids, mask, dtype):
+    """One full training step as a closure: loss (autocast to ``dtype`` unless fp32) + backward + clip to
+    1.0 + AdamW (decay 0.01, none on LayerNorm and biases). It returns the loss, detached (no host sync)."""
+    device = ids.device
+    decay = [p for n, p in model.named_parameters() if decays(n)]
+    rest = [p for n, p in model.named_parameters() if not decays(n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-4, fused=device.type == "cuda")
-    ids, mask = make_batch(cfg, b, t, padded, device)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -117,7 +118,15 @@ def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
+    return step
+
+
+def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype):
+    torch.manual_seed(0)
+    model, loss_fn = build()
+    step = training_step(model, loss_fn, *make_batch(cfg, b, t, padded, device), dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_events_ms(step, steps, warmup)
@@ -132,7 +141,7 @@ def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype):
     flops = step_flops(cfg, b, t)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else ""
     peak_flops = next((v for k, v in DENSE_BF16_PEAK.items() if k in gpu), None)
-    del model, opt
+    del model, step
     return {"contender": name, "seq_per_s": b / (ms / 1e3), "ms_per_step": ms,
             "mfu": flops / (ms / 1e3) / peak_flops if peak_flops else None, "peak_mem_gib": peak}
 
@@ -203,13 +212,8 @@ def main(argv=None) -> int:
 
 def chart(rows: list[dict], path: str) -> None:
     """Bar chart of seq/s per contender, one panel per (preset, padding)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart written")
+    plt = pyplot()
+    if plt is None:
         return
     groups = sorted({(r["preset"], r["padding"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)

@@ -82,6 +82,19 @@ def write_results(path: str | None, payload: dict, table: str) -> None:
         f.write(table + "\n")
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart written")
+        return None
+    return plt
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))

@@ -1,4 +1,4 @@
-"""The ``fastelectra`` command line: ``info``, ``pretrain`` (and later ``finetune``, ``predict``, ``bench``).
+"""The ``fastelectra`` command line: ``info``, ``pretrain``, ``finetune``, ``predict``, ``bench``.
 
 Each subcommand lives in the module that owns it and exposes ``add_cli_arguments(parser)`` and
 ``run_cli(args) -> int``; this file only wires them up, importing a module when its command runs.
@@ -16,6 +16,7 @@ COMMANDS = {
     "pretrain": ("fastelectra.pretrain", "ELECTRA pretraining from a text corpus"),
     "finetune": ("fastelectra.finetune", "fine-tune a sequence classifier on a CSV/JSONL file"),
     "predict": ("fastelectra.predict", "label a CSV/JSONL file with a fine-tuned classifier"),
+    "bench": ("fastelectra.benchmarks.cli", "benchmarks: layernorm, attention, replace, pretrain, convergence, all"),
 }
 
 

@@ -1,9 +1,11 @@
-"""`fastelectra pretrain` on the command line: options, bad input (error: ..., exit 2, no traceback)."""
+"""`fastelectra pretrain` on the command line: options, bad input (error: ..., exit 2, no traceback);
+`fastelectra bench`: the benchmarks behind it, from the repository and from an installed package."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastelectra.cli import build_parser, main
 
@@ -65,3 +67,42 @@ def test_cli_run_prints_the_summary(tmp_path, capsys):
     assert "pretrained ELECTRA-tiny" in text and "steps 0->3" in text and "rtd_accuracy" in text
     for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", "discriminator", "generator"):
         assert (out / name).exists()
+
+
+# ----------------------------------------------------------------------------- fastelectra bench
+def test_bench_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("layernorm", "attention", "replace", "pretrain", "convergence", "all"):
+        assert f"\n  {name} " in out
+
+
+@pytest.mark.parametrize("name, option", [("pretrain", "--presets"), ("convergence", "--batch-size"),
+                                          ("layernorm", "--hidden"), ("attention", "--shapes"),
+                                          ("replace", "--sizes")])
+def test_bench_passes_the_rest_to_the_benchmark(capsys, name, option):
+    assert main(["bench", name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fastelectra bench {name} ") and option in out
+    assert main(["bench", name, "--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_bench_without_a_gpu_says_so_and_fails(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for argv in (["layernorm"], ["attention"], ["replace"], ["pretrain"], ["convergence"], ["all"]):
+        assert main(["bench", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and ("needs a CUDA GPU" in err or "torch sees no GPU" in err)
+
+
+def test_installed_bench_runs_outside_the_repository(tmp_path):
+    """benchmarks/ ships as fastelectra.benchmarks: `fastelectra bench` works from any folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "fastelectra", "bench", "pretrain", "--help"], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "usage: fastelectra bench pretrain" in r.stdout

@@ -1,0 +1,87 @@
+"""pytest-benchmark cases for what runs on a CPU: replace_tokens (the _C CPU op vs its torch reference),
+the layer-norm reference, and one training step of the tiny preset (backend eager).
+
+Each case is timed over a few rounds only (the suite stays quick) and checks what it timed.
+"""
+import math
+
+import pytest
+import torch
+
+from benchmarks.bench_pretrain import fastelectra_step, make_batch, training_step
+from fastelectra import extension, ops
+from fastelectra.config import ElectraConfig
+
+try:
+    import pytest_benchmark  # noqa: F401
+except ImportError:   # the `benchmark` fixture comes from pytest-benchmark (the `test` extra)
+    pytestmark = pytest.mark.skip(reason="pytest-benchmark is not installed")
+
+ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
+N, V = 256, 4096                    # masked rows x vocab
+
+
+@pytest.fixture(scope="module")
+def replace_inputs():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(N, V, generator=g)
+    ids = torch.randint(0, V, (16, 128), generator=g)
+    positions = torch.randperm(ids.numel(), generator=g)[:N]
+    return logits, ids, positions
+
+
+@pytest.mark.benchmark(group="replace_tokens 256x4096 fp32")
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_replace_tokens(benchmark, replace_inputs, impl):
+    logits, ids, positions = replace_inputs
+    if impl == "fused":
+        ok, why = extension.status()
+        if not ok:
+            pytest.skip(f"fastelectra._C is unavailable: {why}")
+        fn = ops.replace_tokens
+    else:
+        fn = ops.replace_tokens_reference
+    out, labels, sampled = benchmark.pedantic(fn, (logits, ids, positions), dict(temperature=1.0, seed=1234),
+                                              **ROUNDS)
+
+    assert out.shape == labels.shape == ids.shape and sampled.shape == (N,)
+    assert torch.equal(out.view(-1)[positions], sampled)
+    untouched = torch.ones(ids.numel(), dtype=torch.bool)
+    untouched[positions] = False
+    assert torch.equal(out.view(-1)[untouched], ids.view(-1)[untouched])
+    assert torch.equal(labels, out != ids)
+    # Gumbel-max samples softmax(logits): the mean sampled logit is E_p[logit] within 4 standard errors
+    p = logits.softmax(-1)
+    expected = (p * logits).sum(-1)
+    var = (p * logits.square()).sum(-1) - expected.square()
+    mean_sampled = logits.gather(1, sampled[:, None]).squeeze(1).mean()
+    assert abs(float(mean_sampled - expected.mean())) < 4 * math.sqrt(float(var.sum())) / N
+
+
+@pytest.mark.benchmark(group="layer norm 2048x768 fp32")
+def test_layer_norm_reference(benchmark):
+    g = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(2, 2048, 768, generator=g).unbind(0)
+    weight, bias = 1 + 0.1 * torch.randn(768, generator=g), 0.1 * torch.randn(768, generator=g)
+    y = benchmark.pedantic(ops.layer_norm_reference, (x, weight, bias, 1e-12), dict(residual=residual), **ROUNDS)
+
+    h = (x + residual).double()
+    expected = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-12).sqrt()
+    torch.testing.assert_close(y, (expected * weight.double() + bias.double()).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.benchmark(group="pretraining step, tiny preset, B8 T64")
+def test_tiny_pretraining_step(benchmark, one_thread):
+    torch.manual_seed(0)
+    cfg = ElectraConfig.preset("tiny", backend="eager")
+    model, loss_fn = fastelectra_step(cfg, "eager", False, torch.device("cpu"))
+    ids, mask = make_batch(cfg, 8, 64, padded=True, device="cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    step = training_step(model, loss_fn, ids, mask, torch.float32)
+    first = step()
+    loss = benchmark.pedantic(step, **ROUNDS)
+
+    # at initialisation both heads are near uniform: MLM loss ~ ln V, RTD loss ~ ln 2 (weight 50)
+    assert first.dim() == 0 and abs(float(first) - (math.log(cfg.vocab_size) + 50 * math.log(2))) < 2
+    assert math.isfinite(float(loss)) and float(loss) < float(first)      # the same batch, five steps later
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()) if b.requires_grad)
