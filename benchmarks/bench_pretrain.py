@@ -3,6 +3,8 @@ discriminator + backward + AdamW) in sequences/s, fastelectra vs HF transformers
 
 Contenders (each with and without torch.compile):
   fastelectra-fused   ElectraPretrainingModel, backend fused (Triton kernels + the _C op)
+  fastelectra-fused-unpad  the same with config.unpad: the encoders skip the padding (varlen
+                      attention); padded batches only, without torch.compile (it syncs once per encoder)
   fastelectra-eager   the same model on the torch reference ops (the baseline)
   hf-eager / hf-sdpa  transformers' ElectraForMaskedLM + ElectraForPreTraining wired the ELECTRA
                       way (shared embeddings, tied LM head, Gumbel-max replacement), with the
@@ -60,8 +62,9 @@ def step_flops(cfg: ElectraConfig, b: int, t: int) -> float:
 
 
 # ----------------------------------------------------------------------------- contenders
-def fastelectra_step(cfg: ElectraConfig, backend: str, compile_: bool, device):
-    model = ElectraPretrainingModel(ElectraConfig.from_dict({**cfg.to_dict(), "backend": backend})).to(device)
+def fastelectra_step(cfg: ElectraConfig, backend: str, compile_: bool, device, unpad: bool = False):
+    cfg = ElectraConfig.from_dict({**cfg.to_dict(), "backend": backend, "unpad": unpad})
+    model = ElectraPretrainingModel(cfg).to(device)
     model.discriminator.electra.check_values = False   # the batch is validated once, below
     model.generator.electra.check_values = False
     fwd = torch.compile(model) if compile_ else model
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="+", default=["small", "base"], choices=sorted(SHAPES))
     ap.add_argument("--padding", nargs="+", default=["full", "padded"], choices=["full", "padded"])
     ap.add_argument("--contenders", nargs="+", default=None,
-                    help="subset of: fastelectra-fused fastelectra-eager hf-eager hf-sdpa (each ±compile)")
+                    help="subset of: fastelectra-fused fastelectra-eager hf-eager hf-sdpa (each ±compile), "
+                         "fastelectra-fused-unpad (padded batches, no compile)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
@@ -180,6 +184,9 @@ def main(argv=None) -> int:
                     "fastelectra-fused": lambda c=compile_: fastelectra_step(cfg, "fused", c, device),
                     "fastelectra-eager": lambda c=compile_: fastelectra_step(cfg, "eager", c, device),
                 }
+                if padding == "padded" and not compile_:
+                    builders["fastelectra-fused-unpad"] = lambda: fastelectra_step(cfg, "fused", False, device,
+                                                                                   unpad=True)
                 if have_hf:
                     builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
                     builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)

@@ -2,7 +2,7 @@
 
 Field names follow transformers' ElectraConfig, so a HF ``config.json`` round-trips
 (``from_dict`` / ``to_dict``); the pretraining fields (masking, loss weights, generator size,
-special token ids) and ``backend`` are fastelectra's own and are ignored by transformers.
+special token ids), ``backend`` and ``unpad`` are fastelectra's own and are ignored by transformers.
 """
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ class ElectraConfig:
     mask_token_id: int = 103
     unk_token_id: int = 100
     backend: str = "auto"                        # auto | fused | eager (FASTELECTRA_BACKEND overrides)
+    unpad: bool = False                          # with an attention mask, run the encoder on the real
+                                                 # tokens only (varlen attention); one host sync per call
     extra: dict = field(default_factory=dict, repr=False)  # other HF keys, written back unchanged
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ class ElectraConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"ElectraConfig.pad_token_id={self.pad_token_id} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
+        if not isinstance(self.unpad, bool):
+            raise ValueError(f"ElectraConfig.unpad must be True or False, got {self.unpad!r}")
         if self.backend not in ("auto", "fused", "eager"):
             raise ValueError(f"ElectraConfig.backend={self.backend!r}; expected 'auto', 'fused' or 'eager'")
 

@@ -6,8 +6,9 @@
     model        fastelectra.model.ElectraForSequenceClassification loaded from a fastelectra or HF
                  checkpoint directory (a pretraining run's folder works: its discriminator/ is used);
                  the encoder is loaded, a new classification head is initialised
-    batches      dynamic padding to the longest sequence of the batch; the attention mask goes to the
-                 masked fused attention
+    batches      dynamic padding to the longest sequence of the batch; unless the backend is eager the
+                 encoder then runs on the real tokens only (ElectraConfig.unpad, varlen attention),
+                 else the attention mask goes to the masked attention
     optimizer    AdamW with layer-wise learning-rate decay: head lr, layer l (0 = bottom) of L
                  lr·decay^(L-l), embeddings (and the E→H projection) lr·decay^(L+1); no weight decay on
                  biases and LayerNorm weights; linear warmup then linear decay to 0; grad clip 1.0
@@ -343,6 +344,7 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
     try:
         model = ElectraForSequenceClassification.from_pretrained(
             model_dir, new_head=not keep_head, num_labels=len(label_names), backend=backend,
+            unpad=_backend.resolve(backend) != "eager",
             id2label={str(i): name for i, name in enumerate(label_names)}, label2id=label2id)
     except ValueError as e:
         raise FastElectraError(f"cannot load checkpoint {model_dir} for sequence classification: {e}") from e

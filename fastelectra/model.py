@@ -7,7 +7,10 @@ replacement, discriminator, loss = mlm_weight·MLM + rtd_weight·RTD.
 
 All attention, layer-norm and replacement math goes through fastelectra.ops (via nn.py), so
 the backend (fused kernels or torch reference) is chosen in one place.
-Shapes: B batch, T sequence length, E embedding size, H hidden size, V vocabulary, N masked tokens.
+With ``config.unpad`` and an attention mask, ElectraModel runs the encoder on the real tokens only
+(rows (R, H), varlen attention) and scatters them back to (B, T, H): every caller sees the same shapes.
+Shapes: B batch, T sequence length, E embedding size, H hidden size, V vocabulary, N masked tokens,
+R real (non-padding) tokens of the batch.
 """
 from __future__ import annotations
 
@@ -119,8 +122,9 @@ class Attention(nn.Module):
                                        config.attention_probs_dropout_prob, backend=config.backend)
         self.output = SelfOutput(config, config.hidden_size)
 
-    def forward(self, h, key_padding_mask):
-        return self.output(self.self(h, key_padding_mask), h)
+    def forward(self, h, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        ctx = self.self(h, key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.output(ctx, h)
 
 
 class Intermediate(nn.Module):
@@ -134,7 +138,8 @@ class Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
-    """One post-LN transformer block: (B, T, H) → (B, T, H)."""
+    """One post-LN transformer block: (B, T, H) → (B, T, H) with a key-padding mask (B, T), or
+    unpadded rows (R, H) → (R, H) of packed sequences with cu_seqlens (B + 1,) and max_seqlen."""
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
@@ -142,8 +147,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(config)
         self.output = SelfOutput(config, config.intermediate_size)
 
-    def forward(self, h, key_padding_mask):
-        h = self.attention(h, key_padding_mask)
+    def forward(self, h, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        h = self.attention(h, key_padding_mask, cu_seqlens, max_seqlen)
         return self.output(self.intermediate(h), h)
 
 
@@ -152,14 +157,21 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, h, key_padding_mask):
+    def forward(self, h, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
         for layer in self.layer:
-            h = layer(h, key_padding_mask)
+            h = layer(h, key_padding_mask, cu_seqlens, max_seqlen)
         return h
 
 
 class ElectraModel(nn.Module):
-    """Embeddings (+ projection E→H when they differ) and the encoder: (B, T) ids → (B, T, H)."""
+    """Embeddings (+ projection E→H when they differ) and the encoder: (B, T) ids → (B, T, H).
+
+    With ``config.unpad`` and an attention mask the encoder sees only the real tokens: they are
+    gathered once after the embeddings (each row's in order, so masks with holes work too), every
+    layer runs on (R, H) rows with varlen attention, and the result is scattered back to (B, T, H)
+    with zeros at the padding. Counting R costs one host sync per call, so this path cannot be
+    captured in a CUDA graph or traced by torch.compile(fullgraph=True) (plain torch.compile
+    breaks the graph there)."""
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
@@ -176,7 +188,16 @@ class ElectraModel(nn.Module):
         if hasattr(self, "embeddings_project"):
             h = self.embeddings_project(h)                                           # (B, T, H)
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
-        return self.encoder(h, key_padding_mask)
+        if not (self.config.unpad and key_padding_mask is not None):
+            return self.encoder(h, key_padding_mask)                                 # (B, T, H)
+        # unpadded: gather the R real tokens, run the encoder on rows, scatter back (zeros at padding)
+        b, t, hidden = h.shape
+        real = key_padding_mask.flatten().nonzero().squeeze(1)                      # (R,) into B·T: one host sync
+        cu_seqlens = F.pad(key_padding_mask.sum(1).cumsum(0), (1, 0)).int()        # (B + 1,) row offsets
+        rows = h.flatten(0, 1).index_select(0, real)                                 # (R, H)
+        if len(rows):                                                                # none if all is padding
+            rows = self.encoder(rows, cu_seqlens=cu_seqlens, max_seqlen=t)          # (R, H); T bounds every length
+        return rows.new_zeros(b * t, hidden).index_copy(0, real, rows).view(b, t, hidden)
 
 
 # ----------------------------------------------------------------------------- models with heads
@@ -387,7 +408,8 @@ class ElectraPretrainingModel(nn.Module):
         return gen_input, slots, valid
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> ElectraPretrainingOutput:
-        """One ELECTRA step without host syncs: every shape is fixed by (B, T)."""
+        """One ELECTRA step without host syncs: every shape is fixed by (B, T) (with ``config.unpad``
+        each of the two encoders makes one, to count the real tokens)."""
         cfg = self.config
         check_inputs(cfg, input_ids, attention_mask, token_type_ids, self.discriminator.electra.check_values)
         input_ids = input_ids.long()

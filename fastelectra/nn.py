@@ -3,7 +3,8 @@
 FusedLayerNorm      ⇄ nn.LayerNorm: same constructor, state dict and results; forward also
                       takes the block tail's ``residual`` and ``dropout_p`` to fuse them.
 FusedSelfAttention  ⇄ ELECTRA/BERT self-attention: ``query``/``key``/``value`` Linear layers,
-                      (B, T, hidden) → (B, T, hidden) context, key-padding mask, attention dropout.
+                      (B, T, hidden) → (B, T, hidden) context, key-padding mask, attention dropout;
+                      or unpadded rows (total, hidden) of packed sequences with ``cu_seqlens``.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class FusedSelfAttention(nn.Module):
     forward(hidden_states (batch, seqlen, hidden), key_padding_mask (batch, seqlen) bool/int, 1 = attend)
     → context (batch, seqlen, hidden), before the output projection (which lives in the block's
     ``attention.output.dense``, as in transformers).
+    Unpadded: forward(hidden_states (total, hidden), cu_seqlens=(batch + 1,) int32, max_seqlen=int)
+    → context (total, hidden); the rows are packed sequences, see :func:`fastelectra.ops.attention_varlen`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, dropout_p: float = 0.0, *, backend: str | None = None):
@@ -68,18 +71,30 @@ class FusedSelfAttention(nn.Module):
         self.dropout_p = dropout_p
         self.backend = backend
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = hidden_states.shape
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        unpadded = cu_seqlens is not None
+        if unpadded and (hidden_states.dim() != 2 or key_padding_mask is not None or max_seqlen is None):
+            raise ValueError("with cu_seqlens, hidden_states must be (total, hidden), max_seqlen set and "
+                             f"key_padding_mask None; got shape {tuple(hidden_states.shape)}, max_seqlen={max_seqlen!r}"
+                             f", key_padding_mask {'set' if key_padding_mask is not None else 'None'}")
+        if not unpadded and hidden_states.dim() != 3:
+            raise ValueError("hidden_states must be (batch, seqlen, hidden), or (total, hidden) with cu_seqlens; "
+                             f"got shape {tuple(hidden_states.shape)}")
         # one GEMM for q, k and v (the three weights side by side; their gradients split back by the
-        # concatenation's backward), viewed as (B, T, 3, heads, head_dim): q, k, v are strided
-        # (B, T, H, D) views that the kernel reads in place, no transpose copies
+        # concatenation's backward), viewed as (..., 3, heads, head_dim): q, k, v are strided
+        # (B, T, H, D) or (total, H, D) views that the kernel reads in place, no transpose copies
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])          # (3·hidden, hidden)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden_states, weight, bias).view(b, t, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)
-        ctx = ops.attention(q, k, v, key_padding_mask, dropout_p=self.dropout_p if self.training else 0.0,
-                            backend=self.backend)                   # (B, T, H, D)
-        return ctx.reshape(b, t, self.num_heads * self.head_dim)
+        qkv = F.linear(hidden_states, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k, v = qkv.unbind(-3)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if unpadded:
+            ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                       backend=self.backend)                                  # (total, H, D)
+        else:
+            ctx = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, backend=self.backend)  # (B, T, H, D)
+        return ctx.flatten(-2)                                                                 # (..., hidden)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, dropout_p={self.dropout_p}, backend={self.backend or 'auto'}"

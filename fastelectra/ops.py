@@ -2,6 +2,7 @@
 
     layer_norm      y = LayerNorm(dropout(x) + residual)          -> kernels/layernorm.py (Triton)
     attention       softmax(q kᵀ·scale + key-padding mask), dropout, · v  -> kernels/attention.py
+    attention_varlen  the same over packed sequences (total, nheads, headdim) -> kernels/attention.py
     replace_tokens  Gumbel-max sampling at masked rows + scatter + labels -> csrc/ (fastelectra._C)
 
 The model calls only these functions. ``backend`` (``auto`` | ``fused`` | ``eager``, overridable by
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from . import backend as _backend
 from . import rng as _rng
 
-__all__ = ["layer_norm", "attention", "replace_tokens",
-           "layer_norm_reference", "attention_reference", "replace_tokens_reference"]
+__all__ = ["layer_norm", "attention", "attention_varlen", "replace_tokens",
+           "layer_norm_reference", "attention_reference", "attention_varlen_reference", "replace_tokens_reference"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 always takes the reference
@@ -141,6 +142,72 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
             return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                    softmax_scale=softmax_scale, seed=seed)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+
+
+def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
+    """Torch reference of :func:`attention_varlen`: the packed tokens are placed into a zero-padded
+    (batch, max_seqlen) layout, :func:`attention_reference` runs there with the matching prefix mask
+    and the real rows are gathered back. No host sync; the cost is that of the padded batch."""
+    batch, total = cu_seqlens.shape[0] - 1, q.shape[0]
+    cu = cu_seqlens.long()
+    token = torch.arange(total, device=q.device)                                    # (total,)
+    seq = torch.searchsorted(cu[1:], token, right=True)                              # (total,) its sequence
+    pos = token - cu[seq]                                                            # (total,) its position there
+    lengths = cu.diff()                                                              # (B,)
+    mask = torch.arange(max_seqlen, device=q.device) < lengths[:, None]             # (B, max_seqlen)
+
+    def pad(x):                                                     # (total, H, D) → (B, max_seqlen, H, D)
+        return x.new_zeros(batch, max_seqlen, *x.shape[1:]).index_put((seq, pos), x)
+
+    return attention_reference(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale)[seq, pos]
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, *, seed=None,
+                     backend=None):
+    """Self-attention over packed sequences (the unpadded layout): sequence b is rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` of q, k, v and attends to itself only; padding costs nothing.
+
+    q, k, v: (total, nheads, headdim), the real tokens of all sequences back to back.
+    cu_seqlens: (batch + 1,) int32 on q's device, cumulative lengths from 0 to total.
+    max_seqlen: an int >= the longest sequence. The padded length T is a sync-free choice, and with
+    it the fused kernel draws the same dropout mask as :func:`attention` on the padded batch.
+    Returns (total, nheads, headdim) in q's dtype. ``dropout_p``, ``seed``, ``softmax_scale`` and the
+    choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
+    cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, nheads, headdim), got shape {tuple(t.shape)}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have one shape (self-attention over the same tokens), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.numel() == 0:
+        raise ValueError(f"empty input: q has shape {tuple(q.shape)}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+        got = getattr(cu_seqlens, "dtype", type(cu_seqlens).__name__)
+        raise TypeError(f"cu_seqlens must be an int32 tensor, got {got}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (batch + 1,) with batch >= 1, got {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        steps = cu_seqlens.diff()
+        if not (cu_seqlens[0] == 0 and cu_seqlens[-1] == q.shape[0] and 0 <= steps.min() <= steps.max() <= max_seqlen):
+            raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]} in steps of 0 to max_seqlen = "
+                             f"{max_seqlen}, got {cu_seqlens.tolist()}")
+    if q.dtype in KERNEL_DTYPES and _backend.use_triton(q.device, backend, "attention_varlen"):
+        from .kernels.attention import SUPPORTED_HEAD_DIMS, flash_attention_varlen
+
+        if q.shape[-1] in SUPPORTED_HEAD_DIMS:  # other head sizes take the reference
+            return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                          softmax_scale=softmax_scale, seed=seed)
+    return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
 
 # ----------------------------------------------------------------------------- replacement

@@ -42,6 +42,7 @@ def test_unknown_preset_is_a_clear_error():
     (dict(backend="cuda"), "backend"),
     (dict(mask_prob=1.5), "mask_prob"),
     (dict(pad_token_id=40000), "pad_token_id"),
+    (dict(unpad="yes"), "unpad must be True or False"),
 ])
 def test_invalid_configs_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -72,3 +73,11 @@ def test_hf_config_round_trips():
 def test_model_type_must_be_electra():
     with pytest.raises(ValueError, match="model_type"):
         ElectraConfig.from_dict({"model_type": "bert"})
+
+
+def test_unpad_round_trips_and_transformers_ignores_it():
+    ours = ElectraConfig(vocab_size=300, hidden_size=32, num_attention_heads=2, unpad=True)
+    assert ElectraConfig.from_dict(ours.to_dict()).unpad is True
+    assert ElectraConfig.from_dict({k: v for k, v in ours.to_dict().items() if k != "unpad"}).unpad is False
+    hf = transformers.ElectraConfig.from_dict(ours.to_dict())
+    assert hf.hidden_size == 32 and ElectraConfig.from_dict(hf.to_dict()).unpad is True

@@ -87,6 +87,7 @@ def test_finetune_fastelectra_checkpoint_end_to_end(work, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "mid", "1": "neg", "2": "pos"}
     assert config["label2id"] == {"mid": 0, "neg": 1, "pos": 2}
+    assert config["unpad"] is True             # padded batches, backend auto: the encoder skipped the padding
     assert (out / "tokenizer.json").exists() and (out / "vocab.txt").exists()
 
     transformers = pytest.importorskip("transformers")

@@ -23,8 +23,9 @@ def kernels_on_this_device(monkeypatch):
                             or real(device, requested, op))
     from fastelectra.kernels import attention, layernorm
 
-    calls = {"attention": 0, "layer_norm": 0}
+    calls = {"attention": 0, "attention_varlen": 0, "layer_norm": 0}
     for module, fn_name, key in ((attention, "flash_attention", "attention"),
+                                 (attention, "flash_attention_varlen", "attention_varlen"),
                                  (layernorm, "fused_layer_norm", "layer_norm")):
         def counted(*args, _fn=getattr(module, fn_name), _key=key, **kwargs):
             calls[_key] += 1
@@ -59,7 +60,7 @@ def test_discriminator_fused_matches_eager_outputs_and_gradients(kernels_on_this
     ids, mask = padded_batch()
     a, b = eager(ids, mask), fused(ids, mask)
     # 2 layers: 2 attentions; embeddings + 2 tails per layer: 5 layer norms
-    assert kernels_on_this_device == {"attention": 2, "layer_norm": 5}
+    assert kernels_on_this_device == {"attention": 2, "attention_varlen": 0, "layer_norm": 5}
     valid = mask.bool()
     torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=1e-4)
     w = torch.randn(a.shape, device=DEVICE) * valid
