@@ -84,15 +84,18 @@ def test_pretraining_step_runs_on_the_fused_kernels_with_dropout(kernels_on_this
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_fused_step_compiles_as_one_graph(kernels_on_this_device):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fused_step_compiles_as_one_graph(kernels_on_this_device, dynamic):
     """fullgraph=True fails on a host sync, a data-dependent shape or a Python int seed read with
-    .item(): the fused step (Triton custom ops, the _C replacement op) has none."""
+    .item(): the fused step (Triton custom ops, the _C replacement op) has none, also with symbolic
+    batch and sequence sizes."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = ElectraPretrainingModel(config("fused", hidden_dropout_prob=0.1,
                                            attention_probs_dropout_prob=0.1)).to(DEVICE)
     model.discriminator.electra.check_values = model.generator.electra.check_values = False
     ids, mask = padded_batch()
-    out = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, mask)
+    out = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)(ids, mask)
     assert kernels_on_this_device["attention"] >= 4
     out.loss.backward()
     assert torch.isfinite(out.loss)
