@@ -43,6 +43,30 @@ def _check_same_device(**tensors: torch.Tensor | None) -> None:
                              "all tensors must be on one device")
 
 
+def _check_dropout_p(dropout_p: float) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_qkv_layout(q, k, v, layout: str) -> None:
+    """q, k, v are float tensors with one dimension per name in ``layout`` ("batch, seqlen, ...")."""
+    ndim = len(layout.split(","))
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(t.shape)}")
+
+
+def _attention_kernel_takes(q, backend, op: str) -> bool:
+    """Whether the Triton attention kernels run this call: backend and device allow Triton, the dtype
+    is fp32/fp16/bf16 and the head size is one the kernels are built for (else the reference runs)."""
+    if q.dtype not in KERNEL_DTYPES or not _backend.use_triton(q.device, backend, op):
+        return False
+    from .kernels.attention import SUPPORTED_HEAD_DIMS
+
+    return q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
 # ----------------------------------------------------------------------------- layer norm
 def layer_norm_reference(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0):
     """Torch reference of :func:`layer_norm` (dropout from torch's RNG)."""
@@ -72,8 +96,7 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
         _check_float("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout_p(dropout_p)
     _check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     if x.dtype in KERNEL_DTYPES and _backend.use_triton(x.device, backend, "layer_norm"):
         from .kernels.layernorm import MAX_N, fused_layer_norm
@@ -112,10 +135,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
     the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
     head sizes and float64 run the reference.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+    _check_qkv_layout(q, k, v, "batch, seqlen, nheads, headdim")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -132,15 +152,13 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
             raise TypeError(f"key_padding_mask must be bool or integer (1 = attend), got {key_padding_mask.dtype}")
         if key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout_p(dropout_p)
     _check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    if q.dtype in KERNEL_DTYPES and _backend.use_triton(q.device, backend, "attention"):
-        from .kernels.attention import SUPPORTED_HEAD_DIMS, flash_attention
+    if _attention_kernel_takes(q, backend, "attention"):
+        from .kernels.attention import flash_attention
 
-        if q.shape[-1] in SUPPORTED_HEAD_DIMS:  # other head sizes take the reference
-            return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                   softmax_scale=softmax_scale, seed=seed)
+        return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                               softmax_scale=softmax_scale, seed=seed)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
 
 
@@ -175,10 +193,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
     cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t)
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, nheads, headdim), got shape {tuple(t.shape)}")
+    _check_qkv_layout(q, k, v, "total, nheads, headdim")
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape (self-attention over the same tokens), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -193,20 +208,18 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         raise ValueError(f"cu_seqlens must have shape (batch + 1,) with batch >= 1, got {tuple(cu_seqlens.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout_p(dropout_p)
     _check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         steps = cu_seqlens.diff()
         if not (cu_seqlens[0] == 0 and cu_seqlens[-1] == q.shape[0] and 0 <= steps.min() <= steps.max() <= max_seqlen):
             raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]} in steps of 0 to max_seqlen = "
                              f"{max_seqlen}, got {cu_seqlens.tolist()}")
-    if q.dtype in KERNEL_DTYPES and _backend.use_triton(q.device, backend, "attention_varlen"):
-        from .kernels.attention import SUPPORTED_HEAD_DIMS, flash_attention_varlen
+    if _attention_kernel_takes(q, backend, "attention_varlen"):
+        from .kernels.attention import flash_attention_varlen
 
-        if q.shape[-1] in SUPPORTED_HEAD_DIMS:  # other head sizes take the reference
-            return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
-                                          softmax_scale=softmax_scale, seed=seed)
+        return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                      softmax_scale=softmax_scale, seed=seed)
     return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
 

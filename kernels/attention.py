@@ -132,6 +132,20 @@ def _sequence(
 
 
 @triton.jit
+def _head_rows(
+    P,           # base pointer of a (batch, seqlen, nheads, HEAD_DIM) or packed (total, nheads, HEAD_DIM) tensor
+    b,           # batch index
+    h,           # head index
+    row0,        # first packed row of sequence b (0 when dense)
+    stride_b,
+    stride_h,
+    stride_t,
+):
+    """Pointer to row 0 of sequence b, head h: offsets in int64 (large tensors overflow int32)."""
+    return P + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + row0 * stride_t
+
+
+@triton.jit
 def _key_ok(
     KeyMask,     # (batch, seqlen_k) uint8 row of sequence b (already offset); read when HAS_MASK
     offs_n,      # (BLOCK_N,) key positions
@@ -188,9 +202,9 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row0 * stride_kt
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + row0 * stride_vt
+    Q = _head_rows(Q, b, h, row0, stride_qb, stride_qh, stride_qt)
+    K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
+    V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     KeyMask += b.to(tl.int64) * stride_mb
     rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
     rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
@@ -226,7 +240,7 @@ def _attn_fwd_kernel(
     inv_l = tl.where(has_keys, drop_scale / l_safe, 0.0)                    # no valid key: zeros
     lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))     # +inf: P = 0 in backward
     out = acc * inv_l[:, None]
-    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + row0 * stride_ot
+    Out = _head_rows(Out, b, h, row0, stride_ob, stride_oh, stride_ot)
     tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(Lse + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
@@ -255,8 +269,8 @@ def _attn_bwd_preprocess_kernel(
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
-    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + row0 * stride_ot
-    DO += b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + row0 * stride_dt
+    Out = _head_rows(Out, b, h, row0, stride_ob, stride_oh, stride_ot)
+    DO = _head_rows(DO, b, h, row0, stride_db, stride_dh, stride_dt)
     o = tl.load(Out + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -312,10 +326,10 @@ def _attn_bwd_dkdv_kernel(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row0 * stride_kt
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + row0 * stride_vt
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + row0 * stride_dot
+    Q = _head_rows(Q, b, h, row0, stride_qb, stride_qh, stride_qt)
+    K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
+    V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
+    DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
     KeyMask += b.to(tl.int64) * stride_mb
     Lse += bh.to(tl.int64) * seqlen_q
     Delta += bh.to(tl.int64) * seqlen_q
@@ -354,8 +368,8 @@ def _attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     store_ok = (offs_n < k_rows)[:, None]
-    DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh + row0 * stride_dkt
-    DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh + row0 * stride_dvt
+    DK = _head_rows(DK, b, h, row0, stride_dkb, stride_dkh, stride_dkt)
+    DV = _head_rows(DV, b, h, row0, stride_dvb, stride_dvh, stride_dvt)
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_ok)
 
@@ -408,10 +422,10 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + row0 * stride_qt
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + row0 * stride_kt
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + row0 * stride_vt
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + row0 * stride_dot
+    Q = _head_rows(Q, b, h, row0, stride_qb, stride_qh, stride_qt)
+    K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
+    V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
+    DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
     KeyMask += b.to(tl.int64) * stride_mb
     rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
     rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
@@ -440,7 +454,7 @@ def _attn_bwd_dq_kernel(
         dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
     dq = dq * sm_scale
-    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + row0 * stride_dqt
+    DQ = _head_rows(DQ, b, h, row0, stride_dqb, stride_dqh, stride_dqt)
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
