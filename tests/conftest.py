@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -28,3 +29,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def extension_built():
+    """For tests of the _C op: it must be usable where a C++ compiler exists (setup.py or the JIT
+    build makes it); only a machine without any toolchain skips them."""
+    from fastelectra import extension
+
+    ok, why = extension.status()
+    if not ok:
+        if shutil.which(os.environ.get("CXX", "c++")) is not None:
+            pytest.fail(f"a C++ compiler is here but fastelectra._C is unavailable: {why}")
+        pytest.skip(f"no C++ compiler toolchain to build fastelectra._C: {why}")

@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from benchmarks.bench_pretrain import fastelectra_step, make_batch, training_step
-from fastelectra import extension, ops
+from fastelectra import ops
 from fastelectra.config import ElectraConfig
 
-try:
-    import pytest_benchmark  # noqa: F401
-except ImportError:   # the `benchmark` fixture comes from pytest-benchmark (the `test` extra)
-    pytestmark = pytest.mark.skip(reason="pytest-benchmark is not installed")
+# the `benchmark` fixture comes from pytest-benchmark, part of the `test` extra the test command installs
 
 ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
 N, V = 256, 4096                    # masked rows x vocab
@@ -32,12 +29,10 @@ def replace_inputs():
 
 @pytest.mark.benchmark(group="replace_tokens 256x4096 fp32")
 @pytest.mark.parametrize("impl", ["fused", "reference"])
-def test_replace_tokens(benchmark, replace_inputs, impl):
+def test_replace_tokens(benchmark, replace_inputs, impl, request):
     logits, ids, positions = replace_inputs
     if impl == "fused":
-        ok, why = extension.status()
-        if not ok:
-            pytest.skip(f"fastelectra._C is unavailable: {why}")
+        request.getfixturevalue("extension_built")
         fn = ops.replace_tokens
     else:
         fn = ops.replace_tokens_reference

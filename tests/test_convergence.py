@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import convergence
-from fastelectra import data, extension
+from fastelectra import data
 
 from test_data import write_corpus
 
@@ -48,10 +48,7 @@ def test_criterion_edge_cases():
         convergence.compare(flat, flat, flat, window=0)
 
 
-def test_short_cpu_run_passes_and_a_broken_curve_fails(tmp_path):
-    ok, why = extension.status()
-    if not ok:
-        pytest.skip(f"backend fused needs fastelectra._C: {why}")
+def test_short_cpu_run_passes_and_a_broken_curve_fails(tmp_path, extension_built):   # fused needs _C
     corpus = write_corpus(str(tmp_path / "corpus"), n_lines=400)
     tok = data.get_tokenizer(None, data.resolve_corpus(corpus), 120, str(tmp_path / "tok"))[1]
     out = tmp_path / "results" / "convergence.json"
