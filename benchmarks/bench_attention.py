@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import do_bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+from .common import bench_ms, gpu_slug, markdown_table, require_cuda, write_results
 
 SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
 CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")
@@ -84,14 +84,14 @@ def contenders(q, k, v, mask, p):
     return fns
 
 
-def time_contender(fn, q, k, v, do, backward: bool, pack_mask=None) -> float:
-    """Median ms of one forward (no autograd) or forward+backward call."""
+def time_contender(fn, q, k, v, do, backward: bool, pack_mask=None) -> dict:
+    """bench_ms timings (ms, ms_call) of one forward (no autograd) or forward+backward call."""
     if pack_mask is not None:  # varlen: time on the packed tokens
         q, k, v, do = (t[pack_mask] for t in (q, k, v, do))
     if not backward:
         with torch.no_grad():
             fn(q, k, v)                     # compile / autotune outside the timing
-            return do_bench_ms(lambda: fn(q, k, v))
+            return bench_ms(lambda: fn(q, k, v))
     q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
 
     def step():
@@ -100,7 +100,7 @@ def time_contender(fn, q, k, v, do, backward: bool, pack_mask=None) -> float:
         q.grad = k.grad = v.grad = None
 
     step()
-    return do_bench_ms(step)
+    return bench_ms(step)
 
 
 def run(shapes, cases, dtype, modes):
@@ -114,9 +114,9 @@ def run(shapes, cases, dtype, modes):
                     row = dict(batch=batch, nheads=nheads, seqlen=seqlen, head_dim=head_dim, case=case,
                                contender=name, mode=mode)
                     try:
-                        ms = time_contender(fn, q, k, v, do, mode == "fwd+bwd", pack_mask)
+                        row.update(time_contender(fn, q, k, v, do, mode == "fwd+bwd", pack_mask))
                         flops = attention_flops(batch, nheads, seqlen, head_dim, mode == "fwd+bwd")
-                        row.update(ms=ms, tflops=flops / ms / 1e9)
+                        row["tflops"] = flops / row["ms"] / 1e9
                     except (RuntimeError, ValueError) as err:  # a backend refusing the case
                         row.update(skipped=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
                     torch.cuda.empty_cache()
@@ -161,12 +161,14 @@ def main(argv=None):
     add_ratios(rows)
     table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}",
                        result=(f"{r['tflops']:.1f}" if "tflops" in r else "skipped")) for r in rows]
-    table = markdown_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer"])
+    table = markdown_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer", "ms_call"])
     payload = {
         "benchmark": "attention",
         "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": args.cases,
                    "modes": args.modes, "flops": "4*B*H*T^2*D forward, x3.5 forward+backward, dense",
-                   "gpu_slug": gpu_slug(), "timing": "triton.testing.do_bench median",
+                   "gpu_slug": gpu_slug(),
+                   "timing": "ms, TFLOP/s: GPU time per call from CUDA-graph replays; ms_call: "
+                             "triton.testing.do_bench median of eager calls (host overhead included)",
                    "date": datetime.date.today().isoformat()},
         "results": rows,
     }

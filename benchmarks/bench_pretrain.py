@@ -154,9 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="+", default=["small", "base"], choices=sorted(SHAPES))
     ap.add_argument("--padding", nargs="+", default=["full", "padded"], choices=["full", "padded"])
     ap.add_argument("--contenders", nargs="+", default=None,
-                    help="subset of: fastelectra-fused fastelectra-eager hf-eager hf-sdpa (each ±compile), "
-                         "fastelectra-fused-unpad (padded batches, no compile)")
+                    help="subset of: fastelectra-fused fastelectra-eager hf-eager hf-sdpa, each also as NAME+compile "
+                         "(the torch.compile variant), and fastelectra-fused-unpad (padded batches, no compile)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--compile-padded", action="store_true",
+                    help="also compile on padded batches (default: compiled variants on full batches only; "
+                         "each compile costs 30-60 s)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda")
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
         for padding in args.padding:
             group = []
             for compile_ in variants:
+                if compile_ and padding == "padded" and not args.compile_padded:
+                    continue
                 suffix = "+compile" if compile_ else ""
                 builders = {
                     "fastelectra-fused": lambda c=compile_: fastelectra_step(cfg, "fused", c, device),
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
                     builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
                     builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)
                 for name, build in builders.items():
-                    if args.contenders and name not in args.contenders:
+                    if args.contenders and name + suffix not in args.contenders:
                         continue
                     try:
                         r = measure(name + suffix, build, cfg, b, t, padding == "padded", device,

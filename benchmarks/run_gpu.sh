@@ -5,16 +5,22 @@
 # packed into $OUT/results.tgz. A failing step is logged and the script goes on; the exit status
 # is non-zero if any step failed.
 #
-#   bash benchmarks/run_gpu.sh                    # all stages: build tests bench conv
+#   bash benchmarks/run_gpu.sh                    # all stages: build tests bench prof conv
 #   STAGES="build tests" bash benchmarks/run_gpu.sh   # one stage set per call where calls are time-limited:
 #   STAGES=bench bash benchmarks/run_gpu.sh           #   "build tests", then bench, then conv
 #   STAGES=conv bash benchmarks/run_gpu.sh
 set -uo pipefail
 RES=${RES:-gpu_results}
-STAGES=${STAGES:-"build tests bench conv"}
+STAGES=${STAGES:-"build tests bench prof conv"}
 PY=${PYTHON:-python3}
+# wall-clock caps (s) per stage, so that a hung or slow step cannot eat a time-limited call whole
+T_TESTS=${T_TESTS:-360}
+T_BENCH=${T_BENCH:-150}
+T_CONV=${T_CONV:-400}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
+# compiled Triton kernels survive between calls when this folder travels (git-ignored)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 date=$(date -u +%Y%m%d)
 status=0
 
@@ -31,21 +37,30 @@ if [[ " $STAGES " == *" build "* ]]; then
   $PY -m fastelectra info | tee -a "$RES/gpu.txt"
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
-  $PY -m pytest -q -m gpu -p no:cacheprovider --junitxml="$RES/gpu_tests.xml" 2>&1 | tail -25 | tee "$RES/gpu_tests.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout -s INT -k 20 "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -rfEs $($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=240) \
+    --durations=15 --junitxml="$RES/gpu_tests.xml" ${PYTEST_ARGS:-} >"$RES/gpu_tests.log" 2>&1
+  [ $? -eq 0 ] || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$RES/gpu_tests.log" | tail -40 | tee "$RES/gpu_tests.txt"
 fi
-if [[ " $STAGES " == *" bench "* || " $STAGES " == *" conv "* ]]; then
+if [[ " $STAGES " == *" bench "* || " $STAGES " == *" conv "* || " $STAGES " == *" prof "* ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
-  for b in bench_layernorm bench_attention bench_replace bench_pretrain; do
-    $PY -m benchmarks.$b --out "$RES/${b#bench_}_${slug}_${date}.json" >"$RES/$b.log" 2>&1 \
+  export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}   # the winning configs, in the logs
+  for b in ${BENCHES:-bench_layernorm bench_attention bench_replace bench_pretrain}; do
+    args_var=ARGS_$b   # extra arguments of one benchmark, e.g. ARGS_bench_pretrain="--presets small"
+    timeout -s INT -k 20 "$T_BENCH" $PY -m benchmarks.$b ${!args_var:-} --out "$RES/${b#bench_}_${slug}_${date}.json" >"$RES/$b.log" 2>&1 \
       || { echo "$b failed (see $b.log)"; status=1; }
     tail -12 "$RES/$b.log"
   done
 fi
+if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
+  timeout -s INT -k 20 "$T_BENCH" $PY -m benchmarks.profile_step --out "$RES/profile_${slug}_${date}.md" \
+    >"$RES/profile.log" 2>&1 || { echo "profile_step failed (see profile.log)"; status=1; }
+  grep -E "^## |^wall" "$RES/profile.log"
+fi
 if [[ " $STAGES " == *" conv "* ]]; then   # 300 steps x (fused, eager, eager with another seed) x (tiny, small)
-  $PY -m benchmarks.convergence --out "$RES/convergence_${slug}_${date}.json" >"$RES/convergence.log" 2>&1 \
+  timeout -s INT -k 20 "$T_CONV" $PY -m benchmarks.convergence --out "$RES/convergence_${slug}_${date}.json" >"$RES/convergence.log" 2>&1 \
     || { echo "convergence failed (see convergence.log)"; status=1; }
   tail -12 "$RES/convergence.log"
 fi
