@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Everything the GPU machine must check: build the extension, run the `gpu`-marked tests, every
-# speed benchmark, and the fused-vs-eager convergence check. Logs and results are written to $RES
-# (default gpu_results/) and, when $OUT is set (the device tool's return folder: at most 8 files),
-# packed into $OUT/results.tgz. A failing step is logged and the script goes on; the exit status
-# is non-zero if any step failed.
+# speed benchmark, a profiler pass over the training step, and the fused-vs-eager convergence check.
+# Logs and results are written to $RES (default gpu_results/) and, when $OUT is set (the device
+# tool's return folder: at most 8 files), packed into $OUT/results.tgz. A failing step is logged
+# and the script goes on; the exit status is non-zero if any step failed.
 #
-#   bash benchmarks/run_gpu.sh                    # all stages: build tests bench prof conv
-#   STAGES="build tests" bash benchmarks/run_gpu.sh   # one stage set per call where calls are time-limited:
-#   STAGES=bench bash benchmarks/run_gpu.sh           #   "build tests", then bench, then conv
+#   bash benchmarks/run_gpu.sh                        # all stages: build tests bench prof conv
+#   STAGES="build tests" bash benchmarks/run_gpu.sh   # one stage set per call where calls are time-limited
+#   STAGES=bench BENCHES="bench_attention bench_pretrain" bash benchmarks/run_gpu.sh
 #   STAGES=conv bash benchmarks/run_gpu.sh
+# Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF (caps in s; T_bench_<name> for one benchmark),
+# PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
 RES=${RES:-gpu_results}
 STAGES=${STAGES:-"build tests bench prof conv"}
@@ -49,13 +51,14 @@ if [[ " $STAGES " == *" bench "* ]]; then
   export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}   # the winning configs, in the logs
   for b in ${BENCHES:-bench_layernorm bench_attention bench_replace bench_pretrain}; do
     args_var=ARGS_$b   # extra arguments of one benchmark, e.g. ARGS_bench_pretrain="--presets small"
-    timeout -s INT -k 20 "$T_BENCH" $PY -m benchmarks.$b ${!args_var:-} --out "$RES/${b#bench_}_${slug}_${date}.json" >"$RES/$b.log" 2>&1 \
+    cap_var=T_$b                   # a cap for one benchmark, e.g. T_bench_pretrain=300 (else T_BENCH)
+    timeout -s INT -k 20 "${!cap_var:-$T_BENCH}" $PY -m benchmarks.$b ${!args_var:-} --out "$RES/${b#bench_}_${slug}_${date}.json" >"$RES/$b.log" 2>&1 \
       || { echo "$b failed (see $b.log)"; status=1; }
     tail -12 "$RES/$b.log"
   done
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
-  timeout -s INT -k 20 "$T_BENCH" $PY -m benchmarks.profile_step --out "$RES/profile_${slug}_${date}.md" \
+  timeout -s INT -k 20 "${T_PROF:-$T_BENCH}" $PY -m benchmarks.profile_step ${ARGS_profile_step:-} --out "$RES/profile_${slug}_${date}.md" \
     >"$RES/profile.log" 2>&1 || { echo "profile_step failed (see profile.log)"; status=1; }
   grep -E "^## |^wall" "$RES/profile.log"
 fi
