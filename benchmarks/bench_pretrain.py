@@ -1,11 +1,14 @@
 """End-to-end ELECTRA pretraining throughput: one full training step (generator + replacement +
 discriminator + backward + AdamW) in sequences/s, fastelectra vs HF transformers, one process.
 
-Contenders (each with and without torch.compile):
+Contenders (with and without torch.compile, where the compiled variant is asked for):
   fastelectra-fused   ElectraPretrainingModel, backend fused (Triton kernels + the _C op)
   fastelectra-fused-unpad  the same with config.unpad: the encoders skip the padding (varlen
                       attention); padded batches only, without torch.compile (it syncs once per encoder)
   fastelectra-eager   the same model on the torch reference ops (the baseline)
+  fastelectra-*+graph the same steps captured once as one CUDA graph and replayed (the step has no
+                      host sync, and its seeds live on the device, so each replay draws fresh masks);
+                      no launch overhead. HF steps cannot be captured: their masking syncs.
   hf-eager / hf-sdpa  transformers' ElectraForMaskedLM + ElectraForPreTraining wired the ELECTRA
                       way (shared embeddings, tied LM head, Gumbel-max replacement), with the
                       eager or sdpa attention implementation
@@ -105,33 +108,57 @@ def hf_step(cfg: ElectraConfig, attn: str, compile_: bool, device):
     return model, loss
 
 
-def training_step(model, loss_fn, ids, mask, dtype):
+def training_step(model, loss_fn, ids, mask, dtype, graph: bool = False):
     """One full training step as a closure: loss (autocast to ``dtype`` unless fp32) + backward + clip to
-    1.0 + AdamW (decay 0.01, none on LayerNorm and biases). It returns the loss, detached (no host sync)."""
+    1.0 + AdamW (decay 0.01, none on LayerNorm and biases). It returns the loss, detached (no host sync).
+    ``graph``: the step is captured once in a CUDA graph and the closure replays it (same batch tensors,
+    fresh masking/dropout/noise per replay from the device-side seeds); needs a sync-free step."""
     device = ids.device
     decay = [p for n, p in model.named_parameters() if decays(n)]
     rest = [p for n, p in model.named_parameters() if not decays(n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-4, fused=device.type == "cuda")
+                            lr=1e-4, fused=device.type == "cuda", capturable=graph)
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def step(zero_grad: bool = True):
+        # autocast's weight-cast cache must be off under capture (the casts have to be in the graph)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graph):
             loss = loss_fn(ids, mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if zero_grad:
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+    if not graph:
+        return step
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):              # warm-up off the capture: autotuning, cuBLAS workspaces
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):         # grads are None here: the captured backward writes them fresh
+        static_loss = step(zero_grad=False)
+
+    def replay():
+        cuda_graph.replay()
+        return static_loss
+
+    return replay
 
 
-def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype):
+def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype, graph=False):
     torch.manual_seed(0)
-    model, loss_fn = build()
-    step = training_step(model, loss_fn, *make_batch(cfg, b, t, padded, device), dtype)
     if device.type == "cuda":
+        # before the model exists: replays of a CUDA graph allocate nothing, so its activations only
+        # show in the peak while it is captured (inside training_step)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    model, loss_fn = build()
+    step = training_step(model, loss_fn, *make_batch(cfg, b, t, padded, device), dtype, graph=graph)
+    if device.type == "cuda":
         ms = cuda_events_ms(step, steps, warmup)
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -155,7 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--padding", nargs="+", default=["full", "padded"], choices=["full", "padded"])
     ap.add_argument("--contenders", nargs="+", default=None,
                     help="subset of: fastelectra-fused fastelectra-eager hf-eager hf-sdpa, each also as NAME+compile "
-                         "(the torch.compile variant), and fastelectra-fused-unpad (padded batches, no compile)")
+                         "(the torch.compile variant); fastelectra-fused+graph, fastelectra-eager+graph (the "
+                         "whole step replayed as one CUDA graph); fastelectra-fused-unpad (padded batches)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--compile-padded", action="store_true",
                     help="also compile on padded batches (default: compiled variants on full batches only; "
@@ -195,14 +223,18 @@ def main(argv=None) -> int:
                 if have_hf:
                     builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
                     builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)
-                for name, build in builders.items():
-                    if args.contenders and name + suffix not in args.contenders:
+                runs = [(name + suffix, build, False) for name, build in builders.items()]
+                if not compile_ and device.type == "cuda":   # sync-free steps: whole step as one CUDA graph
+                    runs += [(name + "+graph", builders[name], True)
+                             for name in ("fastelectra-fused", "fastelectra-eager")]
+                for full_name, build, graph in runs:
+                    if args.contenders and full_name not in args.contenders:
                         continue
                     try:
-                        r = measure(name + suffix, build, cfg, b, t, padding == "padded", device,
-                                    args.steps, args.warmup, dtype)
+                        r = measure(full_name, build, cfg, b, t, padding == "padded", device,
+                                    args.steps, args.warmup, dtype, graph=graph)
                     except Exception as e:   # one contender failing (e.g. out of memory) must not hide the others
-                        r = {"contender": name + suffix, "error": f"{type(e).__name__}: {e}"[:300]}
+                        r = {"contender": full_name, "error": f"{type(e).__name__}: {e}"[:300]}
                     r.update(preset=preset, batch=b, seqlen=t, padding=padding)
                     group.append(r)
                     print(r, flush=True)
@@ -222,7 +254,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def chart(rows: list[dict], path: str) -> None:
+def chart(rows: list[dict], path: str, env: dict | None = None) -> None:
     """Bar chart of seq/s per contender, one panel per (preset, padding)."""
     plt = pyplot()
     if plt is None:
@@ -235,8 +267,8 @@ def chart(rows: list[dict], path: str) -> None:
                 color=["tab:green" if r["contender"].startswith("fastelectra-fused") else "tab:gray" for r in rs])
         ax.set_title(f"ELECTRA-{preset}, {padding} batches")
         ax.set_xlabel("sequences / s (higher is better)")
-    env = env_info()
-    fig.suptitle(f"{env['gpu'] or 'cpu'} · torch {env['torch']} · {datetime.date.today()}")
+    env = env or env_info()       # the machine the rows were measured on (default: this one, now)
+    fig.suptitle(f"{env['gpu'] or 'cpu'} · torch {env['torch']} · {env.get('date', datetime.date.today())}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
