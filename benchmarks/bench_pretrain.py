@@ -132,21 +132,17 @@ def training_step(model, loss_fn, ids, mask, dtype, graph: bool = False):
 
     if not graph:
         return step
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):              # warm-up off the capture: autotuning, cuBLAS workspaces
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    cuda_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(cuda_graph):         # grads are None here: the captured backward writes them fresh
-        static_loss = step(zero_grad=False)
+    from fastelectra.graphs import capture
 
-    def replay():
-        cuda_graph.replay()
+    # warm-up steps accumulate into the grads; set them to None so the captured backward writes them fresh
+    replay, static_loss = capture(lambda: step(zero_grad=False), device,
+                                  before_capture=lambda: opt.zero_grad(set_to_none=True))
+
+    def replayed():
+        replay()
         return static_loss
 
-    return replay
+    return replayed
 
 
 def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype, graph=False):

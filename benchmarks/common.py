@@ -63,28 +63,19 @@ def graph_replay_ms(fn, calls: int = 10, replays: int = 15) -> float:
     ``fn`` cannot be captured (a host sync, a CPU-side check of device values)."""
     import statistics
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                 # warm-up off the capture: autotuning, workspaces
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
+    from fastelectra.graphs import capture
+
+    replay, _ = capture(lambda: [fn() for _ in range(calls)], torch.device("cuda", torch.cuda.current_device()))
+    replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
-    del graph
     return statistics.median(times)
 
 

@@ -83,7 +83,7 @@ class PretrainConfig:
     resume: bool = False
     backend: str = "auto"              # auto | fused | eager
     compile: bool = False              # torch.compile the model (one graph: fullgraph=True)
-    cuda_graphs: bool = False          # torch.compile with mode="reduce-overhead": the step replays as CUDA graphs
+    cuda_graphs: bool = False          # capture forward+backward once as a CUDA graph and replay it (one CUDA GPU)
     seed: int = 0
     vocab_size: int | None = None      # WordPiece vocab to train (without --tokenizer); must match it with one
     device: str | None = None          # None: cuda if available, else cpu
@@ -129,6 +129,8 @@ def resolve_options(config: PretrainConfig) -> PretrainConfig:
         raise FastElectraError(f"--backend must be one of {_backend.BACKENDS}, got {c.backend!r}")
     if c.device not in (None, "cpu", "cuda") and not str(c.device).startswith("cuda:"):
         raise FastElectraError(f"--device must be cpu or cuda, got {c.device!r}")
+    if c.cuda_graphs and c.compile:
+        raise FastElectraError("--cuda-graphs and --compile do not go together: pick one")
     unknown = set(c.model_overrides) - {f.name for f in dataclasses.fields(ElectraConfig)}
     if unknown:
         raise FastElectraError(f"model_overrides has unknown ElectraConfig fields: {sorted(unknown)}")
@@ -335,6 +337,9 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     check_backend(c.backend, device)
     if c.cuda_graphs and device.type != "cuda":
         raise FastElectraError(f"--cuda-graphs needs a CUDA device, got {device}")
+    if c.cuda_graphs and world > 1:
+        raise FastElectraError(f"--cuda-graphs runs on one GPU (DistributedDataParallel's hooks cannot be "
+                               f"captured); this run has {world} processes")
     out = os.path.abspath(c.out)
     cache = os.path.join(out, "cache")
     ckpt_path = os.path.join(out, CHECKPOINT)
@@ -401,10 +406,9 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     window = window.to(device)
 
     train_model = model
-    if c.compile or c.cuda_graphs:
-        # the step has no host syncs and static shapes, so it compiles to one graph (and, with
-        # reduce-overhead, replays as CUDA graphs; the fused kernels read their seeds from device memory)
-        train_model = torch.compile(model, fullgraph=True, mode="reduce-overhead" if c.cuda_graphs else None)
+    if c.compile:
+        # the step has no host syncs and static shapes, so it compiles to one graph
+        train_model = torch.compile(model, fullgraph=True)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -412,7 +416,35 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
                           broadcast_buffers=False)
     sampler = data.BatchSampler(len(examples), c.batch_size, world, rank, c.grad_accum, c.seed, start_step, c.steps)
     batches = data.micro_batches(examples, sampler, device, c.num_workers)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    # under graph capture the weight casts must be recorded in the graph: no autocast cache
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not c.cuda_graphs)
+                if device.type == "cuda" else nullcontext())
+
+    def micro_step(ids, mask):
+        """Forward + backward of one micro-batch (grads accumulate in place) + its metrics into window."""
+        with autocast:
+            o = train_model(ids, mask)
+        (o.loss / c.grad_accum).backward()
+        window.add_(torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.rtd_loss.detach(), o.mlm_accuracy,
+                                 o.rtd_accuracy, o.rtd_precision, o.rtd_recall,
+                                 torch.ones((), device=device)]).to(window.dtype))
+
+    graph = None   # with --cuda-graphs: (replay, static ids, static mask), captured at the first micro-batch
+
+    def capture_micro_step(ids, mask):
+        """micro_step captured as a CUDA graph: warm-ups on a copy of the first batch, then their grads
+        and metrics are undone; the grads stay allocated (zeroed in place) so replays accumulate into them."""
+        from .graphs import capture
+
+        static_ids, static_mask = ids.clone(), mask.clone()
+        window_before = window.clone()
+
+        def undo_warmup():
+            optimizer.zero_grad(set_to_none=False)
+            window.copy_(window_before)
+
+        replay, _ = capture(lambda: micro_step(static_ids, static_mask), device, before_capture=undo_warmup)
+        return replay, static_ids, static_mask
     setup_s = time.perf_counter() - t_start
 
     from tqdm.auto import tqdm
@@ -427,20 +459,22 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
             _, j, ids, mask = next(batches)               # (step, micro-batch index, ids, mask)
             ids = ids.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
+            if c.cuda_graphs and graph is None:
+                graph = capture_micro_step(ids, mask)
             torch.manual_seed(micro_batch_seed(c.seed, step, j))
+            if graph is not None and ids.shape == graph[1].shape:
+                graph[1].copy_(ids)
+                graph[2].copy_(mask)
+                graph[0]()                                # replay: the same work, no Python per kernel
+                continue
             sync = train_model.no_sync() if world > 1 and a < c.grad_accum - 1 else nullcontext()
             with sync:
-                with autocast:
-                    o = train_model(ids, mask)
-                (o.loss / c.grad_accum).backward()
-            window += torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.rtd_loss.detach(), o.mlm_accuracy,
-                                   o.rtd_accuracy, o.rtd_precision, o.rtd_recall,
-                                   torch.ones((), device=device)]).to(window.dtype)
+                micro_step(ids, mask)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graph is None)   # a captured backward accumulates into these buffers
         steps_in_window += 1
         n = step + 1
         bar.update(1)
@@ -496,7 +530,8 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
         summary = {
             "preset": c.preset, "steps": c.steps, "start_step": start_step, "world_size": world,
             "batch_size": c.batch_size, "seq_len": c.seq_len, "grad_accum": c.grad_accum, "device": str(device),
-            "backend": _backend.resolve(c.backend), "compile": c.compile, "parameters": n_params,
+            "backend": _backend.resolve(c.backend), "compile": c.compile, "cuda_graphs": c.cuda_graphs,
+            "parameters": n_params,
             "vocab_size": mcfg.vocab_size, "corpus": corpus.name, "tokenizer": tok_source,
             "tokens": examples.n_tokens, "examples": len(examples),
             "setup_s": setup_s, "train_s": train_s, "total_s": time.perf_counter() - t_start,
@@ -549,7 +584,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--backend", choices=list(_backend.BACKENDS), default="auto", help="kernels: fused, eager (torch) or auto")
     a("--compile", action="store_true", help="torch.compile the model (as one graph)")
     a("--cuda-graphs", action="store_true",
-      help="torch.compile with mode=reduce-overhead: replay the step as CUDA graphs (CUDA only; best for small models)")
+      help="capture forward+backward once as a CUDA graph and replay it every micro-batch (one CUDA GPU; "
+           "removes Python launch overhead, which dominates small models)")
     a("--seed", type=int, default=0)
     a("--device", help="cpu or cuda (default: cuda when available)")
     a("--num-workers", type=int, default=2, help="DataLoader workers on CUDA")

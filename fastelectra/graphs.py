@@ -1,0 +1,48 @@
+"""CUDA-graph capture of training work.
+
+ELECTRA's training step in fastelectra never waits for the host (static shapes, no `.item()`, no
+boolean indexing) and every random number it draws is keyed by a seed that lives in device memory
+(torch's CUDA generator, which graphs replay with its current state). So the step can be captured
+once and replayed: each replay runs the same kernels with no Python in between and draws fresh masks,
+dropout and Gumbel noise, and ``torch.manual_seed`` before a replay makes it reproducible. On an H100
+the whole ELECTRA-Small step went from 845 to 7618 sequences/s this way (benchmarks/results/).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from .data import FastElectraError
+
+__all__ = ["capture"]
+
+
+def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
+            before_capture: Optional[Callable[[], None]] = None) -> tuple[Callable[[], None], Any]:
+    """Capture ``fn()`` in a CUDA graph on ``device``; return ``(replay, out)``.
+
+    ``fn`` runs ``warmup`` times first on a side stream (Triton autotuning, cuBLAS workspaces and
+    gradient buffers happen there, outside the capture), then ``before_capture()`` may undo what the
+    warm-up changed (zero the gradients, restore counters), then one call of ``fn`` is captured.
+    ``replay()`` reruns the captured kernels; ``out`` is what the captured call returned, and each
+    replay overwrites its tensors. Inputs must be fed by copying into the tensors ``fn`` reads.
+    ``fn`` must not synchronize with the host; autocast inside it needs ``cache_enabled=False``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise FastElectraError(f"CUDA graphs need a CUDA device, got {device}")
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    current.wait_stream(side)
+    if before_capture is not None:
+        before_capture()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
