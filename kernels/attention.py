@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..autograd import eager_function, use_eager
 from ..rng import check_seed_tensor, seed_tensor
 
 __all__ = ["flash_attention", "flash_attention_varlen", "dropout_mask", "SUPPORTED_HEAD_DIMS"]
@@ -618,11 +619,12 @@ def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, s
     def grid(meta):
         return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
 
-    _attn_fwd[grid](
-        q, k, v, out, lse, mask, lens, cu,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
-        layout.nheads, layout.seqlen_q, layout.seqlen_k,
-        HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q))
+    with _on_device(q):   # Triton launches on the current device
+        _attn_fwd[grid](
+            q, k, v, out, lse, mask, lens, cu,
+            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
+            layout.nheads, layout.seqlen_q, layout.seqlen_k,
+            HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q))
     return out, lse
 
 
@@ -638,30 +640,31 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
 
-    _attn_bwd_preprocess_kernel[(triton.cdiv(layout.seqlen_q, _PREPROCESS_BLOCK) * n_bh,)](
-        out, do, delta, cu, *layout.strides(out), *layout.strides(do), layout.nheads, layout.seqlen_q,
-        HEAD_DIM=layout.head_dim, BLOCK_M=_PREPROCESS_BLOCK, VARLEN=layout.varlen)
-    common = _common_args(layout, dropout_p, softmax_scale, seed, q)
+    with _on_device(q):   # Triton launches on the current device
+        _attn_bwd_preprocess_kernel[(triton.cdiv(layout.seqlen_q, _PREPROCESS_BLOCK) * n_bh,)](
+            out, do, delta, cu, *layout.strides(out), *layout.strides(do), layout.nheads, layout.seqlen_q,
+            HEAD_DIM=layout.head_dim, BLOCK_M=_PREPROCESS_BLOCK, VARLEN=layout.varlen)
+        common = _common_args(layout, dropout_p, softmax_scale, seed, q)
 
-    def grid_kv(meta):
-        return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]) * n_bh,)
+        def grid_kv(meta):
+            return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]) * n_bh,)
 
-    _attn_bwd_dkdv[grid_kv](
-        q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
-        *layout.strides(dk), *layout.strides(dv), stride_mb,
-        layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
-        HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
+        _attn_bwd_dkdv[grid_kv](
+            q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
+            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
+            *layout.strides(dk), *layout.strides(dv), stride_mb,
+            layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+            HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
 
-    def grid_q(meta):
-        return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
+        def grid_q(meta):
+            return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
 
-    _attn_bwd_dq[grid_q](
-        q, k, v, do, dq, lse, delta, mask, lens, cu,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
-        *layout.strides(dq), stride_mb,
-        layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
-        HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
+        _attn_bwd_dq[grid_q](
+            q, k, v, do, dq, lse, delta, mask, lens, cu,
+            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
+            *layout.strides(dq), stride_mb,
+            layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+            HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
     return dq, dk, dv
 
 
@@ -671,8 +674,7 @@ def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
                        key_lens: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                        dropout_p: float, softmax_scale: float,
                        seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    with _on_device(q):
-        return _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+    return _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
 
 
 @_flash_attn_fwd_op.register_fake
@@ -690,9 +692,8 @@ def _flash_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        cu_seqlens: Optional[torch.Tensor], max_seqlen: int, dropout_p: float,
                        softmax_scale: float,
                        seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(q):
-        return _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
-                          softmax_scale, seed)
+    return _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
+                      softmax_scale, seed)
 
 
 @_flash_attn_bwd_op.register_fake
@@ -709,14 +710,24 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward_with(bwd, ctx, grad_out):
+    """The autograd rule, with ``bwd`` the backward custom op (traced path) or its launcher (eager)."""
     q, k, v, out, lse, key_mask, key_lens, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd_op(grad_out, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, ctx.max_seqlen,
-                                    ctx.dropout_p, ctx.softmax_scale, seed)
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, ctx.max_seqlen,
+                     ctx.dropout_p, ctx.softmax_scale, seed)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_flash_attn_fwd_op.register_autograd(lambda ctx, grad_out, _glse: _backward_with(_flash_attn_bwd_op, ctx, grad_out),
+                                     setup_context=_setup_context)
+# eager calls: the same launchers and rule without the custom-op dispatch (fastelectra/autograd.py)
+_flash_attn_eager = eager_function("_FlashAttnFn", _flash_fwd,
+                                   lambda ctx, grad_out, _glse: _backward_with(_flash_bwd, ctx, grad_out),
+                                   _setup_context)
+
+
+def _attn_op(q):
+    return _flash_attn_eager if use_eager(q) else _flash_attn_fwd_op
 
 
 # ============================================================================ functional API
@@ -805,8 +816,8 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
     scale = _scale(softmax_scale, q.shape[-1])
-    out, _ = _flash_attn_fwd_op(q, k, v, key_padding_mask, key_lengths, None, 0, dropout_p, scale,
-                                _seed_for(seed, dropout_p, q))
+    out, _ = _attn_op(q)(q, k, v, key_padding_mask, key_lengths, None, 0, dropout_p, scale,
+                         _seed_for(seed, dropout_p, q))
     return out
 
 
@@ -838,8 +849,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
         if int(lengths.max()) > max_seqlen:
             raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
     scale = _scale(softmax_scale, q.shape[-1])
-    out, _ = _flash_attn_fwd_op(q, k, v, None, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, scale,
-                                _seed_for(seed, dropout_p, q))
+    out, _ = _attn_op(q)(q, k, v, None, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, scale,
+                         _seed_for(seed, dropout_p, q))
     return out
 
 

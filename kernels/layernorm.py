@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..autograd import eager_function, use_eager
 from ..rng import check_seed_tensor, seed_tensor
 
 __all__ = ["fused_layer_norm", "dropout_mask", "MAX_N"]
@@ -377,17 +378,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward_with(bwd, ctx, dy):
+    """The autograd rule, with ``bwd`` the backward custom op (traced path) or its launcher (eager)."""
     x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dx, dres, dw, db = _layer_norm_bwd_op(dy.contiguous(), x, residual, weight, bias, mean, rstd,
-                                          ctx.dropout_p, seed)
+    dx, dres, dw, db = bwd(dy.contiguous(), x, residual, weight, bias, mean, rstd, ctx.dropout_p, seed)
     if residual is not None and not _stores_dres(x, residual, ctx.dropout_p):
         dres = dx  # no dropout, same dtype: d(x + residual) flows unchanged to both
     return (dx, dres if residual is not None else None, dw if weight is not None else None,
             db if bias is not None else None, None, None, None)
 
 
-_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_fwd_op.register_autograd(lambda ctx, dy, _dmean, _drstd: _backward_with(_layer_norm_bwd_op, ctx, dy),
+                                     setup_context=_setup_context)
+# eager calls: the same launchers and rule without the custom-op dispatch (fastelectra/autograd.py)
+_layer_norm_eager = eager_function("_LayerNormFn", _fwd,
+                                   lambda ctx, dy, _dmean, _drstd: _backward_with(_bwd, ctx, dy), _setup_context)
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -429,7 +434,8 @@ def fused_layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0
     shape = x.shape
     x2 = x.reshape(-1, n).contiguous()
     res2 = residual.reshape(-1, n).contiguous() if residual is not None else None
-    y, _, _ = _layer_norm_fwd_op(x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
+    op = _layer_norm_eager if use_eager(x2) else _layer_norm_fwd_op
+    y, _, _ = op(x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
     return y.view(shape)
 
 

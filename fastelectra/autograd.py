@@ -1,0 +1,39 @@
+"""The eager path of a fused op: the same launchers and autograd rule as its custom op, fewer host µs.
+
+Each fused op (layer norm, attention) is a ``torch.library.custom_op`` pair (forward, backward) with
+``register_autograd``: that is what torch.compile traces. Called eagerly, a custom op costs host time
+in the dispatcher and its Python wrappers on every call (measured on a CPU with the kernel launches
+stubbed out: a layer-norm forward+backward took 148 µs through the custom ops, 82 µs through a plain
+``torch.autograd.Function`` over the same launchers, 32 µs for the launchers alone). Host time is what
+an un-graphed training loop spends most of (benchmarks/results/profile_*.md), so eager calls of
+plain tensors take the Function and everything else (torch.compile, fake or functional tensors)
+takes the op. Both run the same ``forward``/``backward``/``setup_context`` functions.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["eager_function", "use_eager"]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_function(name: str, forward: Callable, backward: Callable, setup_context: Callable) -> Callable:
+    """``apply`` of a ``torch.autograd.Function`` named ``name``: ``forward(*inputs)`` returns the outputs,
+    ``setup_context(ctx, inputs, output)`` saves what the backward needs, ``backward(ctx, *grads)``
+    returns one gradient (or None) per input: the contract of ``custom_op.register_autograd``."""
+    def run(ctx, *inputs):   # forward(ctx, ...) style: apply() then skips binding the inputs to a signature
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(run), "backward": staticmethod(backward)})
+    return fn.apply
+
+
+def use_eager(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` may take the eager Function: not while torch.compile traces, and only for
+    plain tensors (a FakeTensor or FunctionalTensor must go through the custom op's registrations)."""
+    return type(t) in _PLAIN and not torch.compiler.is_compiling()

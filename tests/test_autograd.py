@@ -1,0 +1,79 @@
+"""fastelectra/autograd.py: eager calls of the fused ops take a plain autograd.Function over the same
+launchers as their custom ops. Both paths must give the same outputs and gradients, bit for bit (same
+kernels, same seeds), and anything that is not a plain tensor or is being traced must take the op."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
+
+import pytest  # noqa: E402
+
+from fastelectra.autograd import use_eager  # noqa: E402
+from fastelectra.kernels import attention as attn  # noqa: E402
+from fastelectra.kernels import layernorm as ln  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def grads_of(fn, inputs, seed=0):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    torch.manual_seed(seed)
+    out = fn(*leaves)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_layer_norm_eager_function_matches_the_custom_op(monkeypatch, dropout_p):
+    x, res = torch.randn(2, 5, 48, device=DEVICE), torch.randn(2, 5, 48, device=DEVICE)
+    w, b = 1 + 0.1 * torch.randn(48, device=DEVICE), 0.1 * torch.randn(48, device=DEVICE)
+
+    def run(x, res, w, b):
+        return ln.fused_layer_norm(x, w, b, 1e-5, residual=res, dropout_p=dropout_p, seed=7)
+
+    calls = []
+    real = ln._layer_norm_eager
+    monkeypatch.setattr(ln, "_layer_norm_eager", lambda *a: calls.append(1) or real(*a))
+    eager = grads_of(run, (x, res, w, b))
+    assert calls, "an eager call on plain tensors must take the Function"
+    monkeypatch.setattr(ln, "use_eager", lambda t: False)   # force the custom op
+    op = grads_of(run, (x, res, w, b))
+    assert torch.equal(eager[0], op[0])
+    for a, c in zip(eager[1], op[1]):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_eager_function_matches_the_custom_op(monkeypatch, masked):
+    q, k, v = (torch.randn(2, 19, 2, 16, device=DEVICE) for _ in range(3))
+    mask = torch.arange(19, device=DEVICE)[None, :] < torch.tensor([[19], [11]], device=DEVICE) if masked else None
+
+    def run(q, k, v):
+        return attn.flash_attention(q, k, v, mask, dropout_p=0.1, seed=3)
+
+    eager = grads_of(run, (q, k, v))
+    monkeypatch.setattr(attn, "use_eager", lambda t: False)
+    op = grads_of(run, (q, k, v))
+    assert torch.equal(eager[0], op[0])
+    for a, c in zip(eager[1], op[1]):
+        assert torch.equal(a, c)
+
+
+def test_only_plain_tensors_outside_tracing_take_the_eager_path():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert use_eager(torch.zeros(2))
+    assert use_eager(torch.nn.Parameter(torch.zeros(2)))
+    with FakeTensorMode() as mode:
+        assert not use_eager(mode.from_tensor(torch.zeros(2)))
+    seen = []
+
+    def f(x):
+        seen.append(use_eager(x))
+        return x + 1
+
+    torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert seen and not any(seen)
