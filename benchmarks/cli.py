@@ -21,6 +21,7 @@ BENCHMARKS = {
     "replace": ("bench_replace", "the replace_tokens op vs eager Gumbel-max and torch.multinomial"),
     "pretrain": ("bench_pretrain", "sequences/s of the full training step, fastelectra vs HF transformers"),
     "convergence": ("convergence", "loss curves of backend fused vs eager agree within run-to-run noise"),
+    "profile": ("profile_step", "where a training step's time goes: GPU-busy vs wall time, top kernels"),
 }
 
 

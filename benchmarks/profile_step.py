@@ -7,7 +7,8 @@ difference), and the kernels with the most GPU time, grouped into families (atte
 GEMMs, replacement, elementwise, optimizer). A step whose GPU-busy time is well under its wall time
 is launch-bound: torch.compile or CUDA graphs are the remedy, not faster kernels.
 
-    python -m benchmarks.profile_step --presets small base --out gpu_results/profile.txt
+    python -m benchmarks.profile_step --presets small base --out benchmarks/results/profile_<gpu>_<date>.json
+    fastelectra bench profile --presets base --backends fused eager
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from fastelectra.config import ElectraConfig
 
 from .bench_pretrain import SHAPES, fastelectra_step, make_batch, training_step
+from .common import require_cuda, write_results
 
 FAMILIES = [   # first match wins; matched against the lower-cased kernel name
     ("attention (fastelectra)", r"_attn_|attn_fwd|attn_bwd|_attention_preprocess|_delta"),
@@ -39,12 +41,13 @@ def family(name: str) -> str:
     return next((fam for fam, pat in FAMILIES if re.search(pat, low)), "other")
 
 
-def profile(preset: str, backend: str, steps: int, device) -> str:
+def profile(preset: str, backend: str, steps: int, device, graph: bool = False) -> dict:
+    """One profiled configuration: wall and GPU-busy ms per step, ms per kernel family, top kernels."""
     cfg = ElectraConfig.preset(preset)
     b, t = SHAPES[preset]
     torch.manual_seed(0)
     model, loss_fn = fastelectra_step(cfg, backend, False, device)
-    step = training_step(model, loss_fn, *make_batch(cfg, b, t, False, device), torch.bfloat16)
+    step = training_step(model, loss_fn, *make_batch(cfg, b, t, False, device), torch.bfloat16, graph=graph)
     for _ in range(5):
         step()
     torch.cuda.synchronize()
@@ -65,16 +68,28 @@ def profile(preset: str, backend: str, steps: int, device) -> str:
     fams: dict[str, float] = {}
     for e in kernels:
         fams[family(e.key)] = fams.get(family(e.key), 0.0) + dev_us(e) / 1e3 / steps
-    lines = [f"## {preset} (B={b}, T={t}), backend={backend}, bf16, {steps} profiled steps",
-             f"wall {wall:.2f} ms/step ({b / wall * 1e3:.0f} seq/s), GPU busy {busy:.2f} ms/step "
-             f"({100 * busy / wall:.0f}% of wall)", "", "| family | ms/step | share of GPU time |", "|---|---|---|"]
-    for fam, ms in sorted(fams.items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {fam} | {ms:.3f} | {100 * ms / busy:.1f}% |")
-    lines += ["", "| kernel | calls/step | ms/step |", "|---|---|---|"]
-    for e in sorted(kernels, key=lambda e: -dev_us(e))[:15]:
-        lines.append(f"| {e.key[:90]} | {e.count / steps:.0f} | {dev_us(e) / 1e3 / steps:.3f} |")
+    top = sorted(kernels, key=lambda e: -dev_us(e))[:15]
     del model, step
     torch.cuda.empty_cache()
+    return {"preset": preset, "batch": b, "seqlen": t, "backend": backend + ("+graph" if graph else ""), "steps": steps,
+            "wall_ms": wall, "gpu_busy_ms": busy, "seq_per_s": b / wall * 1e3,
+            "families_ms": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"kernel": e.key, "calls_per_step": e.count / steps, "ms_per_step": dev_us(e) / 1e3 / steps}
+                            for e in top]}
+
+
+def report(r: dict) -> str:
+    """Markdown for one profile() result."""
+    lines = [f"## {r['preset']} (B={r['batch']}, T={r['seqlen']}), backend={r['backend']}, bf16, "
+             f"{r['steps']} profiled steps",
+             f"wall {r['wall_ms']:.2f} ms/step under the profiler ({r['seq_per_s']:.0f} seq/s), GPU busy {r['gpu_busy_ms']:.2f} ms/step "
+             f"({100 * r['gpu_busy_ms'] / r['wall_ms']:.0f}% of wall)", "",
+             "| family | ms/step | share of GPU time |", "|---|---|---|"]
+    for fam, ms in r["families_ms"].items():
+        lines.append(f"| {fam} | {ms:.3f} | {100 * ms / r['gpu_busy_ms']:.1f}% |")
+    lines += ["", "| kernel | calls/step | ms/step |", "|---|---|---|"]
+    for k in r["top_kernels"]:
+        lines.append(f"| {k['kernel'][:90]} | {k['calls_per_step']:.0f} | {k['ms_per_step']:.3f} |")
     return "\n".join(lines)
 
 
@@ -83,17 +98,15 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="+", default=["small", "base"], choices=sorted(SHAPES))
     ap.add_argument("--backends", nargs="+", default=["fused", "eager"], choices=["fused", "eager"])
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", help="text file for the report (also printed)")
+    ap.add_argument("--graph", action="store_true", help="profile the step replayed as one CUDA graph instead")
+    ap.add_argument("--out", help="JSON path (the markdown report is written beside it)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_step: needs a CUDA GPU")
-    report = "\n\n".join(profile(p, be, args.steps, torch.device("cuda"))
-                         for p in args.presets for be in args.backends)
+    require_cuda("profile_step")
+    results = [profile(p, be, args.steps, torch.device("cuda"), args.graph)
+               for p in args.presets for be in args.backends]
     header = f"# profile_step on {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n"
-    print(header + report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(header + report + "\n")
+    write_results(args.out, {"benchmark": "profile_step", "results": results},
+                  header + "\n\n".join(report(r) for r in results))
     return 0
 
 

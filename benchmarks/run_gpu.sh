@@ -58,7 +58,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
   done
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
-  timeout -s INT -k 20 "${T_PROF:-$T_BENCH}" $PY -m benchmarks.profile_step ${ARGS_profile_step:-} --out "$RES/profile_${slug}_${date}.md" \
+  timeout -s INT -k 20 "${T_PROF:-$T_BENCH}" $PY -m benchmarks.profile_step ${ARGS_profile_step:-} --out "$RES/profile_${slug}_${date}.json" \
     >"$RES/profile.log" 2>&1 || { echo "profile_step failed (see profile.log)"; status=1; }
   grep -E "^## |^wall" "$RES/profile.log"
 fi
