@@ -161,6 +161,49 @@ def check_targets(results):
     }
 
 
+# Launch shapes to try with --sweep: kernels/layernorm.py's module constants (read at each launch)
+SWEEP = {
+    "FWD_TILE": (2048, 4096, 8192),
+    "FWD_ELEMS_PER_THREAD": (8, 16, 32),
+    "BWD_TILE": (1024, 2048, 4096),
+    "BWD_WARPS_PER_SM": (16, 32, 64),
+}
+
+
+def sweep(rows, hidden, dtype):
+    """Time the fused kernels under each launch shape in SWEEP, one constant varied at a time from the
+    shipped values (fwd for FWD_*, fwd+bwd for BWD_*): what to change to reach the targets."""
+    from fastelectra.kernels import layernorm
+
+    results = []
+    shipped = {name: getattr(layernorm, name) for name in SWEEP}
+    elem = torch.empty((), dtype=dtype).element_size()
+    fused = contenders("ln")["fastelectra"]
+    try:
+        for n in hidden:
+            x, _, dy, weight, bias = make_inputs(rows, n, dtype)
+            for name, values in SWEEP.items():
+                mode = "fwd" if name.startswith("FWD") else "fwd+bwd"
+                for value in values:
+                    setattr(layernorm, name, value)
+                    row = dict(rows=rows, n=n, mode=mode, constant=name, value=value,
+                               shipped=value == shipped[name])
+                    try:
+                        row.update(time_contender(fused, x, weight, bias, None, dy, mode))
+                        row["gbps"] = bytes_moved(rows, n, elem, "ln", mode) / row["ms"] / 1e6
+                    except Exception as err:   # e.g. a shape that does not compile: record, go on
+                        row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    results.append(row)
+                    print(f"N={n:5d} {mode:8s} {name}={value:<6d} "
+                          + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),
+                          flush=True)
+                setattr(layernorm, name, shipped[name])
+    finally:
+        for name, value in shipped.items():
+            setattr(layernorm, name, value)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON path (a .md table is written beside it)")
@@ -169,12 +212,22 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: time the fused kernels under other launch shapes (see SWEEP)")
     args = parser.parse_args(argv)
     if args.rows < 1 or any(not 1 <= n <= 8192 for n in args.hidden):
         parser.error("--rows must be >= 1 and every --hidden in [1, 8192]")
     require_cuda("bench_layernorm")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
+    if args.sweep:
+        results = sweep(args.rows, args.hidden, dtype)
+        table = markdown_table([dict(r, result=(f"{r['gbps']:.0f}" if "gbps" in r else "skipped")) for r in results],
+                               ["n", "mode", "constant", "value", "shipped", "ms", "result", "ms_call"])
+        write_results(args.out, {"benchmark": "layernorm_sweep", "config": {"dtype": args.dtype, "rows": args.rows,
+                                                                            "hidden": args.hidden, "sweep": SWEEP},
+                                 "results": results}, table.replace("| result |", "| GB/s |", 1))
+        return
     results = run(args.rows, args.hidden, args.cases, args.modes, dtype)
     add_ratios(results)
     targets = check_targets(results)
