@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, write_results
 
 SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
 CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")
@@ -159,16 +159,15 @@ def main(argv=None):
 
     rows = run(shapes, args.cases, dtype, args.modes)
     add_ratios(rows)
-    table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}",
-                       result=(f"{r['tflops']:.1f}" if "tflops" in r else "skipped")) for r in rows]
-    table = markdown_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer", "ms_call"])
+    table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}") for r in rows]
+    table = rate_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer", "ms_call"],
+                       "tflops", "result", digits=1)
     payload = {
         "benchmark": "attention",
         "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": args.cases,
                    "modes": args.modes, "flops": "4*B*H*T^2*D forward, x3.5 forward+backward, dense",
                    "gpu_slug": gpu_slug(),
-                   "timing": "ms, TFLOP/s: GPU time per call from CUDA-graph replays; ms_call: "
-                             "triton.testing.do_bench median of eager calls (host overhead included)",
+                   "timing": f"ms, TFLOP/s: {TIMING}",
                    "date": datetime.date.today().isoformat()},
         "results": rows,
     }

@@ -23,7 +23,7 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from .common import bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, write_results
 
 ROWS = 65536
 HIDDEN = (256, 768, 1024, 4096)
@@ -222,26 +222,23 @@ def main(argv=None):
 
     if args.sweep:
         results = sweep(args.rows, args.hidden, dtype)
-        table = markdown_table([dict(r, result=(f"{r['gbps']:.0f}" if "gbps" in r else "skipped")) for r in results],
-                               ["n", "mode", "constant", "value", "shipped", "ms", "result", "ms_call"])
+        table = rate_table(results, ["n", "mode", "constant", "value", "shipped", "ms", "GB/s", "ms_call"],
+                           "gbps", "GB/s")
         write_results(args.out, {"benchmark": "layernorm_sweep", "config": {"dtype": args.dtype, "rows": args.rows,
                                                                             "hidden": args.hidden, "sweep": SWEEP},
-                                 "results": results}, table.replace("| result |", "| GB/s |", 1))
+                                 "results": results}, table)
         return
     results = run(args.rows, args.hidden, args.cases, args.modes, dtype)
     add_ratios(results)
     targets = check_targets(results)
-    table = markdown_table(
-        [dict(r, result=(f"{r['gbps']:.0f}" if "gbps" in r else "skipped")) for r in results],
-        ["n", "case", "mode", "contender", "ms", "result", "vs_eager", "vs_compile", "ms_call"])
-    table = table.replace("| result |", "| GB/s |", 1)
+    table = rate_table(results, ["n", "case", "mode", "contender", "ms", "GB/s", "vs_eager", "vs_compile", "ms_call"],
+                       "gbps", "GB/s")
     payload = {
         "benchmark": "layernorm",
         "config": {"dtype": args.dtype, "rows": args.rows, "hidden": args.hidden, "cases": args.cases,
                    "modes": args.modes, "dropout_p": DROPOUT, "eps": EPS, "gpu_slug": gpu_slug(),
                    "bytes": "each input read once + each output written once",
-                   "timing": "ms, GB/s: GPU time per call from CUDA-graph replays; ms_call: "
-                             "triton.testing.do_bench median of eager calls (host overhead included)", "date": datetime.date.today().isoformat()},
+                   "timing": f"ms, GB/s: {TIMING}", "date": datetime.date.today().isoformat()},
         "targets": targets,
         "results": results,
     }

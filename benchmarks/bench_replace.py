@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .common import bench_ms, gpu_slug, markdown_table, require_cuda, write_results
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, write_results
 
 SIZES = ("2500x30522", "40000x30522")
 DTYPES = ("bf16", "fp32")
@@ -167,18 +167,15 @@ def main(argv=None):
     results = run(args.sizes, args.dtypes, args.contenders, args.temperature)
     add_ratios(results)
     targets = check_targets(results)
-    table = markdown_table(
-        [dict(r, result=(f"{r['gbps']:.0f}" if "gbps" in r else "skipped")) for r in results],
-        ["n", "vocab", "dtype", "contender", "ms", "result", "vs_eager", "vs_multinomial", "ms_call"])
-    table = table.replace("| result |", "| GB/s of logits |", 1)
+    table = rate_table(results, ["n", "vocab", "dtype", "contender", "ms", "GB/s of logits", "vs_eager",
+                                 "vs_multinomial", "ms_call"], "gbps", "GB/s of logits")
     payload = {
         "benchmark": "replace_tokens",
         "config": {"sizes": [f"{n}x{v}" for n, v in args.sizes], "dtypes": args.dtypes,
                    "contenders": args.contenders, "temperature": args.temperature, "seqlen": SEQLEN,
                    "mask_fraction": MASK_FRACTION, "gpu_slug": gpu_slug(),
                    "bytes": "logits read once (N * V * element size)",
-                   "timing": "ms, GB/s: GPU time per call from CUDA-graph replays; ms_call: "
-                             "triton.testing.do_bench median of eager calls (host overhead included)",
+                   "timing": f"ms, GB/s: {TIMING}",
                    "date": datetime.date.today().isoformat()},
         "targets": targets,
         "results": results,

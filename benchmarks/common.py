@@ -132,6 +132,18 @@ def pyplot():
     return plt
 
 
+# how bench_ms's two timings are described in each benchmark's JSON (after "ms, <rate unit>: ")
+TIMING = ("GPU time per call from CUDA-graph replays; ms_call: "
+          "triton.testing.do_bench median of eager calls (host overhead included)")
+
+
+def rate_table(rows: list[dict], columns: list[str], rate: str, header: str, digits: int = 0) -> str:
+    """markdown_table with column ``header`` showing each row's ``rate`` to ``digits`` decimals, or
+    "skipped" where the row has none (a contender that failed or refused the case)."""
+    return markdown_table([dict(r, **{header: f"{r[rate]:.{digits}f}" if rate in r else "skipped"}) for r in rows],
+                          columns)
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
