@@ -16,12 +16,14 @@ Key-padding mask. As per-sequence lengths (prefix masks) or as a general (batch,
 boolean mask that the kernels load block by block and honour exactly; key blocks past the last
 valid key are never visited. A sequence without a valid key gives zeros (not NaN).
 
-Dropout. Philox (tl.randint4x) in the kernels, regenerated identically in the backward, never
-stored. One Philox call gives four 32-bit words = eight 16-bit draws, the keep decisions of
-eight neighbouring keys; a probability is dropped when its draw is below round(p·2¹⁶).
-Counter of the 8-key group g of query row r in (batch b, head h):
-    ((b·nheads + h)·seqlen_q + r)·cdiv(seqlen_k, 8) + g   (Philox key = the 64-bit seed)
-so the mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k =
+Dropout. Philox4x32-7 in the kernels, regenerated identically in the backward, never stored.
+One Philox call gives four 32-bit words = eight 16-bit draws, the keep decisions of eight keys;
+a probability is dropped when its draw is below round(p·2¹⁶). Key n of query row r in (batch b,
+head h) takes the call with counter
+    ((b·nheads + h)·seqlen_q + r)·4·cdiv(seqlen_k, 32) + 4·(n // 32) + (n // 2) % 4
+(Philox key = the 64-bit seed), word (n // 8) % 4 of it, low half for even n: the keys of one
+call sit in one thread of the MMA layout, so the dropout costs no data movement between threads
+in the forward and dQ kernels. The mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k =
 max_seqlen) draws the same mask as the padded layout. ``dropout_mask`` returns it for tests.
 The seed is an int64 (1,) tensor on q's device (fastelectra.rng) that the kernels load: no
 ``.item()``, no host sync, and a CUDA-graph replay uses the fresh seed drawn in the graph.
@@ -53,13 +55,16 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634           # 1/ln 2: exp(x) = exp2(x / ln 2)
 DRAW_BITS = tl.constexpr(16)         # bits of one dropout draw: a 32-bit Philox word holds two
 DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
+PHILOX_ROUNDS = tl.constexpr(7)      # Philox4x32-7: FlashAttention-2's dropout choice, crush-resistant (Salmon et al.)
 KEYS_PER_CALL = tl.constexpr(8)      # keep decisions per Philox call: 4 words x 2 draws
+KEYS_PER_GROUP = tl.constexpr(32)    # keys whose draws 4 neighbouring calls interleave; tiles are multiples
 DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The interpreter (triton 3.9) multiplies bfloat16 bit patterns as integers in tl.dot; under it the
-# kernels widen dot operands to fp32 first (exact for 16-bit inputs). Compiled kernels are unaffected.
-_WIDEN_DOTS = tl.constexpr(_INTERPRET)
+# Two things differ under the interpreter: it multiplies bfloat16 bit patterns as integers in tl.dot
+# (triton 3.9), so the kernels widen dot operands to fp32 first (exact for 16-bit inputs), and it runs
+# no inline PTX, so Philox multiplies with umulhi + mul. Compiled kernels are unaffected.
+_IN_INTERPRETER = tl.constexpr(_INTERPRET)
 
 
 # ============================================================================ Triton kernels
@@ -70,39 +75,99 @@ def _mma(
     acc,             # (M, N) fp32 accumulator, or None
     DOT_PRECISION: tl.constexpr,
 ):
-    if _WIDEN_DOTS:
+    if _IN_INTERPRETER:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _halves(
-    word,            # (BLOCK_M, BLOCK_N // 8) uint32 Philox output
+def _rng_rows(
+    bh,              # batch * nheads + head
+    seqlen_q,        # query rows per sequence
+    seqlen_k,        # keys per sequence
 ):
-    lo = (word & DRAW_MASK).to(tl.int32, bitcast=True)
-    hi = (word >> DRAW_BITS).to(tl.int32, bitcast=True)
+    """(first Philox counter of head bh, counters per query row): a row takes 4 calls per 32 keys."""
+    row_stride = tl.cdiv(seqlen_k, KEYS_PER_GROUP) * (KEYS_PER_GROUP // KEYS_PER_CALL)
+    return bh.to(tl.int64) * seqlen_q * row_stride, row_stride
+
+
+@triton.jit
+def _mul_wide(
+    a,               # (…) uint32
+    M: tl.constexpr, # uint32 multiplier
+):
+    """(high, low) 32-bit words of the 64-bit product a·M: one IMAD.WIDE.U32 on the GPU."""
+    if _IN_INTERPRETER:
+        return tl.math.umulhi(a, M), a * M
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }", "=r,=r,r,r",
+            [a, tl.full(a.shape, M, tl.uint32)], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _philox4x32(
+    c0, c1,          # (…) uint32 counter words 0 and 1 (words 2 and 3 are zero)
+    k0, k1,          # scalar uint32 key words
+    N_ROUNDS: tl.constexpr,
+):
+    """Philox4x32 (Salmon et al. 2011, the constants of tl.randint4x, which it equals bit for bit),
+    written with one 32x32->64-bit product per multiply so each compiles to a single IMAD.WIDE
+    (tl.randint4x spends two instructions, umulhi and mul, on each)."""
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(N_ROUNDS):
+        hi_b, lo_b = _mul_wide(c2, 0xCD9E8D57)                  # PHILOX_M4x32_1
+        hi_a, lo_a = _mul_wide(c0, 0xD2511F53)                  # PHILOX_M4x32_0
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = k0 + 0x9E3779B9                                    # PHILOX_W32_0 (golden ratio)
+        k1 = k1 + 0xBB67AE85                                    # PHILOX_W32_1 (sqrt(3) - 1)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _keep_halves(
+    word,            # (BLOCK_M, BLOCK_N // 8) uint32 Philox output
+    drop_threshold,  # int32: a 16-bit draw below it drops
+):
+    """Keep decisions of the word's two 16-bit draws, compared in place (no shifts of the words)."""
+    lo = (word & DRAW_MASK) >= drop_threshold.to(tl.uint32)
+    hi = word >= (drop_threshold.to(tl.uint32) << DRAW_BITS)     # high half >= t  <=>  word >= t * 2^16
     return tl.join(lo, hi)                          # (BLOCK_M, BLOCK_N // 8, 2)
 
 
 @triton.jit
-def _dropout_draws(
+def _dropout_keep(
     seed,            # scalar int64 Philox key
     rng_base,        # int64: first counter of this (batch, head)
-    rng_row_stride,  # counters per query row: cdiv(seqlen_k, KEYS_PER_CALL)
+    rng_row_stride,  # counters per query row (_rng_rows)
     offs_m,          # (BLOCK_M,) query rows inside the sequence
-    start_n,         # first key of the tile, a multiple of KEYS_PER_CALL
+    start_n,         # first key of the tile, a multiple of KEYS_PER_GROUP
+    drop_threshold,  # int32: a 16-bit draw below it drops
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_N) int32 draws in [0, 2^16). Key 8g + j of a row takes, from the Philox
-    call of its group g, word 2·(j % 2) + (j // 2) % 2, low half for j < 4, high half otherwise
-    (the order tl.join + tl.reshape produce; the same in every kernel)."""
+    """(BLOCK_M, BLOCK_N) bool keep-mask, BLOCK_N a multiple of 32. Key n of a row takes call
+    4·(n // 32) + (n // 2) % 4 of the row, word (n // 8) % 4, low half for even n. The eight keys of
+    one call are those a thread holds in the MMA accumulator's layout (two adjacent columns in each
+    of four 8-column groups), so the compiler places the joins below without moving data between
+    threads (checked on the sm_90 SASS: no shared-memory round trip in the forward and dQ loops)."""
+    tl.static_assert(BLOCK_N % KEYS_PER_GROUP.value == 0, "dropout tiles are whole 32-key groups")
     offs_g = start_n // KEYS_PER_CALL + tl.arange(0, BLOCK_N // KEYS_PER_CALL)
     counter = rng_base + offs_m.to(tl.int64)[:, None] * rng_row_stride + offs_g[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counter)
-    draws = tl.join(tl.join(_halves(w0), _halves(w1)), tl.join(_halves(w2), _halves(w3)))
-    return tl.reshape(draws, (BLOCK_M, BLOCK_N))    # (BLOCK_M, BLOCK_N // 8, 2, 2, 2) flattened
+    key = seed.to(tl.uint64)
+    w0, w1, w2, w3 = _philox4x32(counter.to(tl.uint32), (counter >> 32).to(tl.uint32),
+                                 key.to(tl.uint32), (key >> 32).to(tl.uint32), PHILOX_ROUNDS)
+    keep = tl.join(tl.join(_keep_halves(w0, drop_threshold), _keep_halves(w1, drop_threshold)),
+                   tl.join(_keep_halves(w2, drop_threshold), _keep_halves(w3, drop_threshold)))
+    # (m, call = 4G + c, e, j0, j1) -> key 32G + 8(2 j1 + j0) + 2c + e
+    keep = tl.reshape(keep, (BLOCK_M, BLOCK_N // KEYS_PER_GROUP.value, 4, 2, 2, 2))
+    keep = tl.permute(keep, (0, 1, 5, 4, 2, 3))
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -207,8 +272,7 @@ def _attn_fwd_kernel(
     K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     KeyMask += b.to(tl.int64) * stride_mb
-    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
-    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     if IS_DROPOUT:
@@ -230,8 +294,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)                        # softmax sums before dropout
         acc = acc * alpha[:, None]
         if IS_DROPOUT:
-            draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
-            p = tl.where(draws >= drop_threshold, p, 0.0)
+            keep = _dropout_keep(seed, rng_base, rng_row_stride, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
@@ -334,8 +398,7 @@ def _attn_bwd_dkdv_kernel(
     KeyMask += b.to(tl.int64) * stride_mb
     Lse += bh.to(tl.int64) * seqlen_q
     Delta += bh.to(tl.int64) * seqlen_q
-    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
-    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
 
     key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
     if IS_DROPOUT:
@@ -356,10 +419,10 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
         if IS_DROPOUT:
-            draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
-            keep_t = tl.trans(draws) >= drop_threshold
-            pt_dropped = tl.where(keep_t, pt * drop_scale, 0.0)
-            dpt = tl.where(keep_t, dpt * drop_scale, 0.0)
+            keep_t = tl.trans(_dropout_keep(seed, rng_base, rng_row_stride, offs_m, start_n, drop_threshold,
+                                            BLOCK_M, BLOCK_N))
+            pt_dropped = tl.where(keep_t, pt, 0.0)              # 1/(1-p) is applied to dv once, below
+            dpt = tl.where(keep_t, dpt, 0.0) * drop_scale      # one FFMA with the "- delta" below
         else:
             pt_dropped = pt
         dv = _mma(pt_dropped.to(do.dtype), do, dv, DOT_PRECISION)
@@ -367,6 +430,8 @@ def _attn_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PRECISION)
 
+    if IS_DROPOUT:
+        dv = dv * drop_scale
     dk = dk * sm_scale
     store_ok = (offs_n < k_rows)[:, None]
     DK = _head_rows(DK, b, h, row0, stride_dkb, stride_dkh, stride_dkt)
@@ -428,8 +493,7 @@ def _attn_bwd_dq_kernel(
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
     KeyMask += b.to(tl.int64) * stride_mb
-    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
-    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
+    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -449,8 +513,8 @@ def _attn_bwd_dq_kernel(
         p = tl.where(key_ok[None, :], p, 0.0)
         dp = _mma(do, vt, None, DOT_PRECISION)
         if IS_DROPOUT:
-            draws = _dropout_draws(seed, rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
-            dp = tl.where(draws >= drop_threshold, dp * drop_scale, 0.0)
+            keep = _dropout_keep(seed, rng_base, rng_row_stride, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp, 0.0) * drop_scale          # one FFMA with the "- delta" below
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
@@ -474,10 +538,9 @@ def _dropout_mask_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     start_n = tl.program_id(2) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    rng_row_stride = tl.cdiv(seqlen_k, KEYS_PER_CALL)
-    rng_base = bh.to(tl.int64) * seqlen_q * rng_row_stride
-    draws = _dropout_draws(tl.load(Seed), rng_base, rng_row_stride, offs_m, start_n, BLOCK_M, BLOCK_N)
-    keep = (draws >= drop_threshold).to(tl.int8)
+    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
+    keep = _dropout_keep(tl.load(Seed), rng_base, rng_row_stride, offs_m, start_n, drop_threshold,
+                         BLOCK_M, BLOCK_N).to(tl.int8)
     Keep += bh.to(tl.int64) * seqlen_q * seqlen_k
     tl.store(Keep + offs_m[:, None] * seqlen_k + offs_n[None, :], keep,
              mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
@@ -488,7 +551,7 @@ def _configs(shapes):
     """Autotuning configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config
     under the interpreter (TRITON_INTERPRET=1), where timing means nothing and size is speed."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
@@ -866,7 +929,7 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     seed = seed_tensor(seed, device)
     threshold, _ = _dropout_args(_check_dropout(p))
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
-    block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
+    block_m, block_n = (16, 32) if _INTERPRET else (64, 64)
     grid = (batch * nheads, triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
     with _on_device(keep):
         _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)

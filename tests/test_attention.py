@@ -178,8 +178,10 @@ def test_dropout_mask_statistics():
         keep = dropout_mask(99, batch, nheads, seqlen, seqlen, p, DEVICE).float()
         sd = ((1 - p) * p / n) ** 0.5
         assert abs(keep.mean().item() - (1 - p)) < 4 * sd, p
-        per_lane = keep.reshape(-1, seqlen // 8, 8).mean(dim=(0, 1))  # each of the 8 draws per call
-        assert ((per_lane - (1 - p)).abs() < 4 * sd * 8 ** 0.5).all(), (p, per_lane)
+        col = torch.arange(seqlen)
+        slot = 2 * ((col // 8) % 4) + col % 2                           # which of a call's 8 draws
+        per_slot = torch.stack([keep[..., slot == i].mean() for i in range(8)])
+        assert ((per_slot - (1 - p)).abs() < 4 * sd * 8 ** 0.5).all(), (p, per_slot)
     a = dropout_mask(5, batch, nheads, seqlen, seqlen, 0.5, DEVICE)
     assert torch.equal(a, dropout_mask(5, batch, nheads, seqlen, seqlen, 0.5, DEVICE))
     assert not torch.equal(a, dropout_mask(6, batch, nheads, seqlen, seqlen, 0.5, DEVICE))
@@ -187,36 +189,40 @@ def test_dropout_mask_statistics():
     assert dropout_mask(5, 1, 1, 8, 8, 0.0, DEVICE).all()
 
 
-def philox4x32_10(counter, seed):
-    """Philox4x32-10 (Salmon et al. 2011) on 64-bit counters (c0, c1 = lo, hi; c2 = c3 = 0) with
-    key (seed lo, seed hi): the generator tl.randint4x runs, in numpy."""
+def philox4x32(counter, seed, rounds):
+    """Philox4x32-R (Salmon et al. 2011) on 64-bit counters (c0, c1 = lo, hi; c2 = c3 = 0) with
+    key (seed lo, seed hi): the generator of tl.randint4x, in numpy."""
     import numpy as np
 
     m32 = np.uint64(0xFFFFFFFF)
     c0, c1 = counter & m32, counter >> np.uint64(32)
     c2 = c3 = np.zeros_like(counter)
     k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-    for _ in range(10):
+    for _ in range(rounds):
         p0, p2 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2   # < 2^64: no overflow
         c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & m32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
     return c0, c1, c2, c3
 
 
-def test_dropout_mask_follows_the_documented_counter_layout():
-    """counter = ((b·H + h)·Tq + r)·cdiv(Tk, 8) + col // 8; col j of a group takes word
-    2·(j % 2) + (j // 2) % 2, low half for j < 4; keep when the 16-bit draw >= round(p·2^16)."""
+def documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p):
+    """The keep-mask the module docstring specifies, from a numpy Philox4x32-7: key n of query row r
+    in head bh takes call ((bh·Tq + r)·4·cdiv(Tk, 32) + 4·(n // 32) + (n // 2) % 4, word (n // 8) % 4,
+    low half for even n; keep when the 16-bit draw >= round(p·2^16)."""
     import numpy as np
 
-    batch, nheads, seqlen_q, seqlen_k, p, seed = 2, 2, 3, 21, 0.3, 2**40 + 12345
-    groups = -(-seqlen_k // 8)
-    bh, r, col = np.meshgrid(np.arange(batch * nheads), np.arange(seqlen_q), np.arange(seqlen_k), indexing="ij")
-    counter = ((bh * seqlen_q + r) * groups + col // 8).astype(np.uint64)
-    words = philox4x32_10(counter, seed)
-    j = col % 8
-    word = np.choose(2 * (j % 2) + (j // 2) % 2, words)
-    draw = np.where(j < 4, word & np.uint64(0xFFFF), word >> np.uint64(16))
-    expected = torch.from_numpy(draw >= round(p * 2**16)).reshape(batch, nheads, seqlen_q, seqlen_k)
+    calls_per_row = 4 * -(-seqlen_k // 32)
+    bh, r, n = np.meshgrid(np.arange(batch * nheads), np.arange(seqlen_q), np.arange(seqlen_k), indexing="ij")
+    counter = ((bh * seqlen_q + r) * calls_per_row + 4 * (n // 32) + (n // 2) % 4).astype(np.uint64)
+    word = np.choose((n // 8) % 4, philox4x32(counter, seed, rounds=7))
+    draw = np.where(n % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    return torch.from_numpy(draw >= round(p * 2**16)).reshape(batch, nheads, seqlen_q, seqlen_k)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(3, 21), (5, 77)])
+def test_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k):
+    batch, nheads, p, seed = 2, 2, 0.3, 2**40 + 12345
+    expected = documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p)
     assert torch.equal(dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, DEVICE).cpu(), expected)
 
 
@@ -365,6 +371,15 @@ def _gpu_case(batch, seqlen, nheads, head_dim, dtype=torch.bfloat16, masked=True
 ])
 def test_gpu_real_shapes(batch, seqlen, nheads, head_dim, dtype, masked, p):
     _gpu_case(batch, seqlen, nheads, head_dim, dtype, masked, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(512, 512), (77, 77), (130, 300)])
+def test_gpu_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k):
+    """The compiled kernels multiply with inline PTX (mul.wide.u32), the interpreter with umulhi: the
+    numpy Philox checks the compiled path here."""
+    expected = documented_dropout_mask(2**33 + 7, 2, 3, seqlen_q, seqlen_k, 0.1)
+    assert torch.equal(dropout_mask(2**33 + 7, 2, 3, seqlen_q, seqlen_k, 0.1, "cuda").cpu(), expected)
 
 
 @pytest.mark.gpu
