@@ -285,11 +285,11 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
         kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        s = _mma(q, kt, None, DOT_PRECISION) * qk_scale               # (BLOCK_M, BLOCK_N)
+        s = _mma(q, kt, None, DOT_PRECISION)                          # (BLOCK_M, BLOCK_N) unscaled
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)        # max commutes with the scale (> 0)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows with no valid key so far
-        p = tl.math.exp2(s - m_ref[:, None])
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])         # one FFMA per score
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)                        # softmax sums before dropout
         acc = acc * alpha[:, None]
