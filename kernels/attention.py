@@ -23,8 +23,10 @@ head h) takes the call with counter
     ((b·nheads + h)·seqlen_q + r)·4·cdiv(seqlen_k, 32) + 4·(n // 32) + (n // 2) % 4
 (Philox key = the 64-bit seed), word (n // 8) % 4 of it, low half for even n: the keys of one
 call sit in one thread of the MMA layout, so the dropout costs no data movement between threads
-in the forward and dQ kernels. The mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k =
-max_seqlen) draws the same mask as the padded layout. ``dropout_mask`` returns it for tests.
+in the forward and dQ kernels (benchmarks/sass_loops.py reads it off the sm_90 SASS). Seven
+rounds, as FlashAttention-2 and CK use for dropout: the fewest Salmon et al. found crush-resistant.
+The mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k = max_seqlen)
+draws the same mask as the padded layout. ``dropout_mask`` returns it for tests.
 The seed is an int64 (1,) tensor on q's device (fastelectra.rng) that the kernels load: no
 ``.item()``, no host sync, and a CUDA-graph replay uses the fresh seed drawn in the graph.
 
@@ -55,9 +57,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634           # 1/ln 2: exp(x) = exp2(x / ln 2)
 DRAW_BITS = tl.constexpr(16)         # bits of one dropout draw: a 32-bit Philox word holds two
 DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
-PHILOX_ROUNDS = tl.constexpr(7)      # Philox4x32-7: FlashAttention-2's dropout choice, crush-resistant (Salmon et al.)
+PHILOX_ROUNDS = tl.constexpr(7)      # Philox4x32-7 (see "Dropout" above)
 KEYS_PER_CALL = tl.constexpr(8)      # keep decisions per Philox call: 4 words x 2 draws
-KEYS_PER_GROUP = tl.constexpr(32)    # keys whose draws 4 neighbouring calls interleave; tiles are multiples
+KEYS_PER_GROUP = tl.constexpr(32)    # keys whose draws 4 calls interleave; dropout tiles are multiples
 DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
