@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 from fastelectra import ops  # noqa: E402
 from fastelectra.kernels.attention import dropout_mask, flash_attention, flash_attention_varlen  # noqa: E402
 from fastelectra.kernels.layernorm import fused_layer_norm  # noqa: E402
+from philox_ref import U32, philox4x32  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}  # absolute error floor
@@ -189,22 +190,6 @@ def test_dropout_mask_statistics():
     assert dropout_mask(5, 1, 1, 8, 8, 0.0, DEVICE).all()
 
 
-def philox4x32(counter, seed, rounds):
-    """Philox4x32-R (Salmon et al. 2011) on 64-bit counters (c0, c1 = lo, hi; c2 = c3 = 0) with
-    key (seed lo, seed hi): the generator of tl.randint4x, in numpy."""
-    import numpy as np
-
-    m32 = np.uint64(0xFFFFFFFF)
-    c0, c1 = counter & m32, counter >> np.uint64(32)
-    c2 = c3 = np.zeros_like(counter)
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-    for _ in range(rounds):
-        p0, p2 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2   # < 2^64: no overflow
-        c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & m32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
-    return c0, c1, c2, c3
-
-
 def documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p):
     """The keep-mask the module docstring specifies, from a numpy Philox4x32-7: key n of query row r
     in head bh takes call ((bh·Tq + r)·4·cdiv(Tk, 32) + 4·(n // 32) + (n // 2) % 4, word (n // 8) % 4,
@@ -214,7 +199,8 @@ def documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p):
     calls_per_row = 4 * -(-seqlen_k // 32)
     bh, r, n = np.meshgrid(np.arange(batch * nheads), np.arange(seqlen_q), np.arange(seqlen_k), indexing="ij")
     counter = ((bh * seqlen_q + r) * calls_per_row + 4 * (n // 32) + (n // 2) % 4).astype(np.uint64)
-    word = np.choose((n // 8) % 4, philox4x32(counter, seed, rounds=7))
+    words = philox4x32((counter & U32, counter >> np.uint64(32), 0, 0), (seed & 0xFFFFFFFF, seed >> 32), rounds=7)
+    word = np.choose((n // 8) % 4, words)
     draw = np.where(n % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
     return torch.from_numpy(draw >= round(p * 2**16)).reshape(batch, nheads, seqlen_q, seqlen_k)
 

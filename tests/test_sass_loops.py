@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
+from benchmarks.sass_loops import _nvidia_bin  # noqa: E402
 
 
 def test_dropout_adds_no_shared_memory_round_trip_to_the_forward_and_dq_loops(tmp_path):
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, b)) for b in ("nvdisasm", "cuobjdump", "ptxas")):
+    if not all(os.path.exists(_nvidia_bin(b)) for b in ("nvdisasm", "cuobjdump", "ptxas")):
         pytest.skip("this Triton wheel ships no nvdisasm/cuobjdump/ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
