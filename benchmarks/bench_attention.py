@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, write_results
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
 
 SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
 CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")
@@ -118,7 +118,7 @@ def run(shapes, cases, dtype, modes):
                         flops = attention_flops(batch, nheads, seqlen, head_dim, mode == "fwd+bwd")
                         row["tflops"] = flops / row["ms"] / 1e9
                     except (RuntimeError, ValueError) as err:  # a backend refusing the case
-                        row.update(skipped=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                        row.update(skipped=skip_reason(err))
                     torch.cuda.empty_cache()
                     rows.append(row)
                     print(f"{case:20s} {str((batch, nheads, seqlen, head_dim)):18s} {mode:8s} {name:20s} "

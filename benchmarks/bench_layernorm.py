@@ -23,7 +23,7 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, write_results
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
 
 ROWS = 65536
 HIDDEN = (256, 768, 1024, 4096)
@@ -121,7 +121,7 @@ def run(rows, hidden, cases, modes, dtype):
                         row.update(measure())
                         row["gbps"] = bytes_moved(rows, n, elem, case, mode) / row["ms"] / 1e6
                     except (RuntimeError, ValueError) as err:  # e.g. a compile failure: record, go on
-                        row.update(skipped=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                        row.update(skipped=skip_reason(err))
                     results.append(row)
                     print(f"N={n:5d} {case:20s} {mode:8s} {name:14s} "
                           + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),
@@ -192,7 +192,7 @@ def sweep(rows, hidden, dtype):
                         row.update(time_contender(fused, x, weight, bias, None, dy, mode))
                         row["gbps"] = bytes_moved(rows, n, elem, "ln", mode) / row["ms"] / 1e6
                     except Exception as err:   # e.g. a shape that does not compile: record, go on
-                        row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                        row["skipped"] = skip_reason(err)
                     results.append(row)
                     print(f"N={n:5d} {mode:8s} {name}={value:<6d} "
                           + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),

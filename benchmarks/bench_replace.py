@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, write_results
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
 
 SIZES = ("2500x30522", "40000x30522")
 DTYPES = ("bf16", "fp32")
@@ -113,7 +113,7 @@ def run(sizes, dtypes, names, temperature):
                     row.update(bench_ms(lambda fn=fn, args=(logits, ids, positions): fn(*args)))
                     row["gbps"] = logit_bytes / row["ms"] / 1e6
                 except (RuntimeError, ValueError) as err:  # e.g. out of memory at the large size
-                    row.update(skipped=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                    row.update(skipped=skip_reason(err))
                 results.append(row)
                 print(f"N={n:6d} V={vocab:6d} {dname:5s} {name:18s} "
                       + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),

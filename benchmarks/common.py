@@ -137,6 +137,11 @@ TIMING = ("GPU time per call from CUDA-graph replays; ms_call: "
           "triton.testing.do_bench median of eager calls (host overhead included)")
 
 
+def skip_reason(err: Exception) -> str:
+    """What a results row records for a contender that failed: the error's type and first line."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
 def rate_table(rows: list[dict], columns: list[str], rate: str, header: str, digits: int = 0) -> str:
     """markdown_table with column ``header`` showing each row's ``rate`` to ``digits`` decimals, or
     "skipped" where the row has none (a contender that failed or refused the case)."""
