@@ -1,4 +1,4 @@
-"""Static cost of the attention kernels' inner loops: compile for sm_90 (no GPU needed), count SASS.
+"""Static cost of the kernels' inner loops: compile for sm_90 (no GPU needed), count SASS.
 
 The attention kernels are issue-bound on an H100: per 64x64 tile the tensor cores need ~256 cycles,
 the loop body issues more warp instructions than that. So the instruction count of the inner loop
@@ -8,11 +8,17 @@ without a GPU: Triton compiles for a target it is given and ships ptxas and nvdi
 
     python -m benchmarks.sass_loops                 # the H100 winning configs, dropout on and off
     python -m benchmarks.sass_loops --json out.json
+    python -m benchmarks.sass_loops --replace       # the replace_tokens CUDA kernel (needs nvcc)
 
 For each kernel and tile config: SASS instructions in the main loop (per warp and iteration),
 shared-memory stores/loads in it (a layout conversion shows up as STS/LDS + BAR), registers and spill
 stores of the whole kernel. Pointer and stride arguments get the 16-divisibility the JIT would infer
 at real shapes (without it no load is vectorised or pipelined and the counts mean nothing).
+
+--replace compiles csrc/replace_tokens_kernel.cu with nvcc and reports, per kernel variant, the
+instructions per logit element on the hot path of its vector loop: the loop body without the
+out-of-line survivor calls of the noise filter, which run for a few elements per row. That kernel is
+issue-bound too (2026-11-22, H100: 1.02 TB/s of bf16 logits at ~42 instructions per element).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import re
 import subprocess
 import tempfile
 
-__all__ = ["compile_sm90", "loop_stats", "main"]
+__all__ = ["compile_sm90", "loop_stats", "replace_kernel_stats", "main"]
 
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "DO": "*bf16", "DQ": "*bf16",
              "DK": "*bf16", "DV": "*bf16", "Lse": "*fp32", "Delta": "*fp32", "KeyMask": "*u8",
@@ -71,6 +77,46 @@ def _opcode(text: str) -> str:
     return re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text).group(1)
 
 
+def _disassemble(path: str) -> dict[str, list[str]]:
+    """SASS of every function in a cubin: name -> instructions (branch targets as indices, "@i")."""
+    sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                          check=True).stdout
+    functions, name = {}, None
+    for line in sass.splitlines():
+        header = re.match(r"\s+Function : (\S+)", line)
+        if header:
+            name = header.group(1)
+            functions[name] = []
+            continue
+        ins = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if ins and name is not None:
+            functions[name].append((int(ins.group(1), 16), ins.group(2)))
+    out = {}
+    for name, rows in functions.items():
+        index = {addr: i for i, (addr, _) in enumerate(rows)}
+        out[name] = [re.sub(r"(\bBRA\b.*?)0x([0-9a-f]+)",
+                            lambda m: f"{m.group(1)}@{index.get(int(m.group(2), 16), -1)}", text)
+                     for _, text in rows]
+    return out
+
+
+def _branch_target(text: str):
+    target = re.search(r"\bBRA\b.*?@(-?\d+)", text)
+    return int(target.group(1)) if target else None
+
+
+def _loops(instrs: list[str]) -> list[tuple[int, int]]:
+    """(first, last) instruction of every loop: the body of each backward branch."""
+    return [(t, i) for i, text in enumerate(instrs) if (t := _branch_target(text)) is not None and 0 <= t < i]
+
+
+def _registers(path: str) -> dict[str, int]:
+    usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                           check=True).stdout
+    return dict((m.group(1), int(m.group(2)))
+                for m in re.finditer(r"Function (\S+):\s*\n?\s*REG:(\d+)", usage))
+
+
 def loop_stats(cubin: bytes) -> dict:
     """Instruction counts of the main loop (the longest backward branch's body) and the kernel's
     registers and spills."""
@@ -78,31 +124,66 @@ def loop_stats(cubin: bytes) -> dict:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        sass = subprocess.run([_nvidia_bin("nvdisasm"), "-c", path], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", path], capture_output=True,
-                               text=True, check=True).stdout
-    instrs, labels = [], {}
-    for line in sass.splitlines():
-        label = re.match(r"\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(instrs)
-            continue
-        ins = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if ins:
-            instrs.append(ins.group(1))
-    loops = []
-    for i, text in enumerate(instrs):
-        target = re.search(r"BRA\s.*?(\.L_x_\d+)", text)
-        if target and labels.get(target.group(1), i + 1) < i:   # a backward branch closes a loop
-            loops.append((labels[target.group(1)], i))
+        (name, instrs), = _disassemble(path).items()
+        regs = _registers(path).get(name)
+    loops = _loops(instrs)
     start, end = max(loops, key=lambda se: se[1] - se[0]) if loops else (0, len(instrs) - 1)
     ops = collections.Counter(_opcode(t) for t in instrs[start:end + 1])
-    regs = re.search(r"REG:(\d+)", usage)
     return {"loop_instructions": end - start + 1, "loop_sts": ops["STS"], "loop_lds": ops["LDS"],
-            "loop_hgmma": ops["HGMMA"], "registers": int(regs.group(1)) if regs else None,
+            "loop_hgmma": ops["HGMMA"], "registers": regs,
             "spill_stores": sum(1 for t in instrs if _opcode(t) == "STL"),
             "top_ops": dict(ops.most_common(8))}
+
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def _nvcc() -> str | None:
+    import shutil
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.join(home, "bin", "nvcc") if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+def replace_kernel_stats() -> list[dict]:
+    """Per variant of the replace_tokens CUDA kernel (dtype, noise, lse, tau = 1): instructions on the
+    hot path of the vector loop, per step and per logit element, and registers / spills."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (PATH or CUDA_HOME/bin): --replace compiles csrc/ with it")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "replace.cubin")
+        subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-I", _CSRC, "-o", path,
+                        os.path.join(_CSRC, "replace_tokens_kernel.cu")], check=True, capture_output=True)
+        functions, registers = _disassemble(path), _registers(path)
+    rows = []
+    for name, instrs in functions.items():
+        variant = re.search(r"replace_tokens_kernelI(13__nv_bfloat16|6__half|f)Lb(\d)ELb(\d)ELb(\d)E", name)
+        if not variant:
+            continue
+        dtype = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[variant.group(1)]
+        # the vector loop: the innermost loop that issues the 16-byte loads
+        loops = [(a, b) for a, b in _loops(instrs) if any("LDG" in t and ".128" in t for t in instrs[a:b + 1])]
+        start, end = min(loops, key=lambda se: se[1] - se[0])
+        # cold: the innermost forward branches that jump over an out-of-line call (the survivors)
+        skips = [(i, t) for i in range(start, end + 1)
+                 if instrs[i].startswith("@") and (t := _branch_target(instrs[i])) is not None and i < t <= end + 1
+                 and any("CALL" in x for x in instrs[i + 1:t])]
+        inner = [s for s in skips if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in skips)]
+        cold = {j for i, t in inner for j in range(i + 1, t)}
+        hot = [instrs[j] for j in range(start, end + 1) if j not in cold]
+        elements = 16 if dtype != "fp32" else 8  # per lane and step: two 16-byte vectors
+        ops = collections.Counter(_opcode(t) for t in hot)
+        rows.append({"kernel": "replace_tokens", "dtype": dtype, "noise": variant.group(2) == "1",
+                     "lse": variant.group(3) == "1", "unit_tau": variant.group(4) == "1",
+                     "hot_instructions": len(hot), "elements": elements,
+                     "per_element": round(len(hot) / elements, 2), "hot_calls": ops["CALL"],
+                     "hot_mufu": ops["MUFU"], "registers": registers.get(name),
+                     "spill_stores": sum(1 for t in instrs if _opcode(t) == "STL"),
+                     "top_ops": dict(ops.most_common(8))})
+    return rows
 
 
 def _case(text: str):
@@ -118,7 +199,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--case", type=_case, action="append", metavar="KERNEL,BLOCK_M,BLOCK_N,WARPS",
                         help="e.g. fwd,64,64,4 (repeatable; default: the H100 autotuning winners)")
     parser.add_argument("--dropout-only", action="store_true", help="skip the no-dropout variants")
+    parser.add_argument("--replace", action="store_true",
+                        help="the replace_tokens CUDA kernel (csrc/, compiled with nvcc) instead of attention")
     args = parser.parse_args(argv)
+    if args.replace:
+        return _report(replace_kernel_stats(), {
+            "dtype": "dtype", "noise": "noise", "lse": "lse", "tau = 1": "unit_tau",
+            "hot instrs / step": "hot_instructions", "per element": "per_element", "MUFU": "hot_mufu",
+            "regs": "registers", "spill stores": "spill_stores"}, args.json)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the kernels would be built with their interpreter "
                      "branches; unset it to read the code a GPU runs")
@@ -126,17 +214,23 @@ def main(argv=None) -> list[dict]:
     for kernel, bm, bn, warps in args.case or DEFAULT_CASES:
         for dropout in (True,) if args.dropout_only else (False, True):
             stats = loop_stats(compile_sm90(kernel, bm, bn, warps, dropout=dropout))
-            rows.append({"kernel": kernel, "tile": f"{bm}x{bn}", "warps": warps, "dropout": dropout, **stats})
-    print("| kernel | tile | warps | dropout | loop instrs | loop STS/LDS | regs | spill stores |")
-    print("|---|---|---|---|---|---|---|---|")
+            rows.append({"kernel": kernel, "tile": f"{bm}x{bn}", "warps": warps, "dropout": dropout, **stats,
+                         "loop_sts_lds": f"{stats['loop_sts']}/{stats['loop_lds']}"})
+    return _report(rows, {"kernel": "kernel", "tile": "tile", "warps": "warps", "dropout": "dropout",
+                          "loop instrs": "loop_instructions", "loop STS/LDS": "loop_sts_lds",
+                          "regs": "registers", "spill stores": "spill_stores"}, args.json)
+
+
+def _report(rows: list[dict], columns: dict[str, str], json_path: str | None) -> list[dict]:
+    """Prints rows as a markdown table (header -> row key) and writes them as JSON if asked."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
-        print(f"| {r['kernel']} | {r['tile']} | {r['warps']} | {r['dropout']} | {r['loop_instructions']} "
-              f"| {r['loop_sts']}/{r['loop_lds']} | {r['registers']} | {r['spill_stores']} |")
-    if args.json:
-        with open(args.json, "w") as f:
+        print("| " + " | ".join(str(r[key]) for key in columns.values()) + " |")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
     return rows
-
 
 if __name__ == "__main__":
     main()

@@ -2,9 +2,10 @@
 //
 // What lives here: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy
 // as 1, 2, 3", SC'11; checked against the Random123 known-answer vectors in tests), the mapping
-// of one 32-bit word to a uniform in (0, 1), the Gumbel noise g = -log(-log(1 - v)), a cheap
-// upper bound of that noise, and the counter layout. Every function is __host__ __device__, so
-// replace_tokens.cpp (CPU) and replace_tokens_kernel.cu (CUDA) run the same source.
+// of one 32-bit word to a uniform in (0, 1), the Gumbel noise g = -log(-log(1 - v)), the cheap
+// test that lets both implementations skip the noise of elements that cannot win, and the counter
+// layout. Every function is __host__ __device__, so replace_tokens.cpp (CPU) and
+// replace_tokens_kernel.cu (CUDA) run the same source.
 //
 // Counter layout. For logits of shape (N, V), element (row, col) has the flat index
 // flat = row * V + col. Philox is keyed on (seed lo32, seed hi32) and run on the counter
@@ -31,6 +32,7 @@
 // draw (only the upper tail can decide a sample).
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -69,8 +71,19 @@ FE_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-FE_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                         uint32_t k0, uint32_t k1) {
+// Philox4x32-10 of N counters that share the key and the upper counter half (c2, c3): the rounds
+// are interleaved, so the key schedule is computed once per round for all N, the first round's
+// multiply of the shared c2 once, and the N dependency chains give the device independent work.
+template <int N>
+FE_HOST_DEVICE void philox4x32_10_many(const uint32_t (&c0_in)[N], const uint32_t (&c1_in)[N], uint32_t c2_in,
+                                       uint32_t c3_in, uint32_t k0, uint32_t k1, PhiloxWords (&out)[N]) {
+  uint32_t c0[N], c1[N], c2[N], c3[N];
+  for (int i = 0; i < N; ++i) {
+    c0[i] = c0_in[i];
+    c1[i] = c1_in[i];
+    c2[i] = c2_in;
+    c3[i] = c3_in;
+  }
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -79,26 +92,51 @@ FE_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, 
       k0 += kPhiloxW0;
       k1 += kPhiloxW1;
     }
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(kPhiloxM0, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(kPhiloxM1, c2, &hi1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int i = 0; i < N; ++i) {
+      uint32_t hi0, hi1;
+      const uint32_t lo0 = mulhilo32(kPhiloxM0, c0[i], &hi0);
+      const uint32_t lo1 = mulhilo32(kPhiloxM1, c2[i], &hi1);
+      c0[i] = hi1 ^ c1[i] ^ k0;
+      c1[i] = lo1;
+      c2[i] = hi0 ^ c3[i] ^ k1;
+      c3[i] = lo0;
+    }
   }
-  PhiloxWords out;
-  out.w[0] = c0;
-  out.w[1] = c1;
-  out.w[2] = c2;
-  out.w[3] = c3;
-  return out;
+  for (int i = 0; i < N; ++i) {
+    out[i].w[0] = c0[i];
+    out[i].w[1] = c1[i];
+    out[i].w[2] = c2[i];
+    out[i].w[3] = c3[i];
+  }
+}
+
+FE_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                         uint32_t k0, uint32_t k1) {
+  const uint32_t a0[1] = {c0}, a1[1] = {c1};
+  PhiloxWords out[1];
+  philox4x32_10_many<1>(a0, a1, c2, c3, k0, k1, out);
+  return out[0];
 }
 
 // The 4 random words of flat indices 4*group .. 4*group+3 (see the counter layout above).
 FE_HOST_DEVICE PhiloxWords philox_group(uint64_t group, uint64_t seed, uint64_t offset) {
   return philox4x32_10((uint32_t)group, (uint32_t)(group >> 32), (uint32_t)offset,
                        (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
+}
+
+// The random words of N groups (see philox_group), computed together.
+template <int N>
+FE_HOST_DEVICE void philox_groups(const uint64_t (&group)[N], uint64_t seed, uint64_t offset, PhiloxWords (&out)[N]) {
+  uint32_t lo[N], hi[N];
+  for (int i = 0; i < N; ++i) {
+    lo[i] = (uint32_t)group[i];
+    hi[i] = (uint32_t)(group[i] >> 32);
+  }
+  philox4x32_10_many<N>(lo, hi, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32),
+                        out);
 }
 
 // ----------------------------------------------------------------------------- exact float ops
@@ -207,15 +245,49 @@ FE_HOST_DEVICE float gumbel_from_uniform(float v) {
   return -fe_log(e);
 }
 
-// An upper bound of gumbel_from_uniform(v) that costs a conversion and a multiply-add: as
-// E >= v, g <= -log v = -ln2 * log2 v, and log2 v >= bits(v) / 2^23 - 127 (the exponent plus the
-// mantissa fraction, below log2 of 1 + fraction). The margin covers rounding on both sides.
-// Only a filter: elements whose key cannot beat the running best skip the exact noise. It need
-// not agree bit for bit between host and device, only hold on each.
-constexpr float kBoundMargin = 0x1p-8f;  // 2^-8, far above the few-ulp error of the noise
-FE_HOST_DEVICE float gumbel_upper_bound(float v) {
-  const float log2_low = (float)fe_float_bits(v) * 0x1p-23f - 127.0f;
-  return -0.693147182f * log2_low + kBoundMargin;  // -ln 2 * log2 v + margin
+// ----------------------------------------------------------------------------- filter
+// Most of a row cannot win the argmax, and the exact noise (two logarithms) is by far the most
+// expensive part of an element, so both implementations skip it where a cheap test proves that
+// the element's key is below T, an exact key already found (or the warp's best: the CUDA kernel).
+// The test needs neither a logarithm nor an int-to-float conversion:
+//   key = y + g with y = logit/tau, and g <= -log(v) (as E = -log(1 - v) >= v), so the element
+//   can reach T only if v <= exp(y - T) = exp(y - M) * exp(M - T), M the running max of y.
+// q = exp(y - M) is the term that the log-sum-exp adds anyway (for tau = 1), so the test costs a
+// multiply-add and a compare: skip when  1 + v_low > 1 + 2^-22 + q * c,  c = exp(M - T + margin),
+// where 1 + v_low, v_low = floor(r / 2^9) 2^-23 <= v, is the float with bits 0x3f800000 | (r >> 9).
+// Every rounding is covered by the margin (2^-5 in log space, against ~2^-8
+// of accumulated error) while |M| and |T| are at most 2^14; beyond that c is infinite and every
+// element takes the exact path, so huge logits (and their ties) stay exact. T = -inf, a NaN or an
+// infinite logit also give an infinite c or q, hence a NaN or infinite bound, which passes. An
+// element whose q underflows to 0 lies more than 87 below M and loses to the element at M.
+// The filter only ever skips elements that lose, so it changes no result, and it need not agree
+// bit for bit between host and device (it does not: exp2 differs), only hold on each.
+constexpr float kLog2e = 0x1.715476p+0f;        // 1 / ln 2
+constexpr float kFilterMargin = 0x1p-5f;        // slack in log space (see above)
+constexpr float kFilterRange = 0x1p14f;         // |M|, |T| up to which the margin covers rounding
+constexpr float kOnePlusFilterUlp = 0x1.000004p+0f;  // 1 + 2^-22: covers the rounding of 1 + q c
+
+// 2^x: one MUFU.EX2 on the device (flushes results below 2^-126 to 0), exp2f on the host.
+FE_HOST_DEVICE float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+// c = exp(M - T + margin) for the running max M of y and the best key T (infinite: test off).
+FE_HOST_DEVICE float filter_scale(float m, float t) {
+  if (!(fabsf(m) <= kFilterRange && fabsf(t) <= kFilterRange)) return __builtin_huge_valf();
+  return fast_exp2((m - t + kFilterMargin) * kLog2e);
+}
+
+// False only if the element with random word r and q = exp(y - M) provably loses (see above).
+FE_HOST_DEVICE bool filter_may_win(uint32_t r, float q, float c) {
+  const float one_plus_v_low = fe_bits_float(0x3f800000u | (r >> 9));  // 1 + floor(r / 2^9) 2^-23
+  return !(one_plus_v_low > q * c + kOnePlusFilterUlp);
 }
 
 // The Gumbel noise of flat index `flat` (the reference path; kernels share one Philox call

@@ -106,14 +106,18 @@ void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& lo
 
 namespace {
 
-// The sample of one row (see better_candidate in philox.h for the order). The noise filter is the
-// CUDA kernel's: an element whose upper-bound key is below the best exact key cannot win.
+// The sample of one row (see better_candidate in philox.h for the order). Elements that the filter
+// of philox.h proves to lose skip the exact noise, as in the CUDA kernel.
 template <typename scalar_t, bool kNoise>
 int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau, uint64_t seed,
                    uint64_t offset) {
-  float best_key = -std::numeric_limits<float>::infinity();
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float best_key = -kInf;
   int64_t best_col = vocab;  // none yet
   if (kNoise) {
+    float m = -kInf;     // running max of y = logit / tau
+    float shift = 0.0f;  // m * log2(e) once m > -inf
+    float c = kInf;      // filter_scale(m, best_key)
     const uint64_t row_begin = (uint64_t)row * (uint64_t)vocab;
     int64_t col = 0;
     while (col < vocab) {  // one Philox call per group of 4 flat indices
@@ -122,13 +126,18 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
       const int first = (int)(flat & 3);
       const int count = (int)std::min<int64_t>(4 - first, vocab - col);
       for (int j = 0; j < count; ++j, ++col) {
-        const float xs = fe_mul(static_cast<float>(x[col]), inv_tau);
-        const float u = uniform_open(r.w[first + j]);
-        if (!(xs + gumbel_upper_bound(u) >= best_key)) continue;
-        const float key = fe_add(xs, gumbel_from_uniform(u));
+        const float y = fe_mul(static_cast<float>(x[col]), inv_tau);
+        if (y > m) {
+          m = y;
+          shift = m * kLog2e;
+          c = filter_scale(m, best_key);
+        }
+        if (!filter_may_win(r.w[first + j], fast_exp2(y * kLog2e - shift), c)) continue;
+        const float key = fe_add(y, gumbel_from_uniform(uniform_open(r.w[first + j])));
         if (better_candidate(key, col, best_key, best_col)) {
           best_key = key;
           best_col = col;
+          c = filter_scale(m, best_key);
         }
       }
     }

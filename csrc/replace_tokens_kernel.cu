@@ -7,19 +7,22 @@
 // own dtype (fp32/fp16/bf16), with 16-byte coalesced loads; nothing else of size N*V is touched.
 //
 // Layout: one warp per row (4 rows per 128-thread block, at most 80 registers so that 24 rows per
-// SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100). Lane l reads the 16-byte
-// vectors l, l+32, ... of the row, two (bf16/fp16) or four (fp32) per step, so one step covers
-// 16 elements per lane. Vectors are aligned on the flat index row*V + col (the Philox counter
-// layout of philox.h), so each vector needs exactly 1 (fp32) or 2 (16-bit) Philox calls; a row
-// that does not start or end on a vector boundary has its 1-2 edge vectors read element by element.
-// A logits pointer that is not 16-byte aligned selects the element-by-element path throughout.
+// SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100). The row's 16-byte
+// vectors (aligned on the flat index row*V + col, the Philox counter layout of philox.h, so each
+// needs exactly 1 (fp32) or 2 (16-bit) Philox calls) are read two per lane per step: lane l takes
+// vectors l and l+32 of the step, and the loads of the next step are issued before the current
+// step is computed, so every warp keeps 1 KB in flight while it works. The 1-7 elements at each
+// end of a row that do not fill a vector are read element by element after the loop; a logits
+// pointer that is not 16-byte aligned takes that path for the whole row.
 //
-// Cheap filter: the exact noise (two logarithms) is computed only for elements whose key could
-// still win. For each element, key_ub = logits*(1/tau) + gumbel_upper_bound(u) >= key; elements
-// with key_ub below the warp's best exact key so far (shared by a shuffle every step) cannot be
-// the argmax and are skipped. That leaves Philox, a conversion and a compare per element, and
-// changes no result: the winner is the lexicographic max of (exact key, -column), which does not
-// depend on the order elements are visited, so CPU and CUDA agree bit for bit.
+// Per element the hot path is the Philox share (the calls of a step run interleaved), a
+// conversion, the running max, one exp2 (MUFU) and a multiply-add + compare: the exp2 term
+// q = exp(logit/tau - M) is both the log-sum-exp's summand (tau = 1) and the noise filter's input
+// (philox.h: an element with 1 + v > 1 + q c cannot beat the best exact key T, c = exp(M - T + margin)),
+// so the exact noise (two logarithms, out of line) runs only for the few elements that may still
+// win. That changes no result: the winner is the lexicographic max of (exact key, -column), which
+// does not depend on the order elements are visited, so CPU and CUDA agree bit for bit. The warp
+// shares its best key after every step (a tighter T for every lane).
 //
 // Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
 // tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
@@ -47,88 +50,163 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr int kRowsPerBlock = 4;  // one warp per row
-constexpr int kMinBlocksPerSM = 6;  // caps registers at 80 (65536 / (6 * 128)); no spills on sm_90
-constexpr int kVectorBytes = 16;  // one 128-bit load per lane
+constexpr int kMinBlocksPerSM = 5;  // caps registers at 96 (65536 / (5 * 128), in units of 8): no spills
+constexpr int kVectorBytes = 16;  // one 128-bit load per lane and vector
+constexpr int kVectorsPerLane = 2;  // per step: 32 bytes per lane in flight, 16 (16-bit) or 8 (fp32) elements
 constexpr unsigned kFullWarp = 0xffffffffu;
-constexpr float kLog2e = 1.4426950408889634f;  // 1 / ln 2
 constexpr float kInf = __builtin_huge_valf();
+
+// The VEC values of one 16-byte vector as fp32 (exact for every input dtype).
+__device__ __forceinline__ void unpack(const uint4& raw, float (&x)[4], float) {
+  x[0] = __uint_as_float(raw.x);
+  x[1] = __uint_as_float(raw.y);
+  x[2] = __uint_as_float(raw.z);
+  x[3] = __uint_as_float(raw.w);
+}
+__device__ __forceinline__ void unpack(const uint4& raw, float (&x)[8], __nv_bfloat16) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 is the upper half of an fp32: a shift and a mask
+    x[2 * i] = __uint_as_float(w[i] << 16);
+    x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack(const uint4& raw, float (&x)[8], __half) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Exact Gumbel key of one element; kept out of line because it runs only for filter survivors.
-__device__ __noinline__ float exact_key(float scaled_logit, float u) {
-  return fe_add(scaled_logit, gumbel_from_uniform(u));
+__device__ __noinline__ float exact_key(float y, uint32_t r) {
+  return fe_add(y, gumbel_from_uniform(uniform_open(r)));
 }
 
 // Running state of one lane over its part of a row.
 struct LaneState {
   float best_key;  // exact key of the best candidate so far (-inf: none)
   int best_col;    // its column (vocab: none)
-  float max;       // online log-sum-exp: running max of the logits
-  float sum;       //   and sum of exp(logit - max)
+  float max;       // running max of the logits (fmaxf: NaN skipped)
+  float shift;     // max * log2(e) once max > -inf, else 0
+  float sum;       // log-sum-exp: sum of exp(logit - max)
+  float y_shift;   // tau != 1: the same shift for y = logit / tau
+  float scale;     // noise filter: c = exp(M - T + margin) (philox.h), M = max / tau, T = best key known
 };
 
-// Folds VEC logits (flat indices vec*VEC ..) into the lane state. kAllValid: the whole vector lies
-// in the row; else `first`/`last` bound the valid flat indices (edge vectors, tiny rows).
-template <int VEC, bool kNoise, bool kLse, bool kAllValid>
-__device__ __forceinline__ void fold_vector(const float (&x)[VEC], int64_t vec, int64_t row_begin,
-                                            int64_t row_end, float inv_tau, uint64_t seed, uint64_t offset,
-                                            float threshold, LaneState& st) {
-  const int64_t flat0 = vec * VEC;
-  bool valid[VEC];
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) valid[e] = kAllValid || (flat0 + e >= row_begin && flat0 + e < row_end);
-  const int col0 = (int)(flat0 - row_begin);  // may be negative for an edge vector; then invalid
+template <bool kUnitTau>
+__device__ __forceinline__ float scaled(float x, float inv_tau) {
+  return kUnitTau ? x : fe_mul(x, inv_tau);  // the key's y (tau = 1: x itself, as x * 1 is exact)
+}
 
-  if (kLse) {
-    float vmax = -kInf;
+template <bool kUnitTau>
+__device__ __forceinline__ void update_scale(LaneState& st, float inv_tau, float threshold) {
+  st.scale = filter_scale(scaled<kUnitTau>(st.max, inv_tau), fmaxf(threshold, st.best_key));
+}
+
+// The filter's q = exp(y - M) of one element (philox.h): for tau = 1 the log-sum-exp term itself.
+template <bool kUnitTau>
+__device__ __forceinline__ float filter_q(float x, float q_lse, float inv_tau, const LaneState& st) {
+  return kUnitTau ? q_lse : fast_exp2(fmaf(scaled<false>(x, inv_tau), kLog2e, -st.y_shift));
+}
+
+// N logits and their random words, passed by value to the out-of-line survivor path.
+template <int N>
+struct Group {
+  float x[N];
+  uint32_t r[N];
+  __device__ __forceinline__ Group(const float (&x_in)[N], const uint32_t (&r_in)[N]) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      if (valid[e]) vmax = fmaxf(vmax, x[e]);  // fmaxf ignores NaN; NaN reaches the sum instead
-    if (vmax > st.max) {
-      st.sum *= exp2f((st.max - vmax) * kLog2e);  // exp(-inf) = 0 for the first finite max
-      st.max = vmax;
+    for (int e = 0; e < N; ++e) {
+      x[e] = x_in[e];
+      r[e] = r_in[e];
     }
-    const float shift = st.max == -kInf ? 0.0f : st.max * kLog2e;  // all -inf so far: terms are 0
-#pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      if (valid[e]) st.sum += exp2f(fmaf(x[e], kLog2e, -shift));
   }
+};
 
-  if (kNoise) {
-    PhiloxWords r[VEC / 4];
+// The elements of a group that the filter lets through: their exact keys against the lane's best.
+// Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small.
+template <int N, bool kUnitTau>
+__device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g, int col0, float inv_tau,
+                                                 float threshold) {
 #pragma unroll
-    for (int q = 0; q < VEC / 4; ++q) r[q] = philox_group((uint64_t)(flat0 / 4 + q), seed, offset);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (!valid[e]) continue;
-      const float xs = fe_mul(x[e], inv_tau);
-      const float u = uniform_open(r[e / 4].w[e % 4]);
-      if (xs + gumbel_upper_bound(u) >= fmaxf(threshold, st.best_key)) {  // rare after a few steps
-        const float key = exact_key(xs, u);
-        if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
-          st.best_key = key;
-          st.best_col = col0 + e;
-        }
-      }
+  for (int e = 0; e < N; ++e) {
+    const float q = fast_exp2(fmaf(g.x[e], kLog2e, -st.shift));
+    if (!filter_may_win(g.r[e], filter_q<kUnitTau>(g.x[e], q, inv_tau, st), st.scale)) continue;
+    const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), g.r[e]);
+    if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
+      st.best_key = key;
+      st.best_col = col0 + e;
+      update_scale<kUnitTau>(st, inv_tau, threshold);
     }
+  }
+  return st;
+}
+
+// Folds N logits x (columns col0 .. col0+N-1, random words r) into the lane state.
+template <int N, bool kNoise, bool kLse, bool kUnitTau>
+__device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32_t (&r)[N], float inv_tau,
+                                     float threshold, LaneState& st) {
+  float group_max = x[0];
+#pragma unroll
+  for (int e = 1; e < N; ++e) group_max = fmaxf(group_max, x[e]);
+  if (group_max > st.max) {  // rare after the first steps
+    if (kLse) st.sum *= fast_exp2((st.max - group_max) * kLog2e);  // 0 for the first finite max
+    st.max = group_max;
+    st.shift = group_max * kLog2e;
+    if (kNoise && !kUnitTau) st.y_shift = scaled<false>(group_max, inv_tau) * kLog2e;
+    if (kNoise) update_scale<kUnitTau>(st, inv_tau, threshold);
+  }
+  float q[N];  // exp(logit - max)
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    q[e] = (kLse || (kNoise && kUnitTau)) ? fast_exp2(fmaf(x[e], kLog2e, -st.shift)) : 0.0f;
+    if (kLse) st.sum += q[e];
+  }
+  if (kNoise) {
+    // One predicate chain over the group (a compare per element); the rare survivors are found
+    // again inside the branch, so no per-element flag is kept on the hot path.
+    bool all_lose = true;
+#pragma unroll
+    for (int e = 0; e < N; ++e)
+      all_lose &= !filter_may_win(r[e], filter_q<kUnitTau>(x[e], q[e], inv_tau, st), st.scale);
+    if (!all_lose) st = fold_survivors<N, kUnitTau>(st, Group<N>(x, r), col0, inv_tau, threshold);  // rare
   } else {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      if (valid[e] && better_candidate(x[e], col0 + e, st.best_key, st.best_col)) {
+    for (int e = 0; e < N; ++e)
+      if (better_candidate(x[e], col0 + e, st.best_key, st.best_col)) {
         st.best_key = x[e];
         st.best_col = col0 + e;
       }
   }
 }
 
-template <typename T, bool kVectorLoads, bool kNoise, bool kLse>
+// The flat elements lane, lane+32, ... of [begin, end) one by one (row edges, unaligned logits).
+template <typename T, bool kNoise, bool kLse, bool kUnitTau>
+__device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int64_t begin, int64_t end,
+                                              int64_t row_begin, int lane, float inv_tau, uint64_t seed,
+                                              uint64_t offset, float threshold, LaneState& st) {
+  for (int64_t flat = begin + lane; flat < end; flat += kWarpSize) {
+    const float x[1] = {to_float(Logits[flat])};
+    uint32_t r[1] = {0u};
+    if (kNoise) r[0] = philox_group((uint64_t)flat >> 2, seed, offset).w[flat & 3];
+    fold<1, kNoise, kLse, kUnitTau>(x, (int)(flat - row_begin), r, inv_tau, threshold, st);
+  }
+}
+
+template <typename T, bool kNoise, bool kLse, bool kUnitTau>
 __global__ void __launch_bounds__(kRowsPerBlock * kWarpSize, kMinBlocksPerSM)
 replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) contiguous
                       int64_t n_rows,
                       int64_t vocab,
+                      bool vector_loads,                       // Logits is 16-byte aligned
                       const int64_t* __restrict__ InputIds,   // (numel_ids,)
                       int64_t numel_ids,
                       const int64_t* __restrict__ Positions,  // (n_rows,)
@@ -140,51 +218,79 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
                       const int64_t* __restrict__ Seed,       // (1,) Philox key
                       uint64_t offset) {
   constexpr int VEC = kVectorBytes / sizeof(T);  // 4 fp32 or 8 fp16/bf16 per vector
-  constexpr int UNROLL = 16 / VEC;               // vectors per lane per step: 16 elements
+  constexpr int kGroupsPerVector = VEC / 4;      // Philox calls per vector
+  constexpr int kCalls = kVectorsPerLane * kGroupsPerVector;  // per lane and step, run interleaved
+  constexpr int64_t kStepVectors = (int64_t)kVectorsPerLane * kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= n_rows) return;  // whole warp
   const uint64_t seed = kNoise ? (uint64_t)__ldg(Seed) : 0;  // argmax (tau = 0) needs no key
 
-  const int64_t row_begin = row * vocab, row_end = row_begin + vocab;  // flat range of the row
-  const int64_t vec_begin = row_begin / VEC, vec_end = (row_end + VEC - 1) / VEC;
-  LaneState st{-kInf, (int)vocab, -kInf, 0.0f};
-  float threshold = -kInf;  // best exact key of the warp at the last step
+  // Flat range of the row; its whole vectors [vec_begin, vec_end) go through the vector loop.
+  const int64_t row_begin = row * vocab, row_end = row_begin + vocab;
+  int64_t vec_begin = (row_begin + VEC - 1) / VEC, vec_end = row_end / VEC;
+  if (!vector_loads || vec_begin >= vec_end) vec_begin = vec_end = 0;  // no whole vector: all by element
+  const int64_t head_end = vec_begin < vec_end ? vec_begin * VEC : row_end;
+  const int64_t tail_begin = vec_begin < vec_end ? vec_end * VEC : row_end;
 
-  for (int64_t step = vec_begin; step < vec_end; step += UNROLL * kWarpSize) {  // warp-uniform
-    uint4 raw[UNROLL];
-    bool full[UNROLL];
+  LaneState st{-kInf, (int)vocab, -kInf, 0.0f, 0.0f, 0.0f, kInf};
+  float threshold = -kInf;  // best exact key of the warp at the last step
+  // The row's vectors, indexed from 0 with 32-bit indices (a row has fewer than 2^31 elements).
+  const uint4* __restrict__ RowVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin;
+  const int n_vectors = (int)(vec_end - vec_begin);
+  const uint64_t group_begin = (uint64_t)vec_begin * kGroupsPerVector;  // Philox group of vector 0
+
+  uint4 raw[kVectorsPerLane];
 #pragma unroll
-    for (int k = 0; k < UNROLL; ++k) {  // issue all loads of the step first
-      const int64_t vec = step + k * kWarpSize + lane;
-      full[k] = kVectorLoads && vec < vec_end && vec * VEC >= row_begin && vec * VEC + VEC <= row_end;
-      if (full[k]) raw[k] = __ldcs(reinterpret_cast<const uint4*>(Logits) + vec);  // streamed once
+  for (int k = 0; k < kVectorsPerLane; ++k) {
+    const int i = k * kWarpSize + lane;
+    if (i < n_vectors) raw[k] = __ldcs(RowVectors + i);  // streamed once
+  }
+  for (int step = 0; step < n_vectors; step += kStepVectors) {  // warp-uniform
+    uint4 next[kVectorsPerLane];  // the next step's loads, in flight while this step computes
+#pragma unroll
+    for (int k = 0; k < kVectorsPerLane; ++k) {
+      const int i = step + kStepVectors + k * kWarpSize + lane;
+      if (i < n_vectors) next[k] = __ldcs(RowVectors + i);
+    }
+    PhiloxWords words[kCalls];
+    if (kNoise) {
+      uint64_t groups[kCalls];
+#pragma unroll
+      for (int k = 0; k < kVectorsPerLane; ++k) {
+        const uint64_t first = group_begin + (uint64_t)((step + k * kWarpSize + lane) * kGroupsPerVector);
+#pragma unroll
+        for (int q = 0; q < kGroupsPerVector; ++q) groups[k * kGroupsPerVector + q] = first + q;
+      }
+      philox_groups<kCalls>(groups, seed, offset, words);
     }
 #pragma unroll
-    for (int k = 0; k < UNROLL; ++k) {
-      const int64_t vec = step + k * kWarpSize + lane;
+    for (int k = 0; k < kVectorsPerLane; ++k) {
+      const int i = step + k * kWarpSize + lane;
+      if (i >= n_vectors) continue;  // only in a row's last step
       float x[VEC];
-      if (full[k]) {
-        const T* vals = reinterpret_cast<const T*>(&raw[k]);
+      unpack(raw[k], x, T());
+      uint32_t r[VEC];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) x[e] = to_float(vals[e]);
-        fold_vector<VEC, kNoise, kLse, true>(x, vec, row_begin, row_end, inv_tau, seed, offset, threshold, st);
-      } else if (vec < vec_end) {  // edge vector (or unaligned logits): element by element
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const int64_t flat = vec * VEC + e;
-          x[e] = (flat >= row_begin && flat < row_end) ? to_float(Logits[flat]) : 0.0f;
-        }
-        fold_vector<VEC, kNoise, kLse, false>(x, vec, row_begin, row_end, inv_tau, seed, offset, threshold, st);
-      }
+      for (int e = 0; e < VEC; ++e) r[e] = kNoise ? words[k * kGroupsPerVector + e / 4].w[e % 4] : 0u;
+      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, r, inv_tau, threshold, st);
     }
     if (kNoise) {  // share the best key so far: a tighter filter for the whole warp
       float t = st.best_key;
 #pragma unroll
       for (int d = kWarpSize / 2; d > 0; d /= 2) t = fmaxf(t, __shfl_xor_sync(kFullWarp, t, d));
-      threshold = t;
+      if (t > threshold) {
+        threshold = t;
+        update_scale<kUnitTau>(st, inv_tau, threshold);
+      }
     }
+#pragma unroll
+    for (int k = 0; k < kVectorsPerLane; ++k) raw[k] = next[k];
   }
+  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row_begin, lane, inv_tau, seed, offset,
+                                           threshold, st);
+  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, tail_begin, row_end, row_begin, lane, inv_tau, seed, offset,
+                                           threshold, st);
 
   // Warp reduction of (best key, column) and of the (max, sum) pairs; every lane ends with the result.
 #pragma unroll
@@ -199,8 +305,8 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
       const float m = __shfl_xor_sync(kFullWarp, st.max, d);
       const float s = __shfl_xor_sync(kFullWarp, st.sum, d);
       const float new_max = fmaxf(st.max, m);
-      const float a = st.max == new_max ? 1.0f : exp2f((st.max - new_max) * kLog2e);
-      const float b = m == new_max ? 1.0f : exp2f((m - new_max) * kLog2e);
+      const float a = st.max == new_max ? 1.0f : fast_exp2((st.max - new_max) * kLog2e);
+      const float b = m == new_max ? 1.0f : fast_exp2((m - new_max) * kLog2e);
       st.sum = st.sum * a + s * b;
       st.max = new_max;
     }
@@ -241,31 +347,25 @@ __global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (tota
   }
 }
 
-template <typename T, bool kVectorLoads, bool kNoise, bool kLse>
+template <typename T, bool kNoise, bool kLse, bool kUnitTau>
 cudaError_t launch_typed(const ReplaceTokensLaunch& a, cudaStream_t stream) {
   const int64_t blocks = (a.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  replace_tokens_kernel<T, kVectorLoads, kNoise, kLse><<<(unsigned)blocks, kRowsPerBlock * kWarpSize, 0, stream>>>(
-      static_cast<const T*>(a.logits), a.n_rows, a.vocab, a.input_ids, a.numel_ids, a.positions, a.out_ids,
+  const bool aligned = reinterpret_cast<uintptr_t>(a.logits) % kVectorBytes == 0;
+  replace_tokens_kernel<T, kNoise, kLse, kUnitTau><<<(unsigned)blocks, kRowsPerBlock * kWarpSize, 0, stream>>>(
+      static_cast<const T*>(a.logits), a.n_rows, a.vocab, aligned, a.input_ids, a.numel_ids, a.positions, a.out_ids,
       a.labels, a.sampled, a.lse, a.inv_tau, a.seed, a.offset);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_dtype(const ReplaceTokensLaunch& a, cudaStream_t stream) {
-  const bool aligned = reinterpret_cast<uintptr_t>(a.logits) % kVectorBytes == 0;
   const bool lse = a.lse != nullptr;
-  const int variant = (aligned ? 4 : 0) | (a.noise ? 2 : 0) | (lse ? 1 : 0);
-  switch (variant) {
-    case 7: return launch_typed<T, true, true, true>(a, stream);
-    case 6: return launch_typed<T, true, true, false>(a, stream);
-    case 5: return launch_typed<T, true, false, true>(a, stream);
-    case 4: return launch_typed<T, true, false, false>(a, stream);
-    case 3: return launch_typed<T, false, true, true>(a, stream);
-    case 2: return launch_typed<T, false, true, false>(a, stream);
-    case 1: return launch_typed<T, false, false, true>(a, stream);
-    default: return launch_typed<T, false, false, false>(a, stream);
-  }
+  if (!a.noise)  // argmax: no noise, tau unused
+    return lse ? launch_typed<T, false, true, true>(a, stream) : launch_typed<T, false, false, true>(a, stream);
+  if (a.inv_tau == 1.0f)  // ELECTRA's case: one exp2 per element serves the lse and the noise filter
+    return lse ? launch_typed<T, true, true, true>(a, stream) : launch_typed<T, true, false, true>(a, stream);
+  return lse ? launch_typed<T, true, true, false>(a, stream) : launch_typed<T, true, false, false>(a, stream);
 }
 
 }  // namespace

@@ -22,7 +22,7 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # tests of the numpy reference and of the CUDA source alone: they run without the built extension
 WITHOUT_EXTENSION = ("test_philox_reference_known_answers", "test_noise_is_gumbel_and_the_log_is_accurate",
-                     "test_upper_bound_of_the_noise_holds", "test_cuda_kernel_compiles_with_nvcc")
+                     "test_noise_filter_skips_only_elements_that_lose", "test_cuda_kernel_compiles_with_nvcc")
 
 
 @pytest.fixture(autouse=True)
@@ -146,18 +146,57 @@ def test_noise_is_gumbel_and_the_log_is_accurate():
     np.testing.assert_allclose(gumbel_ref(v), exact, rtol=0, atol=4e-6)
 
 
-def test_upper_bound_of_the_noise_holds():
-    """The kernels skip the exact noise where logit/tau + bound < best key; the bound must hold."""
+def filter_skips_ref(r, y, m, t, device_error=1.0):
+    """philox.h's noise filter, float32 operation for operation (its host form): True where an
+    element with random word r and y = logit/tau, under running max m and best key t, is skipped.
+    device_error < 1 shrinks q and c as an exp2 that is a few ulps low (the device's MUFU) would."""
+    log2e = _hexf("0x1.715476p+0")
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.exp2(y * log2e - m * log2e) * F32(device_error)
+        in_range = (np.abs(m) <= F32(2.0**14)) & (np.abs(t) <= F32(2.0**14))
+        c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e) * F32(device_error), F32(np.inf))
+        one_plus_v_low = ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32)
+        return one_plus_v_low > q * c + _hexf("0x1.000004p+0")
+
+
+@pytest.mark.parametrize("device_error", [1.0, 1 - 2.0**-18])
+def test_noise_filter_skips_only_elements_that_lose(device_error):
+    """The kernels skip the exact noise where the filter says the key y + g cannot reach the best key t.
+    Thresholds right at the key (ties included), near the filter's range limit of 2^14 and beyond."""
     rng = np.random.default_rng(0)
-    r = np.concatenate([rng.integers(0, 2**32, 2_000_000, dtype=np.uint64).astype(np.uint32),
-                        np.arange(0, 2**16, dtype=np.uint32), (2**32 - 1 - np.arange(2**16)).astype(np.uint32),
-                        (np.uint64(1) << np.arange(32, dtype=np.uint64)).astype(np.uint32)])
-    v = uniform_open(r)
-    bound = F32(-0.693147182) * (v.view(np.uint32).astype(F32) * _hexf("0x1p-23") - F32(127)) + _hexf("0x1p-8")
-    assert (gumbel_ref(v) <= bound).all()
+    n = 1_000_000
+    r = np.concatenate([rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
+                        np.arange(0, 2**12, dtype=np.uint32), (2**32 - 1 - np.arange(2**12)).astype(np.uint32)])
+    size = r.size
+    g = gumbel_ref(uniform_open(r))
+    base = rng.choice(np.array([0.0, 37.0, -3000.0, 2.0**13, 2.0**14 - 40, -(2.0**14) + 40, 2.0**15]), size)
+    y = (base + rng.normal(0, 5, size)).astype(F32)
+    m = (y + np.abs(rng.normal(0, 3, size)) * (rng.random(size) < 0.7)).astype(F32)  # m >= y, often m == y
+    key = y + g
+    kind = rng.random(size)  # t == key (a tie), t within the margin of key, t clearly above key
+    above = np.where(kind < 0.6, rng.normal(0, 0.05, size), np.abs(rng.normal(0, 10, size)))
+    t = np.where(kind < 0.2, key, key + above)
+    t = t.astype(F32)
+    skip = filter_skips_ref(r, y, m, t, device_error)
+    assert not (skip & (key >= t)).any()
+    assert skip[kind >= 0.6].mean() > 0.5  # and it does skip
 
 
 # ----------------------------------------------------------------------------- samples
+@pytest.mark.parametrize("scale,shift,temperature", [(0.01, 0.0, 1.0), (30.0, 0.0, 1.0), (30.0, 0.0, 0.5),
+                                                     (1.0, 2.0**13, 1.0), (1.0, -(2.0**14), 1.0),
+                                                     (0.0, 2.0**14, 1.0), (1.0, 1e6, 1.0), (0.0, 1e30, 1.0)])
+def test_samples_exact_at_every_logit_scale(scale, shift, temperature):
+    """The filter changes no sample: tiny and wide spreads, logits around the filter's range limit
+    (2^14, where keys round to 2^-9 and tie), huge ones (filter off, every key exact), -inf columns."""
+    g = torch.Generator().manual_seed(7)
+    logits = (shift + scale * torch.randn(40, 3001, generator=g, dtype=torch.float64)).float()
+    logits[::7, ::3] = -float("inf")
+    ids, pos = torch.zeros(4, 10, dtype=torch.long), torch.arange(40)
+    _, _, sampled, _ = op(logits, ids, pos, temperature, 123, 4, False)
+    np.testing.assert_array_equal(sampled.numpy(), samples_ref(logits, temperature, 123, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,vocab", [(64, 1), (300, 7), (40, 129), (3, 30522)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
