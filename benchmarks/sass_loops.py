@@ -18,7 +18,7 @@ at real shapes (without it no load is vectorised or pipelined and the counts mea
 --replace compiles csrc/replace_tokens_kernel.cu with nvcc and reports, per kernel variant, the
 instructions per logit element on the hot path of its vector loop: the loop body without the
 out-of-line survivor calls of the noise filter, which run for a few elements per row. That kernel is
-issue-bound too (2026-11-22, H100: 1.02 TB/s of bf16 logits at ~42 instructions per element).
+issue-bound too (2026-11-22, H100: 0.85 TB/s of bf16 logits with the lse at ~42 instructions per element).
 """
 from __future__ import annotations
 
