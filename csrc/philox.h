@@ -255,11 +255,11 @@ FE_HOST_DEVICE float gumbel_from_uniform(float v) {
 // q = exp(y - M) is the term that the log-sum-exp adds anyway (for tau = 1), so the test costs a
 // multiply-add and a compare: skip when  1 + v_low > 1 + 2^-22 + q * c,  c = exp(M - T + margin),
 // where 1 + v_low, v_low = floor(r / 2^9) 2^-23 <= v, is the float with bits 0x3f800000 | (r >> 9).
-// Every rounding is covered by the margin (2^-5 in log space, against ~2^-8
-// of accumulated error) while |M| and |T| are at most 2^14; beyond that c is infinite and every
-// element takes the exact path, so huge logits (and their ties) stay exact. T = -inf, a NaN or an
-// infinite logit also give an infinite c or q, hence a NaN or infinite bound, which passes. An
-// element whose q underflows to 0 lies more than 87 below M and loses to the element at M.
+// Every rounding is covered by the margin (2^-5 in log space, against ~2^-8 of accumulated error)
+// while |M| and |T| are at most 2^14; beyond that c is infinite and every element takes the exact
+// path, so huge logits (and their ties) stay exact. T = -inf, a NaN or an infinite logit also give
+// an infinite c or q, hence a NaN or infinite bound, which passes. An element whose q underflows
+// to 0 lies more than 87 below M and loses to the element at M.
 // The filter only ever skips elements that lose, so it changes no result, and it need not agree
 // bit for bit between host and device (it does not: exp2 differs), only hold on each.
 constexpr float kLog2e = 0x1.715476p+0f;        // 1 / ln 2
