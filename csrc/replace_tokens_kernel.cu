@@ -220,7 +220,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   constexpr int VEC = kVectorBytes / sizeof(T);  // 4 fp32 or 8 fp16/bf16 per vector
   constexpr int kGroupsPerVector = VEC / 4;      // Philox calls per vector
   constexpr int kCalls = kVectorsPerLane * kGroupsPerVector;  // per lane and step, run interleaved
-  constexpr int64_t kStepVectors = (int64_t)kVectorsPerLane * kWarpSize;
+  constexpr int kStepVectors = kVectorsPerLane * kWarpSize;  // vectors per warp and step
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= n_rows) return;  // whole warp

@@ -7,13 +7,13 @@ The op's seed is an int64 (1,) tensor on the logits' device; the helpers below t
 """
 import math
 import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.sass_loops import _nvcc
 from fastelectra import ops, rng
 from philox_ref import U32, philox4x32
 
@@ -450,7 +450,7 @@ def test_device_mix_is_rejected_by_the_wrapper():
 
 # ----------------------------------------------------------------------------- CUDA source
 def test_cuda_kernel_compiles_with_nvcc(tmp_path):
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
     cmd = [nvcc, "-c", "-arch=sm_90", "-O3", "-std=c++17", "-I", CSRC, os.path.join(CSRC, "replace_tokens_kernel.cu"),
