@@ -16,17 +16,22 @@ Key-padding mask. As per-sequence lengths (prefix masks) or as a general (batch,
 boolean mask that the kernels load block by block and honour exactly; key blocks past the last
 valid key are never visited. A sequence without a valid key gives zeros (not NaN).
 
-Dropout. Philox4x32-7 in the kernels, regenerated identically in the backward, never stored.
-One Philox call gives four 32-bit words = eight 16-bit draws, the keep decisions of eight keys;
-a probability is dropped when its draw is below round(p·2¹⁶). Key n of query row r in (batch b,
-head h) takes the call with counter
-    ((b·nheads + h)·seqlen_q + r)·4·cdiv(seqlen_k, 32) + 4·(n // 32) + (n // 2) % 4
-(Philox key = the 64-bit seed), word (n // 8) % 4 of it, low half for even n: the keys of one
-call sit in one thread of the MMA layout, so the dropout costs no data movement between threads
-in the forward and dQ kernels (benchmarks/sass_loops.py reads it off the sm_90 SASS). Seven
-rounds, as FlashAttention-2 and CK use for dropout: the fewest Salmon et al. found crush-resistant.
-The mask does not depend on block sizes, and the varlen mode (seqlen_q = seqlen_k = max_seqlen)
-draws the same mask as the padded layout. ``dropout_mask`` returns it for tests.
+Dropout. Philox2x32-7 in the kernels, regenerated identically in the backward, never stored.
+One call gives two 32-bit words = four 16-bit draws, the keep decisions of a 2 x 2 block: query
+rows {r, r + 8} x keys {n, n + 8} with r % 16 < 8 and n % 16 < 8 (word 0 for row r, word 1 for row
+r + 8; the low half for key n, the high half for key n + 8). A probability is dropped when its draw
+is below round(p·2¹⁶). With p(x) = 8·(x // 16) + x % 8 (the pair of x) and P = 8·cdiv(seqlen_k, 16)
+(key pairs per row pair), the block of (batch b, head h) takes the Philox key seed_lo and the counter
+    (p(r)·P + p(n),  b·nheads + h + seed_hi)       (two 32-bit words, the second mod 2³²)
+for the int64 seed = seed_hi·2³² + seed_lo. The MMA accumulator layout gives each thread whole
+2 x 2 blocks whether the rows of a tile are queries (forward, dQ) or keys (dK/dV), so no kernel moves
+random bits between threads (benchmarks/sass_loops.py reads it off the sm_90 SASS). Per draw it
+costs what Philox4x32 does: each round is one wide multiply and one three-way XOR per two draws.
+Seven rounds, as FlashAttention-2 and CK use for dropout; Random123 lists Philox2x32-7, like
+Philox4x32-7, as crush-resistant (TestU01) with no safety margin. The mask does not depend on
+block sizes; with dropout, sequences are limited to 2¹⁷ tokens (32-bit counters); the varlen mode
+(seqlen_q = seqlen_k = max_seqlen) draws the same mask as the padded layout. ``dropout_mask``
+returns it for tests.
 The seed is an int64 (1,) tensor on q's device (fastelectra.rng) that the kernels load: no
 ``.item()``, no host sync, and a CUDA-graph replay uses the fresh seed drawn in the graph.
 
@@ -57,10 +62,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634           # 1/ln 2: exp(x) = exp2(x / ln 2)
 DRAW_BITS = tl.constexpr(16)         # bits of one dropout draw: a 32-bit Philox word holds two
 DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
-PHILOX_ROUNDS = tl.constexpr(7)      # Philox4x32-7 (see "Dropout" above)
-KEYS_PER_CALL = tl.constexpr(8)      # keep decisions per Philox call: 4 words x 2 draws
-KEYS_PER_GROUP = tl.constexpr(32)    # keys whose draws 4 calls interleave; dropout tiles are multiples
+PHILOX_ROUNDS = tl.constexpr(7)      # Philox2x32-7 (see "Dropout" above)
+DROP_BLOCK = tl.constexpr(16)        # a call decides rows {r, r+8} x keys {n, n+8} of a 16 x 16 block
 DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
+MAX_DROPOUT_SEQLEN = 2**17           # a head's (T/2)^2 Philox counters stay below 2^32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Two things differ under the interpreter: it multiplies bfloat16 bit patterns as integers in tl.dot
@@ -84,14 +89,11 @@ def _mma(
 
 
 @triton.jit
-def _rng_rows(
-    bh,              # batch * nheads + head
-    seqlen_q,        # query rows per sequence
-    seqlen_k,        # keys per sequence
+def _rng_pairs(
+    seqlen,          # query rows or keys per sequence
 ):
-    """(first Philox counter of head bh, counters per query row): a row takes 4 calls per 32 keys."""
-    row_stride = tl.cdiv(seqlen_k, KEYS_PER_GROUP) * (KEYS_PER_GROUP // KEYS_PER_CALL)
-    return bh.to(tl.int64) * seqlen_q * row_stride, row_stride
+    """p(seqlen): Philox counters per query-row pair, or query-row pairs (see "Dropout" above)."""
+    return (tl.cdiv(seqlen, DROP_BLOCK) * (DROP_BLOCK // 2)).to(tl.uint32)
 
 
 @triton.jit
@@ -109,67 +111,109 @@ def _mul_wide(
 
 
 @triton.jit
-def _philox4x32(
-    c0, c1,          # (…) uint32 counter words 0 and 1 (words 2 and 3 are zero)
-    k0, k1,          # scalar uint32 key words
+def _philox2x32(
+    c0, c1,          # (…) uint32 counter words
+    k,               # scalar uint32 key
     N_ROUNDS: tl.constexpr,
 ):
-    """Philox4x32 (Salmon et al. 2011, the constants of tl.randint4x, which it equals bit for bit),
-    written with one 32x32->64-bit product per multiply so each compiles to a single IMAD.WIDE
-    (tl.randint4x spends two instructions, umulhi and mul, on each)."""
-    c2 = tl.zeros_like(c0)
-    c3 = tl.zeros_like(c0)
+    """Philox2x32 (Salmon et al. 2011; Random123's constants and known answers, tests/philox_ref.py),
+    with one 32x32->64-bit product per round so it compiles to a single IMAD.WIDE."""
     for _ in tl.static_range(N_ROUNDS):
-        hi_b, lo_b = _mul_wide(c2, 0xCD9E8D57)                  # PHILOX_M4x32_1
-        hi_a, lo_a = _mul_wide(c0, 0xD2511F53)                  # PHILOX_M4x32_0
-        c0 = hi_b ^ c1 ^ k0
-        c2 = hi_a ^ c3 ^ k1
-        c1 = lo_b
-        c3 = lo_a
-        k0 = k0 + 0x9E3779B9                                    # PHILOX_W32_0 (golden ratio)
-        k1 = k1 + 0xBB67AE85                                    # PHILOX_W32_1 (sqrt(3) - 1)
-    return c0, c1, c2, c3
+        hi, lo = _mul_wide(c0, 0xD256D193)                      # PHILOX_M2x32_0
+        c0 = hi ^ c1 ^ k
+        c1 = lo
+        k = k + 0x9E3779B9                                      # PHILOX_W32_0 (golden ratio)
+    return c0, c1
 
 
 @triton.jit
-def _keep_halves(
-    word,            # (BLOCK_M, BLOCK_N // 8) uint32 Philox output
-    drop_threshold,  # int32: a 16-bit draw below it drops
-):
-    """Keep decisions of the word's two 16-bit draws, compared in place (no shifts of the words)."""
-    lo = (word & DRAW_MASK) >= drop_threshold.to(tl.uint32)
-    hi = word >= (drop_threshold.to(tl.uint32) << DRAW_BITS)     # high half >= t  <=>  word >= t * 2^16
-    return tl.join(lo, hi)                          # (BLOCK_M, BLOCK_N // 8, 2)
-
-
-@triton.jit
-def _dropout_keep(
-    seed,            # scalar int64 Philox key
-    rng_base,        # int64: first counter of this (batch, head)
-    rng_row_stride,  # counters per query row (_rng_rows)
-    offs_m,          # (BLOCK_M,) query rows inside the sequence
-    start_n,         # first key of the tile, a multiple of KEYS_PER_GROUP
-    drop_threshold,  # int32: a 16-bit draw below it drops
+def _dropout_words(
+    seed,            # scalar int64: low word the Philox key, high word added to the counter's high word
+    bh,              # batch * nheads + head
+    pairs_k,         # counters per query-row pair (_rng_pairs(seqlen_k))
+    start_m,         # first query row of the tile, a multiple of DROP_BLOCK
+    start_n,         # first key of the tile, a multiple of DROP_BLOCK
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    KEYS_BY_ROW: tl.constexpr,  # the tile is (BLOCK_N keys, BLOCK_M queries), else (BLOCK_M, BLOCK_N)
 ):
-    """(BLOCK_M, BLOCK_N) bool keep-mask, BLOCK_N a multiple of 32. Key n of a row takes call
-    4·(n // 32) + (n // 2) % 4 of the row, word (n // 8) % 4, low half for even n. The eight keys of
-    one call are those a thread holds in the MMA accumulator's layout (two adjacent columns in each
-    of four 8-column groups), so the compiler places the joins below without moving data between
-    threads (checked on the sm_90 SASS: no shared-memory round trip in the forward and dQ loops)."""
-    tl.static_assert(BLOCK_N % KEYS_PER_GROUP.value == 0, "dropout tiles are whole 32-key groups")
-    offs_g = start_n // KEYS_PER_CALL + tl.arange(0, BLOCK_N // KEYS_PER_CALL)
-    counter = rng_base + offs_m.to(tl.int64)[:, None] * rng_row_stride + offs_g[None, :]
+    """The two Philox words of every call of a tile, on the grid (tile rows / 2, tile cols / 2) of
+    its 2 x 2 blocks: (row pair, key pair), or (key pair, row pair) when KEYS_BY_ROW."""
+    tl.static_assert(BLOCK_M % DROP_BLOCK.value == 0 and BLOCK_N % DROP_BLOCK.value == 0,
+                     "dropout tiles are whole 16 x 16 blocks")
+    pair_m = (start_m // 2 + tl.arange(0, BLOCK_M // 2)).to(tl.uint32)    # p(r) = 8 (r // 16) + r % 8
+    pair_n = (start_n // 2 + tl.arange(0, BLOCK_N // 2)).to(tl.uint32)
+    if KEYS_BY_ROW:
+        c0 = pair_m[None, :] * pairs_k + pair_n[:, None]
+    else:
+        c0 = pair_m[:, None] * pairs_k + pair_n[None, :]
     key = seed.to(tl.uint64)
-    w0, w1, w2, w3 = _philox4x32(counter.to(tl.uint32), (counter >> 32).to(tl.uint32),
-                                 key.to(tl.uint32), (key >> 32).to(tl.uint32), PHILOX_ROUNDS)
-    keep = tl.join(tl.join(_keep_halves(w0, drop_threshold), _keep_halves(w1, drop_threshold)),
-                   tl.join(_keep_halves(w2, drop_threshold), _keep_halves(w3, drop_threshold)))
-    # (m, call = 4G + c, e, j0, j1) -> key 32G + 8(2 j1 + j0) + 2c + e
-    keep = tl.reshape(keep, (BLOCK_M, BLOCK_N // KEYS_PER_GROUP.value, 4, 2, 2, 2))
-    keep = tl.permute(keep, (0, 1, 5, 4, 2, 3))
-    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+    c1 = bh.to(tl.uint32) + (key >> 32).to(tl.uint32)
+    return _philox2x32(c0, tl.full(c0.shape, 0, tl.uint32) + c1, key.to(tl.uint32), PHILOX_ROUNDS)
+
+
+@triton.jit
+def _zero_dropped(
+    x,               # (…) tile corner
+    word,            # (…) uint32 Philox word
+    drop_threshold,  # int32: a 16-bit draw below it drops
+    HIGH: tl.constexpr,  # the draw is the word's high 16 bits, else its low 16
+):
+    """x, or 0 where the draw is below the threshold. For fp32 x the compare and select are one PTX
+    block: as tl.where, LLVM sinks the select below the caller's cast to bf16 and selects 16-bit
+    halves with byte permutes (two more instructions per element on sm_90)."""
+    t = drop_threshold.to(tl.uint32)
+    if _IN_INTERPRETER or x.dtype != tl.float32:
+        if HIGH:
+            return tl.where(word >= (t << DRAW_BITS), x, 0)     # high half >= t  <=>  word >= t * 2^16
+        else:
+            return tl.where((word & DRAW_MASK) >= t, x, 0)
+    elif HIGH:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred k; setp.hs.u32 k, $2, $3; selp.f32 $0, $1, 0f00000000, k; }", "=f,f,r,r",
+            [x, word, tl.full(x.shape, 0, tl.uint32) + (t << DRAW_BITS)], dtype=tl.float32, is_pure=True,
+            pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred k; .reg .b32 d; and.b32 d, $2, 0xFFFF; setp.hs.u32 k, d, $3; selp.f32 $0, $1, 0f00000000, k; }",
+            "=f,f,r,r", [x, word, tl.full(x.shape, 0, tl.uint32) + t], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dropout_apply(
+    x,               # (ROWS, COLS) tile
+    w0, w1,          # (ROWS / 2, COLS / 2) uint32 Philox words of its 2 x 2 blocks (_dropout_words)
+    drop_threshold,  # int32: a 16-bit draw below it drops
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    KEYS_BY_ROW: tl.constexpr,  # rows are keys (the dK/dV tile), else query rows
+):
+    """x with its dropped entries set to 0. A call decides the block query rows {r, r + 8} x keys
+    {n, n + 8} (r % 16 < 8, n % 16 < 8): word 0 for row r, word 1 for row r + 8, the low 16 bits for key
+    n, the high 16 for key n + 8. An MMA accumulator thread holds whole such blocks whichever side the
+    keys are on (rows g, g + 8 of each 16-row slab, columns 2c, 2c + 1 of each 8-column group), so x is
+    split into its four block corners and put back together in registers: no data moves between
+    threads (benchmarks/sass_loops.py reads it off the sm_90 SASS)."""
+    # (row, col) = (16 I + 8 hr + i, 16 J + 8 hc + j) -> (8 I + i, 8 J + j, hc, hr)
+    x = tl.reshape(x, (ROWS // DROP_BLOCK.value, 2, 8, COLS // DROP_BLOCK.value, 2, 8))
+    x = tl.reshape(tl.permute(x, (0, 2, 3, 5, 4, 1)), (ROWS // 2, COLS // 2, 2, 2))
+    x_0, x_1 = tl.split(x)                          # hr = 0, 1
+    x00, x01 = tl.split(x_0)                        # hc = 0, 1
+    x10, x11 = tl.split(x_1)
+    if KEYS_BY_ROW:                                 # hr: key half, hc: word (query row half)
+        x00 = _zero_dropped(x00, w0, drop_threshold, False)
+        x01 = _zero_dropped(x01, w1, drop_threshold, False)
+        x10 = _zero_dropped(x10, w0, drop_threshold, True)
+        x11 = _zero_dropped(x11, w1, drop_threshold, True)
+    else:                                           # hr: word (query row half), hc: key half
+        x00 = _zero_dropped(x00, w0, drop_threshold, False)
+        x01 = _zero_dropped(x01, w0, drop_threshold, True)
+        x10 = _zero_dropped(x10, w1, drop_threshold, False)
+        x11 = _zero_dropped(x11, w1, drop_threshold, True)
+    x = tl.join(tl.join(x00, x01), tl.join(x10, x11))
+    x = tl.permute(tl.reshape(x, (ROWS // DROP_BLOCK.value, 8, COLS // DROP_BLOCK.value, 8, 2, 2)),
+                   (0, 5, 1, 2, 4, 3))
+    return tl.reshape(x, (ROWS, COLS))
 
 
 @triton.jit
@@ -274,7 +318,7 @@ def _attn_fwd_kernel(
     K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     KeyMask += b.to(tl.int64) * stride_mb
-    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
+    pairs_k = _rng_pairs(seqlen_k)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     if IS_DROPOUT:
@@ -296,8 +340,8 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)                        # softmax sums before dropout
         acc = acc * alpha[:, None]
         if IS_DROPOUT:
-            keep = _dropout_keep(seed, rng_base, rng_row_stride, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
+            w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
+            p = _dropout_apply(p, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
         acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
         m_i = m_new
@@ -400,7 +444,7 @@ def _attn_bwd_dkdv_kernel(
     KeyMask += b.to(tl.int64) * stride_mb
     Lse += bh.to(tl.int64) * seqlen_q
     Delta += bh.to(tl.int64) * seqlen_q
-    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
+    pairs_k = _rng_pairs(seqlen_k)
 
     key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
     if IS_DROPOUT:
@@ -421,10 +465,9 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
         if IS_DROPOUT:
-            keep_t = tl.trans(_dropout_keep(seed, rng_base, rng_row_stride, offs_m, start_n, drop_threshold,
-                                            BLOCK_M, BLOCK_N))
-            pt_dropped = tl.where(keep_t, pt, 0.0)              # 1/(1-p) is applied to dv once, below
-            dpt = tl.where(keep_t, dpt, 0.0) * drop_scale      # one FFMA with the "- delta" below
+            w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, True)
+            pt_dropped = _dropout_apply(pt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True)  # 1/(1-p): on dv, below
+            dpt = _dropout_apply(dpt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True) * drop_scale
         else:
             pt_dropped = pt
         dv = _mma(pt_dropped.to(do.dtype), do, dv, DOT_PRECISION)
@@ -495,7 +538,7 @@ def _attn_bwd_dq_kernel(
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
     KeyMask += b.to(tl.int64) * stride_mb
-    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
+    pairs_k = _rng_pairs(seqlen_k)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -515,8 +558,8 @@ def _attn_bwd_dq_kernel(
         p = tl.where(key_ok[None, :], p, 0.0)
         dp = _mma(do, vt, None, DOT_PRECISION)
         if IS_DROPOUT:
-            keep = _dropout_keep(seed, rng_base, rng_row_stride, offs_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp, 0.0) * drop_scale          # one FFMA with the "- delta" below
+            w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
+            dp = _dropout_apply(dp, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False) * drop_scale
         ds = p * (dp - delta[:, None])
         dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
@@ -537,12 +580,15 @@ def _dropout_mask_kernel(
     BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(1) * BLOCK_M
     start_n = tl.program_id(2) * BLOCK_N
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    rng_base, rng_row_stride = _rng_rows(bh, seqlen_q, seqlen_k)
-    keep = _dropout_keep(tl.load(Seed), rng_base, rng_row_stride, offs_m, start_n, drop_threshold,
-                         BLOCK_M, BLOCK_N).to(tl.int8)
+    pairs_k = _rng_pairs(seqlen_k)
+    w0, w1 = _dropout_words(tl.load(Seed), bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
+    # fp32 ones, as the attention kernels' probabilities: the same select code on the GPU
+    keep = _dropout_apply(tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32), w0, w1, drop_threshold,
+                          BLOCK_M, BLOCK_N, False).to(tl.int8)
     Keep += bh.to(tl.int64) * seqlen_q * seqlen_k
     tl.store(Keep + offs_m[:, None] * seqlen_k + offs_n[None, :], keep,
              mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
@@ -825,9 +871,12 @@ def _check_qkv(q, k, v, packed: bool) -> None:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def _check_dropout(dropout_p) -> float:
+def _check_dropout(dropout_p, *seqlens) -> float:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0 and max(seqlens, default=0) > MAX_DROPOUT_SEQLEN:
+        raise ValueError(f"dropout_p > 0 needs sequences of at most {MAX_DROPOUT_SEQLEN} tokens (the Philox "
+                         f"counter of a (query, key) pair is 32 bits), got length {max(seqlens)}")
     return float(dropout_p)
 
 
@@ -860,7 +909,7 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
     Returns (batch, seqlen_q, nheads, headdim) in q's dtype; differentiable in q, k, v.
     """
     _check_qkv(q, k, v, packed=False)
-    dropout_p = _check_dropout(dropout_p)
+    dropout_p = _check_dropout(dropout_p, q.shape[1], k.shape[1])
     batch, seqlen_k = k.shape[0], k.shape[1]
     if key_padding_mask is not None and key_lengths is not None:
         raise ValueError("pass key_padding_mask or key_lengths, not both")
@@ -908,6 +957,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    _check_dropout(dropout_p, max_seqlen)
     # value checks cost a GPU sync (and a graph break): eager CPU tensors (the interpreter) only
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         lengths = cu_seqlens.diff()
@@ -929,9 +979,9 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     if device.type == "cpu" and not _INTERPRET:
         raise ValueError("dropout_mask runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1)")
     seed = seed_tensor(seed, device)
-    threshold, _ = _dropout_args(_check_dropout(p))
+    threshold, _ = _dropout_args(_check_dropout(p, seqlen_q, seqlen_k))
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
-    block_m, block_n = (16, 32) if _INTERPRET else (64, 64)
+    block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
     grid = (batch * nheads, triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
     with _on_device(keep):
         _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)

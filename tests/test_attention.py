@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from fastelectra import ops  # noqa: E402
 from fastelectra.kernels.attention import dropout_mask, flash_attention, flash_attention_varlen  # noqa: E402
 from fastelectra.kernels.layernorm import fused_layer_norm  # noqa: E402
-from philox_ref import U32, philox4x32  # noqa: E402
+from philox_ref import philox2x32  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}  # absolute error floor
@@ -179,33 +179,53 @@ def test_dropout_mask_statistics():
         keep = dropout_mask(99, batch, nheads, seqlen, seqlen, p, DEVICE).float()
         sd = ((1 - p) * p / n) ** 0.5
         assert abs(keep.mean().item() - (1 - p)) < 4 * sd, p
-        col = torch.arange(seqlen)
-        slot = 2 * ((col // 8) % 4) + col % 2                           # which of a call's 8 draws
-        per_slot = torch.stack([keep[..., slot == i].mean() for i in range(8)])
-        assert ((per_slot - (1 - p)).abs() < 4 * sd * 8 ** 0.5).all(), (p, per_slot)
+        pos = torch.arange(seqlen)
+        slot = 2 * ((pos[:, None] // 8) % 2) + (pos[None, :] // 8) % 2     # which of a call's 4 draws
+        per_slot = torch.stack([keep[..., slot == i].mean() for i in range(4)])
+        assert ((per_slot - (1 - p)).abs() < 4 * sd * 4 ** 0.5).all(), (p, per_slot)
     a = dropout_mask(5, batch, nheads, seqlen, seqlen, 0.5, DEVICE)
     assert torch.equal(a, dropout_mask(5, batch, nheads, seqlen, seqlen, 0.5, DEVICE))
     assert not torch.equal(a, dropout_mask(6, batch, nheads, seqlen, seqlen, 0.5, DEVICE))
+    assert not torch.equal(a, dropout_mask(2**32 + 5, batch, nheads, seqlen, seqlen, 0.5, DEVICE))  # high word
     assert not torch.equal(a[0, 0], a[0, 1]) and not torch.equal(a[0, 0], a[1, 0])
     assert dropout_mask(5, 1, 1, 8, 8, 0.0, DEVICE).all()
 
 
+KAT2 = [  # Random123 kat_vectors, philox2x32 7 and 10: counter, key -> output
+    (7, (0, 0), 0, (0x257A3673, 0xCD26BE2A)),
+    (7, (0xFFFFFFFF, 0xFFFFFFFF), 0xFFFFFFFF, (0xAB302C4D, 0x3DC9D239)),
+    (7, (0x243F6A88, 0x85A308D3), 0x13198A2E, (0xBEDBBE6B, 0xE4C770B3)),
+    (10, (0, 0), 0, (0xFF1DAE59, 0x6CD10DF2)),
+    (10, (0xFFFFFFFF, 0xFFFFFFFF), 0xFFFFFFFF, (0x2C3F628B, 0xAB4FD7AD)),
+    (10, (0x243F6A88, 0x85A308D3), 0x13198A2E, (0xDD7CE038, 0xF62A4C12)),
+]
+
+
+@pytest.mark.parametrize("rounds,ctr,key,expected", KAT2)
+def test_philox2x32_reference_known_answers(rounds, ctr, key, expected):
+    out = philox2x32([[c] for c in ctr], [key], rounds=rounds)
+    assert [int(w[0]) for w in out] == list(expected)
+
+
 def documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p):
-    """The keep-mask the module docstring specifies, from a numpy Philox4x32-7: key n of query row r
-    in head bh takes call ((bh·Tq + r)·4·cdiv(Tk, 32) + 4·(n // 32) + (n // 2) % 4, word (n // 8) % 4,
-    low half for even n; keep when the 16-bit draw >= round(p·2^16)."""
+    """The keep-mask the module docstring specifies, from a numpy Philox2x32-7: query row r and key n of
+    head bh take the call with counter (p(r)·P_k + p(n), bh + seed_hi), key seed_lo, where
+    p(x) = 8·(x // 16) + x % 8 and P_k = 8·cdiv(Tk, 16); word (r // 8) % 2 of it, low half when
+    (n // 8) % 2 == 0; keep when the 16-bit draw >= round(p·2^16)."""
     import numpy as np
 
-    calls_per_row = 4 * -(-seqlen_k // 32)
+    pairs_k = 8 * -(-seqlen_k // 16)
     bh, r, n = np.meshgrid(np.arange(batch * nheads), np.arange(seqlen_q), np.arange(seqlen_k), indexing="ij")
-    counter = ((bh * seqlen_q + r) * calls_per_row + 4 * (n // 32) + (n // 2) % 4).astype(np.uint64)
-    words = philox4x32((counter & U32, counter >> np.uint64(32), 0, 0), (seed & 0xFFFFFFFF, seed >> 32), rounds=7)
-    word = np.choose((n // 8) % 4, words)
-    draw = np.where(n % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    pair = lambda x: 8 * (x // 16) + x % 8  # noqa: E731
+    c0 = (pair(r) * pairs_k + pair(n)).astype(np.uint64)
+    c1 = (bh + (seed >> 32)) % 2**32
+    words = philox2x32((c0, c1), seed & 0xFFFFFFFF, rounds=7)
+    word = np.where((r // 8) % 2 == 0, words[0], words[1]).astype(np.uint64)
+    draw = np.where((n // 8) % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
     return torch.from_numpy(draw >= round(p * 2**16)).reshape(batch, nheads, seqlen_q, seqlen_k)
 
 
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(3, 21), (5, 77)])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(3, 21), (19, 77)])
 def test_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k):
     batch, nheads, p, seed = 2, 2, 0.3, 2**40 + 12345
     expected = documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p)
@@ -331,6 +351,14 @@ def test_bad_inputs_raise_clear_errors():
             flash_attention(q, q, q, dropout_p=0.1, seed=seed)
     with pytest.raises(TypeError, match="seed"):
         dropout_mask(torch.tensor([1, 2]), 1, 1, 8, 8, 0.1, DEVICE)
+    long = q[:, :1].expand(1, 2**17 + 1, 1, 16)          # a view: nothing is allocated or launched
+    with pytest.raises(ValueError, match="at most 131072 tokens"):
+        flash_attention(long, long, long, dropout_p=0.1)
+    with pytest.raises(ValueError, match="at most 131072 tokens"):
+        flash_attention_varlen(q[0], q[0], q[0], torch.tensor([0, 8], dtype=torch.int32, device=DEVICE), 2**17 + 1,
+                               dropout_p=0.1)
+    with pytest.raises(ValueError, match="at most 131072 tokens"):
+        dropout_mask(1, 1, 1, 8, 2**17 + 1, 0.1, DEVICE)
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes

@@ -1,5 +1,5 @@
 """Properties of the compiled sm_90 code, read without a GPU: the dropout of the attention kernels
-costs no data movement between threads in the forward and dQ loops (kernels/attention.py, "Dropout"),
+costs no data movement between threads in the forward, dK/dV and dQ loops (kernels/attention.py, "Dropout"),
 and the replace_tokens CUDA kernel's hot loop stays lean (csrc/replace_tokens_kernel.cu). The
 attention check runs in a subprocess: this test process imported Triton under TRITON_INTERPRET=1."""
 import json
@@ -13,23 +13,26 @@ pytest.importorskip("triton")
 from benchmarks.sass_loops import _nvcc, _nvidia_bin, replace_kernel_stats  # noqa: E402
 
 
-def test_dropout_adds_no_shared_memory_round_trip_to_the_forward_and_dq_loops(tmp_path):
+def test_dropout_adds_no_shared_memory_round_trip_to_the_attention_loops(tmp_path):
     if not all(os.path.exists(_nvidia_bin(b)) for b in ("nvdisasm", "cuobjdump", "ptxas")):
         pytest.skip("this Triton wheel ships no nvdisasm/cuobjdump/ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, "-m", "benchmarks.sass_loops", "--json", str(out),
-                    "--case", "fwd,64,64,4", "--case", "dq,64,64,4"], check=True, env=env,
+                    "--case", "fwd,64,64,4", "--case", "dkdv,64,64,4", "--case", "dq,64,64,4"], check=True, env=env,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True)
     rows = {(r["kernel"], r["dropout"]): r for r in json.loads(out.read_text())}
-    for kernel in ("fwd", "dq"):
+    for kernel in ("fwd", "dkdv", "dq"):
         with_dropout, without = rows[(kernel, True)], rows[(kernel, False)]
         assert with_dropout["loop_hgmma"] > 0, with_dropout          # the compiled tensor-core loop
         assert with_dropout["loop_sts"] == 0, with_dropout           # no layout conversion via shared memory
         assert with_dropout["spill_stores"] == 0, with_dropout
-        # Philox4x32-7 for 8 keys per call + compare + select: well under twice the no-dropout loop
-        assert with_dropout["loop_instructions"] < 1.6 * without["loop_instructions"], (with_dropout, without)
+        # per element a thread holds (32 of a 64x64 tile over 4 warps): a quarter of a Philox2x32-7 call
+        # (3.5 multiplies and 3.5 XORs), a compare, a select (two in dK/dV) and the counter: <= 8
+        # (2026-11-22, Triton 3.9: 5.8 / 7.3 / 6.3; before the 2 x 2 blocks dK/dV needed 15)
+        extra = with_dropout["loop_instructions"] - without["loop_instructions"]
+        assert extra <= 8 * 32, (kernel, with_dropout, without)
 
 
 def test_replace_kernel_hot_loop_is_lean():
