@@ -117,22 +117,32 @@ def _registers(path: str) -> dict[str, int]:
                 for m in re.finditer(r"Function (\S+):\s*\n?\s*REG:(\d+)", usage))
 
 
+def _stats(instrs: list[str], start: int, end: int) -> dict:
+    ops = collections.Counter(_opcode(t) for t in instrs[start:end + 1])
+    return {"loop_instructions": end - start + 1, "loop_sts": ops["STS"], "loop_lds": ops["LDS"],
+            "loop_hgmma": ops["HGMMA"] + ops["HMMA"], "top_ops": dict(ops.most_common(8))}
+
+
 def loop_stats(cubin: bytes) -> dict:
-    """Instruction counts of the main loop (the longest backward branch's body) and the kernel's
-    registers and spills."""
+    """Instruction counts of the kernel's tile loops (the loops that issue tensor-core instructions),
+    and its registers and spills. The forward and dQ kernels have two: full tiles of valid keys, which
+    take no key mask ("loop_*"), then the tiles that hold the end of the keys or, for a mask with
+    holes, every tile ("masked_*"); dK/dV has one."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         (name, instrs), = _disassemble(path).items()
         regs = _registers(path).get(name)
-    loops = _loops(instrs)
-    start, end = max(loops, key=lambda se: se[1] - se[0]) if loops else (0, len(instrs) - 1)
-    ops = collections.Counter(_opcode(t) for t in instrs[start:end + 1])
-    return {"loop_instructions": end - start + 1, "loop_sts": ops["STS"], "loop_lds": ops["LDS"],
-            "loop_hgmma": ops["HGMMA"], "registers": regs,
-            "spill_stores": sum(1 for t in instrs if _opcode(t) == "STL"),
-            "top_ops": dict(ops.most_common(8))}
+    loops = sorted({(a, b) for a, b in _loops(instrs)
+                    if any(_opcode(t) in ("HGMMA", "HMMA") for t in instrs[a:b + 1])})
+    if not loops:
+        loops = [(0, len(instrs) - 1)]
+    out = {**_stats(instrs, *loops[0]), "tile_loops": len(loops), "registers": regs,
+           "spill_stores": sum(1 for t in instrs if _opcode(t) == "STL")}
+    if len(loops) > 1:
+        out.update({"masked_" + k: v for k, v in _stats(instrs, *loops[-1]).items()})
+    return out
 
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -215,9 +225,11 @@ def main(argv=None) -> list[dict]:
         for dropout in (True,) if args.dropout_only else (False, True):
             stats = loop_stats(compile_sm90(kernel, bm, bn, warps, dropout=dropout))
             rows.append({"kernel": kernel, "tile": f"{bm}x{bn}", "warps": warps, "dropout": dropout, **stats,
-                         "loop_sts_lds": f"{stats['loop_sts']}/{stats['loop_lds']}"})
+                         "loop_sts_lds": f"{stats['loop_sts']}/{stats['loop_lds']}",
+                         "masked": stats.get("masked_loop_instructions", "-")})
     return _report(rows, {"kernel": "kernel", "tile": "tile", "warps": "warps", "dropout": "dropout",
                           "loop instrs": "loop_instructions", "loop STS/LDS": "loop_sts_lds",
+                          "masked-tile loop": "masked",
                           "regs": "registers", "spill stores": "spill_stores"}, args.json)
 
 

@@ -13,8 +13,12 @@ varlen mode takes packed tokens (total, nheads, headdim) with cumulative sequenc
 padded batches skip the padding entirely.
 
 Key-padding mask. As per-sequence lengths (prefix masks) or as a general (batch, seqlen_k)
-boolean mask that the kernels load block by block and honour exactly; key blocks past the last
-valid key are never visited. A sequence without a valid key gives zeros (not NaN).
+boolean mask, honoured exactly. Each program first reads its sequence's mask row to find the last
+valid key (key blocks past it are never visited) and whether the mask is a prefix; the launcher
+does nothing with it. Only tiles that may hold invalid keys are masked: for a prefix, the one with
+its end; for a mask with holes, all. The forward and dQ kernels run full tiles in a loop without
+the mask (nor the predicated loads), then the rest; dK/dV zeroes the rows of invalid keys once,
+after its loop. A sequence without a valid key gives zeros (not NaN).
 
 Dropout. Philox2x32-7 in the kernels, regenerated identically in the backward, never stored.
 One call gives two 32-bit words = four 16-bit draws, the keep decisions of a 2 x 2 block: query
@@ -72,6 +76,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (triton 3.9), so the kernels widen dot operands to fp32 first (exact for 16-bit inputs), and it runs
 # no inline PTX, so Philox multiplies with umulhi + mul. Compiled kernels are unaffected.
 _IN_INTERPRETER = tl.constexpr(_INTERPRET)
+MASK_SCAN = tl.constexpr(16 if _INTERPRET else 1024)   # mask bytes a program reads per step of _mask_extent
 
 
 # ============================================================================ Triton kernels
@@ -217,30 +222,56 @@ def _dropout_apply(
 
 
 @triton.jit
+def _mask_extent(
+    KeyMask,     # (seqlen_k,) uint8 mask row of one sequence
+    seqlen_k,
+):
+    """(last valid key + 1, whether the mask is that prefix: no holes before it), read off the row
+    in the kernel, so a mask costs the launcher nothing and the step no extra kernels."""
+    last = tl.zeros((), dtype=tl.int32)
+    count = tl.zeros((), dtype=tl.int32)
+    for start in range(0, seqlen_k, MASK_SCAN):
+        offs = start + tl.arange(0, MASK_SCAN)
+        ok = tl.load(KeyMask + offs, mask=offs < seqlen_k, other=0) != 0
+        last = tl.maximum(last, tl.max(tl.where(ok, offs + 1, 0), 0))
+        count += tl.sum(ok.to(tl.int32), 0)
+    return last, count == last
+
+
+@triton.jit
 def _sequence(
     KeyLens,     # (batch,) int32 valid prefix length of the keys; read when HAS_LENS
+    KeyMask,     # (seqlen_k,) uint8 mask row of sequence b; read when HAS_MASK
     CuSeqlens,   # (batch + 1,) int32 packed row offsets; read when VARLEN
     b,           # batch index
     seqlen_q,    # query rows per sequence (dense)
     seqlen_k,    # key rows per sequence (dense)
     HAS_LENS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
-    """(first packed row, query rows, key rows in memory, keys to visit) of sequence b."""
+    """(first packed row, query rows, key rows in memory, keys to visit, keys known valid: every key
+    below it is valid, so tiles that end there need no key mask) of sequence b."""
     if VARLEN:
         row0 = tl.load(CuSeqlens + b).to(tl.int64)
         q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
         k_rows = q_len
         k_len = q_len
+        k_dense = q_len
     else:
         row0 = 0
         q_len = seqlen_q
         k_rows = seqlen_k
-        if HAS_LENS:
+        if HAS_MASK:
+            k_len, prefix = _mask_extent(KeyMask, seqlen_k)
+            k_dense = tl.where(prefix, k_len, 0)
+        elif HAS_LENS:
             k_len = tl.minimum(tl.maximum(tl.load(KeyLens + b), 0), seqlen_k)
+            k_dense = k_len
         else:
             k_len = seqlen_k
-    return row0, q_len, k_rows, k_len
+            k_dense = seqlen_k
+    return row0, q_len, k_rows, k_len, k_dense
 
 
 @triton.jit
@@ -262,12 +293,80 @@ def _key_ok(
     KeyMask,     # (batch, seqlen_k) uint8 row of sequence b (already offset); read when HAS_MASK
     offs_n,      # (BLOCK_N,) key positions
     k_len,       # keys to visit; positions >= k_len are padding
+    k_rows,      # keys in memory: the mask load's bound (a multiple of 16 lets it load 2+ bytes at once)
     HAS_MASK: tl.constexpr,
 ):
     ok = offs_n < k_len
     if HAS_MASK:
-        ok = ok & (tl.load(KeyMask + offs_n, mask=ok, other=0) != 0)
+        ok = ok & (tl.load(KeyMask + offs_n, mask=offs_n < k_rows, other=0) != 0)
     return ok                                       # (BLOCK_N,) bool
+
+
+@triton.jit
+def _key_tile(
+    K, V,            # row 0 of this sequence and head
+    KeyMask,         # this sequence's mask row; read when MASKED and HAS_MASK
+    tile,            # key tile index: keys tile * BLOCK_N ...
+    k_len,           # keys to visit
+    k_rows,          # keys in memory
+    stride_kt, stride_vt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,       # keys of the tile may be invalid (past k_len or masked out)
+    HAS_MASK: tl.constexpr,
+    V_BY_ROW: tl.constexpr,     # v as (BLOCK_N, HEAD_DIM), else vᵀ (HEAD_DIM, BLOCK_N)
+):
+    """(kᵀ (HEAD_DIM, BLOCK_N), v or vᵀ, key_ok (BLOCK_N,) bool) of one key tile; invalid keys read
+    as zeros. Unmasked tiles load without predicates (all their keys are valid) and key_ok is all True."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kt_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None]
+    if V_BY_ROW:
+        v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]
+    else:
+        v_ptrs = V + offs_n[None, :] * stride_vt + offs_d[:, None]
+    if MASKED:
+        key_ok = _key_ok(KeyMask, offs_n, k_len, k_rows, HAS_MASK)
+        kt = tl.load(kt_ptrs, mask=key_ok[None, :], other=0.0)
+        if V_BY_ROW:
+            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=key_ok[None, :], other=0.0)
+    else:
+        key_ok = offs_n >= 0
+        kt = tl.load(kt_ptrs)
+        v = tl.load(v_ptrs)
+    return kt, v, key_ok
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i,   # (BLOCK_M, HEAD_DIM), (BLOCK_M,), (BLOCK_M,) fp32 running output, sum and max
+    q,               # (BLOCK_M, HEAD_DIM) query tile
+    kt, v, key_ok,   # the key tile (_key_tile)
+    qk_scale,        # softmax_scale / ln 2
+    seed, bh, pairs_k, start_m, start_n, drop_threshold,  # dropout: _dropout_words
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,       # key_ok may be False somewhere
+    IS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile of the forward's online softmax: returns the updated (acc, l_i, m_i)."""
+    s = _mma(q, kt, None, DOT_PRECISION)                          # (BLOCK_M, BLOCK_N) unscaled
+    if MASKED:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)            # max commutes with the scale (> 0)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)        # rows with no valid key so far
+    p = tl.math.exp2(s * qk_scale - m_ref[:, None])             # one FFMA per score
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)                            # softmax sums before dropout
+    acc = acc * alpha[:, None]
+    if IS_DROPOUT:
+        w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
+        p = _dropout_apply(p, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False)
+    acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -308,7 +407,9 @@ def _attn_fwd_kernel(
     b = bh // nheads
     h = bh % nheads
     start_m = (pid % num_m) * BLOCK_M
-    row0, q_len, k_rows, k_len = _sequence(KeyLens, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS, VARLEN)
+    KeyMask += b.to(tl.int64) * stride_mb
+    row0, q_len, k_rows, k_len, k_dense = _sequence(KeyLens, KeyMask, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS,
+                                                    HAS_MASK, VARLEN)
     k_end = tl.where(start_m < q_len, k_len, 0)     # varlen blocks past the sequence do nothing
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -317,34 +418,36 @@ def _attn_fwd_kernel(
     Q = _head_rows(Q, b, h, row0, stride_qb, stride_qh, stride_qt)
     K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
-    KeyMask += b.to(tl.int64) * stride_mb
     pairs_k = _rng_pairs(seqlen_k)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if IS_DROPOUT:
-        seed = tl.load(Seed)
+    seed = tl.load(Seed) if IS_DROPOUT else 0
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)                # running row sum of exp2
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
 
-    for start_n in range(0, k_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
-        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        s = _mma(q, kt, None, DOT_PRECISION)                          # (BLOCK_M, BLOCK_N) unscaled
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)        # max commutes with the scale (> 0)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows with no valid key so far
-        p = tl.math.exp2(s * qk_scale - m_ref[:, None])         # one FFMA per score
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)                        # softmax sums before dropout
-        acc = acc * alpha[:, None]
-        if IS_DROPOUT:
-            w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
-            p = _dropout_apply(p, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
-        m_i = m_new
+    # tiles below k_dense hold valid keys only: no key mask; the rest (a tail, or every tile of a
+    # mask with holes) take it
+    k_full = tl.minimum(k_dense // BLOCK_N * BLOCK_N, k_end)
+    for tile in range(0, k_full // BLOCK_N):
+        kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                  HEAD_DIM, BLOCK_N, False, HAS_MASK, True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
+                                  tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, False, IS_DROPOUT, DOT_PRECISION)
+    if HAS_MASK:    # a mask with holes sends every tile here: pipelined as the first loop
+        for tile in range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N)):
+            kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                      HEAD_DIM, BLOCK_N, True, HAS_MASK, True)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
+                                      tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
+                                      DOT_PRECISION)
+    else:           # at most the one tile that holds the end of the keys: not worth a pipeline's registers
+        for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=1):
+            kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                      HEAD_DIM, BLOCK_N, True, HAS_MASK, True)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
+                                      tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
+                                      DOT_PRECISION)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -376,7 +479,7 @@ def _attn_bwd_preprocess_kernel(
     bh = pid // num_m
     b = bh // nheads
     h = bh % nheads
-    row0, q_len, _, _ = _sequence(CuSeqlens, CuSeqlens, b, seqlen_q, seqlen_q, False, VARLEN)
+    row0, q_len, _, _, _ = _sequence(CuSeqlens, CuSeqlens, CuSeqlens, b, seqlen_q, seqlen_q, False, False, VARLEN)
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < q_len
@@ -432,7 +535,9 @@ def _attn_bwd_dkdv_kernel(
     b = bh // nheads
     h = bh % nheads
     start_n = (pid % num_n) * BLOCK_N
-    row0, q_len, k_rows, k_len = _sequence(KeyLens, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS, VARLEN)
+    KeyMask += b.to(tl.int64) * stride_mb
+    row0, q_len, k_rows, k_len, k_dense = _sequence(KeyLens, KeyMask, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS,
+                                                    HAS_MASK, VARLEN)
     q_end = tl.where(start_n < k_len, q_len, 0)     # padding-only key blocks just store zeros
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -441,12 +546,11 @@ def _attn_bwd_dkdv_kernel(
     K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
-    KeyMask += b.to(tl.int64) * stride_mb
     Lse += bh.to(tl.int64) * seqlen_q
     Delta += bh.to(tl.int64) * seqlen_q
     pairs_k = _rng_pairs(seqlen_k)
 
-    key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
+    key_ok = _key_ok(KeyMask, offs_n, k_len, k_rows, HAS_MASK)
     if IS_DROPOUT:
         seed = tl.load(Seed)
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
@@ -460,8 +564,7 @@ def _attn_bwd_dkdv_kernel(
         qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
         lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
         st = _mma(k, qt, None, DOT_PRECISION) * qk_scale              # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(st - lse[None, :])
-        pt = tl.where(key_ok[:, None], pt, 0.0)
+        pt = tl.math.exp2(st - lse[None, :])         # rows of invalid keys: zeroed in dk, dv below
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
         if IS_DROPOUT:
@@ -475,14 +578,45 @@ def _attn_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PRECISION)
 
+    # a row of dk/dv depends on its own key only: invalid keys (k loaded as 0, so any finite or
+    # infinite junk) are zeroed here once instead of masking P in every step
     if IS_DROPOUT:
         dv = dv * drop_scale
-    dk = dk * sm_scale
+    dv = tl.where(key_ok[:, None], dv, 0.0)
+    dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     store_ok = (offs_n < k_rows)[:, None]
     DK = _head_rows(DK, b, h, row0, stride_dkb, stride_dkh, stride_dkt)
     DV = _head_rows(DV, b, h, row0, stride_dvb, stride_dvh, stride_dvt)
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _dq_tile(
+    dq,              # (BLOCK_M, HEAD_DIM) fp32 running dQ (unscaled)
+    q, do,           # (BLOCK_M, HEAD_DIM) query and output-gradient tiles
+    lse, delta,      # (BLOCK_M,) fp32 base-2 log-sum-exp and rowsum(dO * O)
+    kt, vt, key_ok,  # the key tile (_key_tile)
+    qk_scale,        # softmax_scale / ln 2
+    seed, bh, pairs_k, start_m, start_n, drop_threshold,  # dropout: _dropout_words
+    drop_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,       # key_ok may be False somewhere
+    IS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile of the dQ pass: returns dq + dS K for the tile."""
+    s = _mma(q, kt, None, DOT_PRECISION) * qk_scale                   # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(key_ok[None, :], p, 0.0)
+    dp = _mma(do, vt, None, DOT_PRECISION)
+    if IS_DROPOUT:
+        w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
+        dp = _dropout_apply(dp, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False) * drop_scale
+    ds = p * (dp - delta[:, None])                  # dropout's 1/(1-p) and "- delta": one FFMA
+    return _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
 
 @triton.jit
@@ -527,7 +661,9 @@ def _attn_bwd_dq_kernel(
     b = bh // nheads
     h = bh % nheads
     start_m = (pid % num_m) * BLOCK_M
-    row0, q_len, k_rows, k_len = _sequence(KeyLens, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS, VARLEN)
+    KeyMask += b.to(tl.int64) * stride_mb
+    row0, q_len, k_rows, k_len, k_dense = _sequence(KeyLens, KeyMask, CuSeqlens, b, seqlen_q, seqlen_k, HAS_LENS,
+                                                    HAS_MASK, VARLEN)
     k_end = tl.where(start_m < q_len, k_len, 0)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -537,7 +673,6 @@ def _attn_bwd_dq_kernel(
     K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
     DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
-    KeyMask += b.to(tl.int64) * stride_mb
     pairs_k = _rng_pairs(seqlen_k)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -545,23 +680,28 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    if IS_DROPOUT:
-        seed = tl.load(Seed)
+    seed = tl.load(Seed) if IS_DROPOUT else 0
 
-    for start_n in range(0, k_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = _key_ok(KeyMask, offs_n, k_len, HAS_MASK)
-        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-        s = _mma(q, kt, None, DOT_PRECISION) * qk_scale               # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(key_ok[None, :], p, 0.0)
-        dp = _mma(do, vt, None, DOT_PRECISION)
-        if IS_DROPOUT:
-            w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
-            dp = _dropout_apply(dp, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False) * drop_scale
-        ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
+    k_full = tl.minimum(k_dense // BLOCK_N * BLOCK_N, k_end)      # as in the forward
+    for tile in range(0, k_full // BLOCK_N):
+        kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                   HEAD_DIM, BLOCK_N, False, HAS_MASK, False)
+        dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m, tile * BLOCK_N,
+                      drop_threshold, drop_scale, BLOCK_M, BLOCK_N, False, IS_DROPOUT, DOT_PRECISION)
+    if HAS_MASK:    # as in the forward
+        for tile in range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N)):
+            kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                       HEAD_DIM, BLOCK_N, True, HAS_MASK, False)
+            dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m,
+                          tile * BLOCK_N, drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
+                          DOT_PRECISION)
+    else:
+        for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=1):
+            kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                       HEAD_DIM, BLOCK_N, True, HAS_MASK, False)
+            dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m,
+                          tile * BLOCK_N, drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
+                          DOT_PRECISION)
 
     dq = dq * sm_scale
     DQ = _head_rows(DQ, b, h, row0, stride_dqb, stride_dqh, stride_dqt)
@@ -692,14 +832,13 @@ def _dropout_args(dropout_p: float):
 def _mask_args(key_mask, key_lens, layout, device):
     """(uint8 mask or placeholder, int32 lengths or placeholder, batch stride, HAS_MASK, HAS_LENS).
 
-    A general boolean mask is read by the kernels; its lengths (last valid key + 1) bound the
-    key loop so padding blocks are skipped, without a host sync."""
+    A general boolean mask is read by the kernels: each program first finds its sequence's last
+    valid key (the end of its key loop: padding blocks are skipped) and whether the mask is a
+    prefix (then only the tile that holds its end reads it), with no work in the launcher."""
     placeholder = torch.empty(1, dtype=torch.int32, device=device)
     if key_mask is not None:
         mask = key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous()
-        positions = torch.arange(1, layout.seqlen_k + 1, device=device, dtype=torch.int32)
-        lens = (mask.to(torch.int32) * positions).amax(dim=1).to(torch.int32)
-        return mask.view(torch.uint8), lens, mask.stride(0), True, True
+        return mask.view(torch.uint8), placeholder, mask.stride(0), True, False
     if key_lens is not None:
         return placeholder, key_lens.to(torch.int32).contiguous(), 0, False, True
     return placeholder, placeholder, 0, False, False
@@ -874,7 +1013,7 @@ def _check_qkv(q, k, v, packed: bool) -> None:
 def _check_dropout(dropout_p, *seqlens) -> float:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0.0 and max(seqlens, default=0) > MAX_DROPOUT_SEQLEN:
+    if dropout_p > 0.0 and any(n > MAX_DROPOUT_SEQLEN for n in seqlens):
         raise ValueError(f"dropout_p > 0 needs sequences of at most {MAX_DROPOUT_SEQLEN} tokens (the Philox "
                          f"counter of a (query, key) pair is 32 bits), got length {max(seqlens)}")
     return float(dropout_p)

@@ -84,6 +84,7 @@ def rand(*shape, dtype=torch.float16, generator=None):
     (1, 1, 1, 1, 16, torch.float16, None),           # a batch of one, T = 1
     (2, 17, 40, 1, 16, torch.bfloat16, "lengths"),   # Tq != Tk, key lengths, masked q tail
     (1, 40, 40, 2, 64, torch.float32, "general"),    # fp32: the IEEE-dot path
+    (3, 21, 70, 2, 16, torch.float16, "prefix"),     # prefix masks: unmasked full tiles, then the masked end
 ])
 def test_matches_reference(batch, seqlen_q, seqlen_k, nheads, head_dim, dtype, mask_kind):
     g = torch.Generator().manual_seed(0)
@@ -124,6 +125,24 @@ def test_padded_keys_get_zero_probability():
     out2, dq2, _, _ = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=0.2, seed=7), q, k2, v2, do)
     assert torch.equal(out, out2) and torch.equal(dq, dq2)
     assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",      # the interpreter's numpy
+                            "ignore:invalid value encountered:RuntimeWarning")  # meets the inf rows
+def test_invalid_keys_far_above_the_scores_do_not_leak_into_gradients():
+    """dK/dV skip the key mask in their loop and zero invalid keys' rows once: those rows may hold
+    inf (an invalid key reads as k = 0, a score far above the valid ones), which must stay there."""
+    g = torch.Generator().manual_seed(12)
+    q = (8.0 + 0.1 * torch.randn(2, 40, 2, 16, generator=g)).to(DEVICE, torch.float16)
+    k = (-8.0 + 0.1 * torch.randn(2, 40, 2, 16, generator=g)).to(DEVICE, torch.float16)  # scores ~ -256
+    v, do = (rand(2, 40, 2, 16, generator=g) for _ in range(2))
+    mask = make_mask("general", 2, 40)
+    for p in (0.0, 0.2):
+        keep = dropout_mask(3, 2, 2, 40, 40, p, DEVICE) if p else None
+        assert_close_to_reference(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=3),
+                                  lambda q, k, v: reference(q, k, v, mask, keep, p), q, k, v, do)
+        _, _, dk, dv = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=3), q, k, v, do)
+        assert (dk[~mask] == 0).all() and (dv[~mask] == 0).all()
 
 
 def test_padded_query_rows_do_not_poison_gradients():
