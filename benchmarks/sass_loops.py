@@ -13,8 +13,9 @@ without a GPU: Triton compiles for a target it is given and ships ptxas and nvdi
 For each kernel and tile config: SASS instructions in the main loop (per warp and iteration; for the
 forward and dQ kernels the loop over full tiles of valid keys, with the loop over the tiles that need
 the key mask beside it), shared-memory stores/loads in it (a layout conversion shows up as STS/LDS +
-BAR), registers and spill stores of the whole kernel. Pointer and stride arguments get the 16-divisibility the JIT would infer
-at real shapes (without it no load is vectorised or pipelined and the counts mean nothing).
+BAR), registers and spill stores of the whole kernel. Pointer and stride arguments get the
+16-divisibility the JIT would infer at real shapes (without it no load is vectorised or pipelined
+and the counts mean nothing).
 
 --replace compiles csrc/replace_tokens_kernel.cu with nvcc and reports, per kernel variant, the
 instructions per logit element on the hot path of its vector loop: the loop body without the

@@ -180,8 +180,9 @@ def _zero_dropped(
             pack=1)
     else:
         return tl.inline_asm_elementwise(
-            "{ .reg .pred k; .reg .b32 d; and.b32 d, $2, 0xFFFF; setp.hs.u32 k, d, $3; selp.f32 $0, $1, 0f00000000, k; }",
-            "=f,f,r,r", [x, word, tl.full(x.shape, 0, tl.uint32) + t], dtype=tl.float32, is_pure=True, pack=1)
+            "{ .reg .pred k; .reg .b32 d; and.b32 d, $2, 0xFFFF; setp.hs.u32 k, d, $3; "
+            "selp.f32 $0, $1, 0f00000000, k; }", "=f,f,r,r",
+            [x, word, tl.full(x.shape, 0, tl.uint32) + t], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
