@@ -16,7 +16,8 @@ COMMANDS = {
     "pretrain": ("fastelectra.pretrain", "ELECTRA pretraining from a text corpus"),
     "finetune": ("fastelectra.finetune", "fine-tune a sequence classifier on a CSV/JSONL file"),
     "predict": ("fastelectra.predict", "label a CSV/JSONL file with a fine-tuned classifier"),
-    "bench": ("fastelectra.benchmarks.cli", "benchmarks: layernorm, attention, replace, pretrain, convergence, all"),
+    "bench": ("fastelectra.benchmarks.cli",
+              "benchmarks: layernorm, attention, replace, pretrain, convergence, profile, all"),
 }
 
 

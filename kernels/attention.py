@@ -69,6 +69,11 @@ DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
 PHILOX_ROUNDS = tl.constexpr(7)      # Philox2x32-7 (see "Dropout" above)
 DROP_BLOCK = tl.constexpr(16)        # a call decides rows {r, r+8} x keys {n, n+8} of a 16 x 16 block
 DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
+# _zero_dropped's PTX: x ($1) if the draw in word $2 is >= $3, else 0. The low half is masked inside
+# the block: masked outside it, the dQ loop compiles to 4 more instructions (Triton 3.9, sm_90)
+_SELECT_TAIL = "setp.hs.u32 k, d, $3; selp.f32 $0, $1, 0f00000000, k; }"
+_SELECT_HIGH = tl.constexpr("{ .reg .pred k; .reg .b32 d; mov.b32 d, $2; " + _SELECT_TAIL)
+_SELECT_LOW = tl.constexpr("{ .reg .pred k; .reg .b32 d; and.b32 d, $2, 0xFFFF; " + _SELECT_TAIL)
 MAX_DROPOUT_SEQLEN = 2**17           # a head's (T/2)^2 Philox counters stay below 2^32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -168,21 +173,16 @@ def _zero_dropped(
     block: as tl.where, LLVM sinks the select below the caller's cast to bf16 and selects 16-bit
     halves with byte permutes (two more instructions per element on sm_90)."""
     t = drop_threshold.to(tl.uint32)
+    if HIGH:
+        t = t << DRAW_BITS                          # high half >= t  <=>  word >= t * 2^16
     if _IN_INTERPRETER or x.dtype != tl.float32:
         if HIGH:
-            return tl.where(word >= (t << DRAW_BITS), x, 0)     # high half >= t  <=>  word >= t * 2^16
+            return tl.where(word >= t, x, 0)
         else:
             return tl.where((word & DRAW_MASK) >= t, x, 0)
-    elif HIGH:
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred k; setp.hs.u32 k, $2, $3; selp.f32 $0, $1, 0f00000000, k; }", "=f,f,r,r",
-            [x, word, tl.full(x.shape, 0, tl.uint32) + (t << DRAW_BITS)], dtype=tl.float32, is_pure=True,
-            pack=1)
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred k; .reg .b32 d; and.b32 d, $2, 0xFFFF; setp.hs.u32 k, d, $3; "
-            "selp.f32 $0, $1, 0f00000000, k; }", "=f,f,r,r",
-            [x, word, tl.full(x.shape, 0, tl.uint32) + t], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_SELECT_HIGH if HIGH else _SELECT_LOW, "=f,f,r,r",
+                                     [x, word, tl.full(x.shape, 0, tl.uint32) + t], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
@@ -435,20 +435,13 @@ def _attn_fwd_kernel(
                                   HEAD_DIM, BLOCK_N, False, HAS_MASK, True)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
                                   tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, False, IS_DROPOUT, DOT_PRECISION)
-    if HAS_MASK:    # a mask with holes sends every tile here: pipelined as the first loop
-        for tile in range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N)):
-            kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_N, True, HAS_MASK, True)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
-                                      tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
-                                      DOT_PRECISION)
-    else:           # at most the one tile that holds the end of the keys: not worth a pipeline's registers
-        for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=1):
-            kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
-                                      HEAD_DIM, BLOCK_N, True, HAS_MASK, True)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
-                                      tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
-                                      DOT_PRECISION)
+    # a mask with holes sends every tile here: pipelined like the first loop; otherwise at most the
+    # tile that holds the end of the keys, not worth a pipeline's registers
+    for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=None if HAS_MASK else 1):
+        kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                  HEAD_DIM, BLOCK_N, True, HAS_MASK, True)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
+                                  tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -689,20 +682,11 @@ def _attn_bwd_dq_kernel(
                                    HEAD_DIM, BLOCK_N, False, HAS_MASK, False)
         dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m, tile * BLOCK_N,
                       drop_threshold, drop_scale, BLOCK_M, BLOCK_N, False, IS_DROPOUT, DOT_PRECISION)
-    if HAS_MASK:    # as in the forward
-        for tile in range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N)):
-            kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
-                                       HEAD_DIM, BLOCK_N, True, HAS_MASK, False)
-            dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m,
-                          tile * BLOCK_N, drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
-                          DOT_PRECISION)
-    else:
-        for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=1):
-            kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
-                                       HEAD_DIM, BLOCK_N, True, HAS_MASK, False)
-            dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m,
-                          tile * BLOCK_N, drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT,
-                          DOT_PRECISION)
+    for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=None if HAS_MASK else 1):
+        kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
+                                   HEAD_DIM, BLOCK_N, True, HAS_MASK, False)          # as in the forward
+        dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m, tile * BLOCK_N,
+                      drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT, DOT_PRECISION)
 
     dq = dq * sm_scale
     DQ = _head_rows(DQ, b, h, row0, stride_dqb, stride_dqh, stride_dqt)
@@ -830,7 +814,7 @@ def _dropout_args(dropout_p: float):
     return threshold, 1.0 / (1.0 - dropout_p)
 
 
-def _mask_args(key_mask, key_lens, layout, device):
+def _mask_args(key_mask, key_lens, device):
     """(uint8 mask or placeholder, int32 lengths or placeholder, batch stride, HAS_MASK, HAS_LENS).
 
     A general boolean mask is read by the kernels: each program first finds its sequence's last
@@ -865,7 +849,7 @@ def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, s
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((layout.batch, layout.nheads, layout.seqlen_q), dtype=torch.float32, device=q.device)
-    mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, layout, q.device)
+    mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, q.device)
     cu = cu_seqlens if cu_seqlens is not None else lens
     n_bh = layout.batch * layout.nheads
 
@@ -885,7 +869,7 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
     """Launch the backward; returns (dq, dk, dv) shaped and typed like q, k, v."""
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
-    mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, layout, q.device)
+    mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, q.device)
     cu = cu_seqlens if cu_seqlens is not None else lens
     n_bh = layout.batch * layout.nheads
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -1087,7 +1071,6 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
     Returns (total, nheads, headdim) in q's dtype; differentiable in q, k, v.
     """
     _check_qkv(q, k, v, packed=True)
-    dropout_p = _check_dropout(dropout_p)
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2
             or cu_seqlens.dtype != torch.int32):
         raise ValueError("cu_seqlens must be a 1-D int32 tensor (batch + 1,) of cumulative sequence lengths, got "
@@ -1097,7 +1080,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-    _check_dropout(dropout_p, max_seqlen)
+    dropout_p = _check_dropout(dropout_p, max_seqlen)
     # value checks cost a GPU sync (and a graph break): eager CPU tensors (the interpreter) only
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         lengths = cu_seqlens.diff()
