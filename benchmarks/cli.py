@@ -18,6 +18,7 @@ import traceback
 BENCHMARKS = {
     "layernorm": ("bench_layernorm", "fused (dropout + residual +) layer norm vs F.layer_norm and torch.compile"),
     "attention": ("bench_attention", "Triton flash attention vs the SDPA backends and eager attention"),
+    "linear": ("bench_linear", "the bias-gradient column sum and linear fwd+bwd vs torch's reduction"),
     "replace": ("bench_replace", "the replace_tokens op vs eager Gumbel-max and torch.multinomial"),
     "pretrain": ("bench_pretrain", "sequences/s of the full training step, fastelectra vs HF transformers"),
     "convergence": ("convergence", "loss curves of backend fused vs eager agree within run-to-run noise"),

@@ -49,7 +49,7 @@ if [[ " $STAGES " == *" bench "* || " $STAGES " == *" conv "* || " $STAGES " == 
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   export TRITON_PRINT_AUTOTUNING=${TRITON_PRINT_AUTOTUNING:-1}   # the winning configs, in the logs
-  for b in ${BENCHES:-bench_layernorm bench_attention bench_replace bench_pretrain}; do
+  for b in ${BENCHES:-bench_layernorm bench_linear bench_attention bench_replace bench_pretrain}; do
     args_var=ARGS_$b   # extra arguments of one benchmark, e.g. ARGS_bench_pretrain="--presets small"
     cap_var=T_$b                   # a cap for one benchmark, e.g. T_bench_pretrain=300 (else T_BENCH)
     timeout -s INT -k 20 "${!cap_var:-$T_BENCH}" $PY -m benchmarks.$b ${!args_var:-} --out "$RES/${b#bench_}_${slug}_${date}.json" >"$RES/$b.log" 2>&1 \

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops
 from .config import ElectraConfig
-from .nn import FusedLayerNorm, FusedSelfAttention
+from .nn import FusedLayerNorm, FusedLinear, FusedSelfAttention
 
 __all__ = ["ElectraModel", "ElectraDiscriminator", "ElectraGenerator", "ElectraForSequenceClassification",
            "ElectraPretrainingModel", "ElectraPretrainingOutput"]
@@ -105,7 +105,7 @@ class SelfOutput(nn.Module):
 
     def __init__(self, config: ElectraConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.dense = FusedLinear(in_features, config.hidden_size, backend=config.backend)
         self.LayerNorm = FusedLayerNorm(config.hidden_size, eps=config.layer_norm_eps, backend=config.backend)
         self.dropout_p = config.hidden_dropout_prob
 
@@ -130,7 +130,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = FusedLinear(config.hidden_size, config.intermediate_size, backend=config.backend)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, h):
@@ -178,7 +178,8 @@ class ElectraModel(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         if config.embedding_size != config.hidden_size:
-            self.embeddings_project = nn.Linear(config.embedding_size, config.hidden_size)
+            self.embeddings_project = FusedLinear(config.embedding_size, config.hidden_size,
+                                                  backend=config.backend)
         self.encoder = Encoder(config)
         self.check_values = True  # see check_inputs
 
@@ -255,9 +256,9 @@ class ElectraDiscriminator(ElectraPreTrainedModel):
 class DiscriminatorPredictions(nn.Module):
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = FusedLinear(config.hidden_size, config.hidden_size, backend=config.backend)
         self.act = ACTIVATIONS[config.hidden_act]
-        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+        self.dense_prediction = FusedLinear(config.hidden_size, 1, backend=config.backend)
 
     def forward(self, h):                                                            # (B, T, H) → (B, T)
         return self.dense_prediction(self.act(self.dense(h))).squeeze(-1)
@@ -268,7 +269,7 @@ class GeneratorPredictions(nn.Module):
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.embedding_size)
+        self.dense = FusedLinear(config.hidden_size, config.embedding_size, backend=config.backend)
         self.LayerNorm = FusedLayerNorm(config.embedding_size, eps=config.layer_norm_eps, backend=config.backend)
 
     def forward(self, h):
@@ -285,7 +286,7 @@ class ElectraGenerator(ElectraPreTrainedModel):
         self.config = config
         self.electra = ElectraModel(config)
         self.generator_predictions = GeneratorPredictions(config)
-        self.generator_lm_head = nn.Linear(config.embedding_size, config.vocab_size)
+        self.generator_lm_head = FusedLinear(config.embedding_size, config.vocab_size, backend=config.backend)
         self.init_weights()
         self.tie_weights()
 
@@ -309,10 +310,10 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = FusedLinear(config.hidden_size, config.hidden_size, backend=config.backend)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.out_proj = FusedLinear(config.hidden_size, config.num_labels, backend=config.backend)
 
     def forward(self, h):                                                            # (B, T, H) → (B, C)
         x = self.dropout(h[:, 0])

@@ -1,5 +1,7 @@
 """Drop-in modules backed by fastelectra's ops (Triton kernels under backend ``fused``).
 
+FusedLinear         ⇄ nn.Linear: same constructor, state dict and results; its backward sums the
+                      bias gradient in Triton (CUDA, eager calls and CUDA graphs).
 FusedLayerNorm      ⇄ nn.LayerNorm: same constructor, state dict and results; forward also
                       takes the block tail's ``residual`` and ``dropout_p`` to fuse them.
 FusedSelfAttention  ⇄ ELECTRA/BERT self-attention: ``query``/``key``/``value`` Linear layers,
@@ -9,12 +11,26 @@ FusedSelfAttention  ⇄ ELECTRA/BERT self-attention: ``query``/``key``/``value``
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 
-__all__ = ["FusedLayerNorm", "FusedSelfAttention"]
+__all__ = ["FusedLinear", "FusedLayerNorm", "FusedSelfAttention"]
+
+
+class FusedLinear(nn.Linear):
+    """nn.Linear whose bias gradient is reduced by a Triton kernel (see fastelectra.ops.linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend or 'auto'}"
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -65,7 +81,7 @@ class FusedSelfAttention(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)   # parameters only: one fused GEMM below
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.dropout_p = dropout_p
@@ -86,7 +102,8 @@ class FusedSelfAttention(nn.Module):
         # (B, T, H, D) or (total, H, D) views that the kernel reads in place, no transpose copies
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])          # (3·hidden, hidden)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden_states, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
+        qkv = ops.linear(hidden_states, weight, bias, backend=self.backend)
+        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.unbind(-3)
         dropout_p = self.dropout_p if self.training else 0.0
         if unpadded:

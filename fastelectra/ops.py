@@ -1,5 +1,6 @@
 """Functional ops of fastelectra, each beside its torch reference; the one place that dispatches.
 
+    linear          y = x Wᵀ + b, its bias gradient reduced in Triton -> kernels/linear.py
     layer_norm      y = LayerNorm(dropout(x) + residual)          -> kernels/layernorm.py (Triton)
     attention       softmax(q kᵀ·scale + key-padding mask), dropout, · v  -> kernels/attention.py
     attention_varlen  the same over packed sequences (total, nheads, headdim) -> kernels/attention.py
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from . import rng as _rng
+from .autograd import use_eager
 
-__all__ = ["layer_norm", "attention", "attention_varlen", "replace_tokens",
+__all__ = ["linear", "layer_norm", "attention", "attention_varlen", "replace_tokens",
            "layer_norm_reference", "attention_reference", "attention_varlen_reference", "replace_tokens_reference"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -65,6 +67,32 @@ def _attention_kernel_takes(q, backend, op: str) -> bool:
     from .kernels.attention import SUPPORTED_HEAD_DIMS
 
     return q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
+# ----------------------------------------------------------------------------- linear
+def linear(x, weight, bias=None, *, backend=None):
+    """y = x Wᵀ + b, as ``F.linear``: x (..., K), weight (N, K), bias (N,) or None → (..., N).
+
+    The fused path (CUDA tensors with a bias, called eagerly or inside a CUDA graph) is
+    :func:`fastelectra.kernels.linear.fused_linear`: the same cuBLAS GEMMs, and the bias gradient
+    summed over rows by a Triton kernel instead of torch's reduction. Everything else is
+    ``F.linear`` (its own reference): no bias, CPU tensors, float64, and calls that torch.compile
+    traces, where inductor generates and fuses that reduction itself.
+    """
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if bias is not None:
+        _check_float("bias", bias)
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x (..., K) and weight (N, K) must agree in K, got x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    _check_same_device(x=x, weight=weight, bias=bias)
+    if (bias is not None and x.dtype in KERNEL_DTYPES and use_eager(x)
+            and _backend.use_triton(x.device, backend, "linear")):
+        from .kernels.linear import fused_linear
+
+        return fused_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- layer norm

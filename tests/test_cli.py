@@ -75,12 +75,12 @@ def test_bench_help_lists_every_benchmark(capsys):
         main(["bench", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("layernorm", "attention", "replace", "pretrain", "convergence", "profile", "all"):
+    for name in ("layernorm", "linear", "attention", "replace", "pretrain", "convergence", "profile", "all"):
         assert f"\n  {name} " in out
 
 
 @pytest.mark.parametrize("name, option", [("pretrain", "--presets"), ("convergence", "--batch-size"),
-                                          ("layernorm", "--hidden"), ("attention", "--shapes"),
+                                          ("layernorm", "--hidden"), ("attention", "--shapes"), ("linear", "--widths"),
                                           ("replace", "--sizes"), ("profile", "--backends")])
 def test_bench_passes_the_rest_to_the_benchmark(capsys, name, option):
     assert main(["bench", name, "--help"]) == 0
@@ -93,7 +93,7 @@ def test_bench_passes_the_rest_to_the_benchmark(capsys, name, option):
 def test_bench_without_a_gpu_says_so_and_fails(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    for argv in (["layernorm"], ["attention"], ["replace"], ["pretrain"], ["convergence"], ["profile"], ["all"]):
+    for argv in (["layernorm"], ["linear"], ["attention"], ["replace"], ["pretrain"], ["convergence"], ["profile"], ["all"]):
         assert main(["bench", *argv]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and ("needs a CUDA GPU" in err or "torch sees no GPU" in err)

@@ -1,0 +1,134 @@
+"""Linear-layer microbenchmark: the bias gradient's column sum, and a whole linear fwd+bwd.
+
+The bias gradient of a linear layer is Σ_rows dy; torch reduces it with its generic reduction kernel,
+which on an H100 read the 99 bias gradients of an ELECTRA-Base step at about 1.1 TB/s (3.4 ms of 51,
+benchmarks/results/profile_*.md). fastelectra's FusedLinear sums them with two Triton launches
+(kernels/linear.py).
+
+Cases, bf16, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
+  colsum   dy (M, N) -> (N,) for the widths of ELECTRA-Base's linears, N in {256, 768, 1024, 2304, 3072}
+           fastelectra        kernels.linear.column_sums
+           torch-sum          dy.sum(0) (what autograd runs for nn.Linear's bias)
+           torch-compile      torch.compile(lambda t: t.sum(0)) (inductor's generated reduction)
+           GB/s counts dy read once.
+  layer    fwd+bwd of one linear under bf16 autocast, fp32 parameters, (K -> N) in {768 -> 3072,
+           3072 -> 768, 768 -> 2304}
+           fastelectra        nn.FusedLinear (backend fused)
+           torch              nn.Linear
+
+    python -m benchmarks.bench_linear --out benchmarks/results/linear_<gpu>_<date>.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+
+from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
+
+ROWS = 16384
+WIDTHS = (256, 768, 1024, 2304, 3072)
+LAYERS = ((768, 3072), (3072, 768), (768, 2304))
+
+
+def colsum_contenders():
+    from fastelectra.kernels.linear import column_sums
+
+    compiled = torch.compile(lambda t: t.sum(0))
+    return {"fastelectra": column_sums, "torch-sum": lambda t: t.sum(0), "torch-compile": compiled}
+
+
+def run_colsum(rows, widths):
+    results = []
+    fns = colsum_contenders()
+    for n in widths:
+        dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+        ref = dy.double().sum(0)
+        for name, fn in fns.items():
+            row = dict(case="colsum", m=rows, n=n, contender=name)
+            try:
+                err = (fn(dy).double() - ref).abs().max().item()
+                row.update(bench_ms(lambda fn=fn: fn(dy)), max_abs_err=err)
+                row["gbps"] = dy.numel() * dy.element_size() / row["ms"] / 1e6
+            except Exception as err:  # noqa: BLE001 - a failing peer is a row, not an abort
+                row.update(skipped=skip_reason(err))
+            results.append(row)
+            print(f"colsum {rows}x{n:5d} {name:14s} " + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s"
+                                                         if "ms" in row else row["skipped"]), flush=True)
+    return results
+
+
+def run_layers(rows, layers):
+    from fastelectra.nn import FusedLinear
+
+    results = []
+    for k, n in layers:
+        torch.manual_seed(0)
+        ref = torch.nn.Linear(k, n).cuda()
+        fused = FusedLinear(k, n, backend="fused").cuda()
+        fused.load_state_dict(ref.state_dict())
+        x = torch.randn(rows, k, device="cuda", requires_grad=True)
+        dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+        for name, mod in (("fastelectra", fused), ("torch", ref)):
+            def step(mod=mod):
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    y = mod(x)
+                y.backward(dy)
+            row = dict(case="layer", m=rows, k=k, n=n, contender=name)
+            try:
+                step()
+                row.update(bench_ms(step))
+                row["tflops"] = 3 * 2 * rows * k * n / row["ms"] / 1e9
+            except Exception as err:  # noqa: BLE001
+                row.update(skipped=skip_reason(err))
+            results.append(row)
+            print(f"layer  {rows}x{k}->{n} {name:12s} " + (f"{row['ms']:.4f} ms {row['tflops']:6.0f} TFLOP/s"
+                                                          if "ms" in row else row["skipped"]), flush=True)
+    return results
+
+
+def add_ratios(results):
+    """fastelectra rows get speedup = peer ms / fastelectra ms, per case."""
+    def key(r):
+        return r["case"], r["m"], r.get("k"), r["n"]
+
+    peers = {}
+    for r in results:
+        if "ms" in r and r["contender"] != "fastelectra":
+            peers.setdefault(key(r), {})[r["contender"]] = r["ms"]
+    for r in results:
+        if r["contender"] == "fastelectra" and "ms" in r:
+            r["speedup"] = {p: ms / r["ms"] for p, ms in peers.get(key(r), {}).items()}
+            r["vs_torch"] = r["speedup"].get("torch-sum", r["speedup"].get("torch"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON path (a .md table is written beside it)")
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
+    parser.add_argument("--no-layers", action="store_true", help="only the column sums")
+    args = parser.parse_args(argv)
+    if args.rows < 1 or min(args.widths) < 1:
+        parser.error("--rows and --widths must be positive")
+    require_cuda("bench_linear")
+    results = run_colsum(args.rows, args.widths)
+    if not args.no_layers:
+        results += run_layers(args.rows, LAYERS)
+    add_ratios(results)
+    colsum = rate_table([r for r in results if r["case"] == "colsum"],
+                        ["m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"], "gbps", "GB/s")
+    layers = rate_table([r for r in results if r["case"] == "layer"],
+                        ["m", "k", "n", "contender", "ms", "TFLOP/s", "vs_torch", "ms_call"], "tflops", "TFLOP/s")
+    payload = {"benchmark": "linear",
+               "config": {"rows": args.rows, "widths": args.widths, "layers": [] if args.no_layers else LAYERS,
+                          "dtype": "bf16", "gpu_slug": gpu_slug(), "bytes": "colsum: dy read once",
+                          "timing": f"ms: {TIMING}", "date": datetime.date.today().isoformat()},
+               "results": results}
+    write_results(args.out, payload, "## bias-gradient column sums\n\n" + colsum
+                  + "\n\n## linear fwd+bwd, bf16 autocast\n\n" + layers)
+
+
+if __name__ == "__main__":
+    main()

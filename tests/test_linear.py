@@ -1,0 +1,201 @@
+"""Linear with a Triton bias-gradient reduction (kernels/linear.py) against torch references.
+
+Without a GPU the Triton kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1),
+so shapes stay small; the ``gpu`` tests add the shapes of an ELECTRA-Base step and CUDA graphs.
+Accuracy rule: the error against a float64 reference is at most twice that of the same torch
+computation in the input dtype, or a small floor.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
+
+from fastelectra import ops  # noqa: E402
+from fastelectra.kernels.linear import _plan, column_sums, fused_linear  # noqa: E402
+from fastelectra.nn import FusedLinear  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # relative to max |ref|
+
+
+def randn(*shape, dtype=torch.float32, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) + 0.25).to(device=device, dtype=dtype)
+
+
+def assert_accurate(got, same, exact, dtype, what):
+    scale = exact.abs().max().item() or 1.0
+    err = (got.double() - exact).abs().max().item()
+    err_torch = (same.double() - exact).abs().max().item()
+    bound = max(2 * err_torch, FLOOR[dtype] * scale)
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (torch {err_torch:.3g})"
+
+
+# ----------------------------------------------------------------------------- column sums
+@pytest.mark.parametrize("shape", [(1, 1), (77, 200), (300, 1000), (5000, 48), (3, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_column_sums_match_reference(shape, dtype):
+    x = randn(*shape, dtype=dtype)
+    got = column_sums(x)
+    assert got.dtype == dtype and got.shape == (shape[1],)
+    assert_accurate(got, x.sum(0), x.double().sum(0), dtype, f"{shape} {dtype}")
+    # summed in fp32 whatever the input: an fp32 result carries no rounding of its own beyond fp32
+    torch.testing.assert_close(column_sums(x, torch.float32), x.float().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_column_sums_split_rows_into_chunks():
+    # the partial-sum stage must really combine several row chunks and several column blocks,
+    # with a last chunk that ends inside a BLOCK_M step
+    m, n = 5000, 300
+    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, torch.device(DEVICE))
+    assert chunks > 1 and n > block_n and m % rows_per_chunk and rows_per_chunk % block_m == 0
+    x = randn(m, n, seed=3)
+    torch.testing.assert_close(column_sums(x), x.double().sum(0).float(), rtol=1e-5, atol=1e-3)
+
+
+def test_column_sums_take_row_strides_and_transposed_views():
+    wide = randn(40, 300, seed=1)
+    view = wide[:, 7:207]                                     # row stride 300, unit column stride
+    assert not view.is_contiguous()
+    torch.testing.assert_close(column_sums(view), view.sum(0), rtol=1e-5, atol=1e-4)
+    t = randn(200, 40, seed=2).t()                           # column stride 40: made contiguous
+    torch.testing.assert_close(column_sums(t), t.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_column_sums_of_no_rows_are_zero_and_bad_input_is_refused():
+    assert torch.equal(column_sums(torch.empty(0, 7, device=DEVICE)), torch.zeros(7, device=DEVICE))
+    assert column_sums(torch.empty(4, 0, device=DEVICE)).shape == (0,)
+    with pytest.raises(ValueError, match="2-D"):
+        column_sums(torch.ones(5, device=DEVICE))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        column_sums(torch.ones(2, 3, dtype=torch.int64, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- linear
+def linear_outputs_and_grads(fn, x, w, b, dy, needs=(True, True, True)):
+    leaves = [t.detach().clone().requires_grad_(need) for t, need in zip((x, w, b), needs)]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("shape,n", [((5, 24), 40), ((2, 7, 24), 33), ((1, 1, 16), 1)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_linear_matches_reference(shape, n, dtype):
+    k = shape[-1]
+    x, w, b = randn(*shape, dtype=dtype, seed=1), randn(n, k, dtype=dtype, seed=2) * 0.2, randn(n, dtype=dtype, seed=3)
+    dy = randn(*shape[:-1], n, seed=4)
+    got = linear_outputs_and_grads(fused_linear, x, w, b, dy)
+    same = linear_outputs_and_grads(F.linear, x, w, b, dy)
+    exact = linear_outputs_and_grads(F.linear, x.double(), w.double(), b.double(), dy.double())
+    for name, g, s, e, leaf in zip(("y", "dx", "dw", "db"), got, same, exact, (None, x, w, b)):
+        assert g.shape == e.shape and g.dtype == dtype, f"{name}: {tuple(g.shape)} {g.dtype}"
+        assert_accurate(g, s, e, dtype, f"{name} {shape}x{n} {dtype}")
+
+
+def test_fused_linear_computes_only_the_gradients_asked_for():
+    x, w, b, dy = randn(6, 24, seed=1), randn(10, 24, seed=2), randn(10, seed=3), randn(6, 10, seed=4)
+    for needs in [(False, True, True), (True, False, False), (False, False, True)]:
+        got = linear_outputs_and_grads(fused_linear, x, w, b, dy, needs)
+        ref = linear_outputs_and_grads(F.linear, x, w, b, dy, needs)
+        for g, r, need in zip(got[1:], ref[1:], needs):
+            assert (g is None) == (not need)
+            if need:
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_under_autocast_casts_like_f_linear():
+    # fp32 parameters and input, bf16 autocast: bf16 output, fp32 gradients, as F.linear under autocast
+    x, w, b, dy = randn(2, 9, 24, seed=1), randn(40, 24, seed=2) * 0.2, randn(40, seed=3), randn(2, 9, 40, seed=4)
+
+    def under_autocast(fn):
+        def run(x, w, b):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return fn(x, w, b)
+        return run
+
+    got = linear_outputs_and_grads(under_autocast(fused_linear), x, w, b, dy)
+    ref = linear_outputs_and_grads(under_autocast(F.linear), x, w, b, dy)
+    assert got[0].dtype == ref[0].dtype == torch.bfloat16
+    for name, g, r in zip(("y", "dx", "dw", "db"), got, ref):
+        assert g.dtype == r.dtype, f"{name}: {g.dtype} != {r.dtype}"
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_fused_linear_bad_input_names_the_argument():
+    x, w, b = randn(3, 8), randn(5, 8), randn(5)
+    with pytest.raises(ValueError, match="agree in K"):
+        fused_linear(x, randn(5, 7), b)
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        fused_linear(x, w, randn(4))
+    with pytest.raises(TypeError, match="share one dtype"):
+        fused_linear(x.half(), w, b)
+    with pytest.raises(TypeError, match="weight must be a float32"):
+        fused_linear(x, w.long(), b)
+
+
+# ----------------------------------------------------------------------------- dispatch and module
+def test_ops_linear_dispatch_and_module_are_drop_ins():
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(24, 40)
+    mod = FusedLinear(24, 40, backend="fused")
+    mod.load_state_dict(ref.state_dict())
+    assert list(mod.state_dict()) == ["weight", "bias"] and "backend=fused" in repr(mod)
+    x = randn(3, 24)
+    torch.testing.assert_close(mod(x), ref(x))
+    # CPU tensors, no bias, and float64 take F.linear itself
+    torch.testing.assert_close(ops.linear(x, ref.weight, None, backend="fused"), F.linear(x, ref.weight))
+    with pytest.raises(ValueError, match="agree in K"):
+        ops.linear(x, randn(5, 7))
+    with pytest.raises(TypeError, match="weight must be a float tensor"):
+        ops.linear(x, torch.ones(5, 24, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [256, 768, 1024, 2304, 3072, 30522])
+def test_gpu_column_sums_at_electra_shapes(n):
+    dy = torch.randn(16384 if n < 30522 else 2560, n, device="cuda", dtype=torch.bfloat16)
+    got = column_sums(dy)
+    assert_accurate(got, dy.sum(0), dy.double().sum(0), torch.bfloat16, f"16384x{n}")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_linear_under_autocast_and_in_a_cuda_graph():
+    torch.manual_seed(0)
+    lin = FusedLinear(768, 3072, backend="fused").cuda()
+    ref = torch.nn.Linear(768, 3072).cuda()
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(8, 512, 768, device="cuda")
+    dy = torch.randn(8, 512, 3072, device="cuda", dtype=torch.bfloat16)
+
+    def step(m):
+        m.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y = m(x)
+        y.backward(dy)
+        return y
+
+    y_ref = step(ref)
+    g_ref = [p.grad.clone() for p in ref.parameters()]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step(lin)      # warm-up: kernels compiled, gradients allocated
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step(lin)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, y_ref)
+    for p, g in zip(lin.parameters(), g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=2e-2, atol=2e-2)
