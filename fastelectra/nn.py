@@ -98,19 +98,15 @@ class FusedSelfAttention(nn.Module):
             raise ValueError("hidden_states must be (batch, seqlen, hidden), or (total, hidden) with cu_seqlens; "
                              f"got shape {tuple(hidden_states.shape)}")
         # one GEMM for q, k and v (the three weights side by side; their gradients split back by the
-        # concatenation's backward), viewed as (..., 3, heads, head_dim): q, k, v are strided
-        # (B, T, H, D) or (total, H, D) views that the kernel reads in place, no transpose copies
+        # concatenation's backward), viewed as (..., 3, heads, head_dim) and read in place by the
+        # kernels (no transpose copies), whose backward returns the gradient of qkv as one tensor
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])          # (3·hidden, hidden)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         qkv = ops.linear(hidden_states, weight, bias, backend=self.backend)
-        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.unbind(-3)
+        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))                          # (..., 3, H, D)
         dropout_p = self.dropout_p if self.training else 0.0
-        if unpadded:
-            ctx = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
-                                       backend=self.backend)                                  # (total, H, D)
-        else:
-            ctx = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, backend=self.backend)  # (B, T, H, D)
+        ctx = ops.attention_qkvpacked(qkv, key_padding_mask, dropout_p=dropout_p, cu_seqlens=cu_seqlens,
+                                      max_seqlen=max_seqlen, backend=self.backend)   # (B, T, H, D) or (total, H, D)
         return ctx.flatten(-2)                                                                 # (..., hidden)
 
     def extra_repr(self) -> str:

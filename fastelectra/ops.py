@@ -4,6 +4,8 @@
     layer_norm      y = LayerNorm(dropout(x) + residual)          -> kernels/layernorm.py (Triton)
     attention       softmax(q kᵀ·scale + key-padding mask), dropout, · v  -> kernels/attention.py
     attention_varlen  the same over packed sequences (total, nheads, headdim) -> kernels/attention.py
+    attention_qkvpacked  self-attention on a fused QKV projection (..., 3, nheads, headdim), padded or
+                    packed sequences; its gradient comes back as one tensor   -> kernels/attention.py
     replace_tokens  Gumbel-max sampling at masked rows + scatter + labels -> csrc/ (fastelectra._C)
 
 The model calls only these functions. ``backend`` (``auto`` | ``fused`` | ``eager``, overridable by
@@ -21,7 +23,7 @@ from . import backend as _backend
 from . import rng as _rng
 from .autograd import use_eager
 
-__all__ = ["linear", "layer_norm", "attention", "attention_varlen", "replace_tokens",
+__all__ = ["linear", "layer_norm", "attention", "attention_varlen", "attention_qkvpacked", "replace_tokens",
            "layer_norm_reference", "attention_reference", "attention_varlen_reference", "replace_tokens_reference"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -152,17 +154,8 @@ def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_s
     return torch.matmul(probs, vh).transpose(1, 2)                  # (B, Tq, H, D)
 
 
-def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, *, seed=None, backend=None):
-    """Non-causal multi-head attention with a key-padding mask and dropout on the probabilities.
-
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim).
-    key_padding_mask: (batch, seqlen_k), True/1 for real tokens (HF's attention_mask), or None.
-    Returns (batch, seqlen_q, nheads, headdim) in q's dtype. ``dropout_p`` is applied as given;
-    ``seed`` (None | int | one-element integer tensor) keys the fused kernel's in-kernel dropout,
-    which reads it on q's device (None: drawn from torch's generator of that device, no host sync;
-    the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
-    head sizes and float64 run the reference.
-    """
+def _check_attention_args(q, k, v, key_padding_mask, dropout_p):
+    """Checks of :func:`attention`'s arguments; returns the key-padding mask as bool (or None)."""
     _check_qkv_layout(q, k, v, "batch, seqlen, nheads, headdim")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -182,6 +175,21 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
             key_padding_mask = key_padding_mask != 0
     _check_dropout_p(dropout_p)
     _check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    return key_padding_mask
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, *, seed=None, backend=None):
+    """Non-causal multi-head attention with a key-padding mask and dropout on the probabilities.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim).
+    key_padding_mask: (batch, seqlen_k), True/1 for real tokens (HF's attention_mask), or None.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype. ``dropout_p`` is applied as given;
+    ``seed`` (None | int | one-element integer tensor) keys the fused kernel's in-kernel dropout,
+    which reads it on q's device (None: drawn from torch's generator of that device, no host sync;
+    the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
+    head sizes and float64 run the reference.
+    """
+    key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p)
     if _attention_kernel_takes(q, backend, "attention"):
         from .kernels.attention import flash_attention
 
@@ -208,19 +216,8 @@ def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, s
     return attention_reference(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale)[seq, pos]
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, *, seed=None,
-                     backend=None):
-    """Self-attention over packed sequences (the unpadded layout): sequence b is rows
-    ``cu_seqlens[b]:cu_seqlens[b+1]`` of q, k, v and attends to itself only; padding costs nothing.
-
-    q, k, v: (total, nheads, headdim), the real tokens of all sequences back to back.
-    cu_seqlens: (batch + 1,) int32 on q's device, cumulative lengths from 0 to total.
-    max_seqlen: an int >= the longest sequence. The padded length T is a sync-free choice, and with
-    it the fused kernel draws the same dropout mask as :func:`attention` on the padded batch.
-    Returns (total, nheads, headdim) in q's dtype. ``dropout_p``, ``seed``, ``softmax_scale`` and the
-    choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
-    cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
-    """
+def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
+    """Checks of :func:`attention_varlen`'s arguments."""
     _check_qkv_layout(q, k, v, "total, nheads, headdim")
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape (self-attention over the same tokens), got "
@@ -243,12 +240,62 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
         if not (cu_seqlens[0] == 0 and cu_seqlens[-1] == q.shape[0] and 0 <= steps.min() <= steps.max() <= max_seqlen):
             raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]} in steps of 0 to max_seqlen = "
                              f"{max_seqlen}, got {cu_seqlens.tolist()}")
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, *, seed=None,
+                     backend=None):
+    """Self-attention over packed sequences (the unpadded layout): sequence b is rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` of q, k, v and attends to itself only; padding costs nothing.
+
+    q, k, v: (total, nheads, headdim), the real tokens of all sequences back to back.
+    cu_seqlens: (batch + 1,) int32 on q's device, cumulative lengths from 0 to total.
+    max_seqlen: an int >= the longest sequence. The padded length T is a sync-free choice, and with
+    it the fused kernel draws the same dropout mask as :func:`attention` on the padded batch.
+    Returns (total, nheads, headdim) in q's dtype. ``dropout_p``, ``seed``, ``softmax_scale`` and the
+    choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
+    cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
+    """
+    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     if _attention_kernel_takes(q, backend, "attention_varlen"):
         from .kernels.attention import flash_attention_varlen
 
         return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                       softmax_scale=softmax_scale, seed=seed)
     return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+
+
+def attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, *, cu_seqlens=None,
+                        max_seqlen=None, seed=None, backend=None):
+    """Self-attention on the packed output of a fused QKV projection.
+
+    qkv: (batch, seqlen, 3, nheads, headdim) with ``key_padding_mask`` as in :func:`attention`, or
+    (total, 3, nheads, headdim) with ``cu_seqlens`` and ``max_seqlen`` as in :func:`attention_varlen`.
+    Computes exactly what those do on ``qkv.unbind(-3)`` (same kernels, same dropout mask for a
+    seed). The fused backward writes the gradient of qkv as one tensor, so autograd skips the copy
+    that stacks dq, dk and dv back into the projection's output.
+    Returns (batch, seqlen, nheads, headdim), or (total, nheads, headdim), in qkv's dtype.
+    """
+    _check_float("qkv", qkv)
+    varlen = cu_seqlens is not None
+    rank, layout = ((4, "(total, 3, nheads, headdim) with cu_seqlens") if varlen
+                    else (5, "(batch, seqlen, 3, nheads, headdim)"))
+    if qkv.dim() != rank or qkv.shape[-3] != 3:
+        raise ValueError(f"qkv must be {layout}, got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(-3)
+    if varlen:
+        if key_padding_mask is not None:
+            raise ValueError("with cu_seqlens (packed sequences) key_padding_mask must be None")
+        _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    else:
+        key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p)
+    if _attention_kernel_takes(q, backend, "attention_varlen" if varlen else "attention"):
+        from .kernels.attention import flash_attention_qkvpacked
+
+        return flash_attention_qkvpacked(qkv, key_padding_mask, dropout_p, softmax_scale, seed=seed,
+                                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if varlen:
+        return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
 
 
 # ----------------------------------------------------------------------------- replacement
@@ -345,3 +392,4 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
         return (ids, labels, sampled, lse) if return_lse else (ids, labels, sampled)
     return replace_tokens_reference(logits, input_ids, masked_positions, temperature=temperature, seed=seed,
                                     offset=offset, return_lse=return_lse)
+

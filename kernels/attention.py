@@ -10,7 +10,9 @@ keys, both recomputing P from the saved log-sum-exp. No (T × T) matrix is ever 
 Layout. Tensors stay in the projection's layout (batch, seqlen, nheads, headdim), any strides
 with a unit last stride: the kernels take strides, nothing is transposed through memory. The
 varlen mode takes packed tokens (total, nheads, headdim) with cumulative sequence lengths, so
-padded batches skip the padding entirely.
+padded batches skip the padding entirely. ``flash_attention_qkvpacked`` takes the fused QKV
+projection's output (..., 3, nheads, headdim) itself and returns its gradient as one tensor,
+the three backward kernels' outputs written side by side (no stacking copy in autograd).
 
 Key-padding mask. As per-sequence lengths (prefix masks) or as a general (batch, seqlen_k)
 boolean mask, honoured exactly. Each program first reads its sequence's mask row to find the last
@@ -60,7 +62,8 @@ import triton.language as tl
 from ..autograd import eager_function, use_eager
 from ..rng import check_seed_tensor, seed_tensor
 
-__all__ = ["flash_attention", "flash_attention_varlen", "dropout_mask", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_qkvpacked", "dropout_mask",
+           "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634           # 1/ln 2: exp(x) = exp2(x / ln 2)
@@ -865,16 +868,17 @@ def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, s
     return out, lse
 
 
-def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
-    """Launch the backward; returns (dq, dk, dv) shaped and typed like q, k, v."""
+def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed,
+               grads=None):
+    """Launch the backward; returns (dq, dk, dv) shaped and typed like q, k, v, written into ``grads``
+    (three tensors of those shapes, any strides with a unit last stride) when given."""
     do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
     mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, q.device)
     cu = cu_seqlens if cu_seqlens is not None else lens
     n_bh = layout.batch * layout.nheads
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = grads if grads is not None else (torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                                  for t in (q, k, v))
     delta = torch.empty_like(lse)
 
     with _on_device(q):   # Triton launches on the current device
@@ -903,6 +907,21 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
             layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
             HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
     return dq, dk, dv
+
+
+def _flash_fwd_packed(qkv, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    """The forward on packed projections qkv (..., 3, nheads, headdim): q, k, v are its views."""
+    return _flash_fwd(*qkv.unbind(-3), key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+
+
+def _flash_bwd_packed(do, qkv, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                      seed):
+    """The backward on packed projections: the kernels write dq, dk, dv into one dqkv shaped like qkv,
+    so autograd needs no copy to stack three gradients."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _flash_bwd(do, *qkv.unbind(-3), out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+               seed, grads=dqkv.unbind(-3))
+    return dqkv
 
 
 # ============================================================================ custom ops (autograd, torch.compile)
@@ -939,32 +958,68 @@ def _flash_attn_bwd_fake(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("fastelectra::flash_attn_qkvpacked_fwd", mutates_args=())
+def _flash_attn_packed_fwd_op(qkv: torch.Tensor, key_mask: Optional[torch.Tensor], key_lens: Optional[torch.Tensor],
+                              cu_seqlens: Optional[torch.Tensor], max_seqlen: int, dropout_p: float,
+                              softmax_scale: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_fwd_packed(qkv, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+
+
+@_flash_attn_packed_fwd_op.register_fake
+def _flash_attn_packed_fwd_fake(qkv, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    q, k, v = qkv.unbind(-3)
+    return _flash_attn_fwd_fake(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+
+
+@torch.library.custom_op("fastelectra::flash_attn_qkvpacked_bwd", mutates_args=())
+def _flash_attn_packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                              key_mask: Optional[torch.Tensor], key_lens: Optional[torch.Tensor],
+                              cu_seqlens: Optional[torch.Tensor], max_seqlen: int, dropout_p: float,
+                              softmax_scale: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    return _flash_bwd_packed(do, qkv, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
+                             softmax_scale, seed)
+
+
+@_flash_attn_packed_bwd_op.register_fake
+def _flash_attn_packed_bwd_fake(do, qkv, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p,
+                                softmax_scale, seed):
+    return qkv.new_empty(qkv.shape)
+
+
+_N_ARGS = 7   # the ops' arguments after the differentiable tensors: key_mask ... seed
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed = inputs
+    """For both op pairs: the differentiable inputs are (q, k, v) or (qkv,), then _N_ARGS others."""
+    tensors = inputs[:-_N_ARGS]
+    key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed = inputs[-_N_ARGS:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask, key_lens, cu_seqlens, seed)
-    ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+    ctx.save_for_backward(*tensors, out, lse, key_mask, key_lens, cu_seqlens, seed)
+    ctx.n_tensors, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = len(tensors), max_seqlen, dropout_p, softmax_scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_with(bwd, ctx, grad_out):
-    """The autograd rule, with ``bwd`` the backward custom op (traced path) or its launcher (eager)."""
-    q, k, v, out, lse, key_mask, key_lens, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, ctx.max_seqlen,
-                     ctx.dropout_p, ctx.softmax_scale, seed)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    """The autograd rule, with ``bwd`` a backward custom op (traced path) or its launcher (eager)."""
+    saved = ctx.saved_tensors
+    tensors, (out, lse, key_mask, key_lens, cu_seqlens, seed) = saved[:ctx.n_tensors], saved[ctx.n_tensors:]
+    grads = bwd(grad_out, *tensors, out, lse, key_mask, key_lens, cu_seqlens, ctx.max_seqlen,
+                ctx.dropout_p, ctx.softmax_scale, seed)
+    return (*(grads if isinstance(grads, (tuple, list)) else (grads,)),) + (None,) * _N_ARGS
 
 
-_flash_attn_fwd_op.register_autograd(lambda ctx, grad_out, _glse: _backward_with(_flash_attn_bwd_op, ctx, grad_out),
-                                     setup_context=_setup_context)
-# eager calls: the same launchers and rule without the custom-op dispatch (fastelectra/autograd.py)
-_flash_attn_eager = eager_function("_FlashAttnFn", _flash_fwd,
-                                   lambda ctx, grad_out, _glse: _backward_with(_flash_bwd, ctx, grad_out),
-                                   _setup_context)
+def _register(fwd_op, bwd_op, fwd, bwd, name):
+    """Autograd for the custom-op pair, and the eager Function over the same launchers and rule (without
+    the custom-op dispatch, fastelectra/autograd.py); returns a picker of the one a call should take."""
+    fwd_op.register_autograd(lambda ctx, grad_out, _glse: _backward_with(bwd_op, ctx, grad_out),
+                             setup_context=_setup_context)
+    eager = eager_function(name, fwd, lambda ctx, grad_out, _glse: _backward_with(bwd, ctx, grad_out), _setup_context)
+    return lambda t: eager if use_eager(t) else fwd_op
 
 
-def _attn_op(q):
-    return _flash_attn_eager if use_eager(q) else _flash_attn_fwd_op
+_attn_op = _register(_flash_attn_fwd_op, _flash_attn_bwd_op, _flash_fwd, _flash_bwd, "_FlashAttnFn")
+_attn_packed_op = _register(_flash_attn_packed_fwd_op, _flash_attn_packed_bwd_op, _flash_fwd_packed,
+                            _flash_bwd_packed, "_FlashAttnQKVPackedFn")
 
 
 # ============================================================================ functional API
@@ -1017,21 +1072,8 @@ def _seed_for(seed, dropout_p: float, q: torch.Tensor) -> Optional[torch.Tensor]
     return seed_tensor(seed, q.device) if dropout_p > 0.0 else None
 
 
-def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None, *,
-                    key_lengths=None):
-    """Non-causal multi-head attention with key padding and dropout on the probabilities.
-
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim); any strides
-    with a unit last stride (e.g. views into a fused QKV projection). headdim in 16/32/64/128;
-    fp16/bf16 (fp32 runs a slower exact path).
-    key_padding_mask: (batch, seqlen_k) bool/integer, True/1 = attend, honoured exactly.
-    key_lengths: (batch,) integer valid key counts, an alternative for prefix masks.
-    dropout_p: applied as given; ``seed`` (None | int | one-element integer tensor) keys the
-    in-kernel Philox, read on q's device (None: drawn from torch's generator of q's device, so
-    torch.manual_seed reproduces; no host sync). Unused when dropout_p == 0. A sequence without a
-    valid key gives zeros.
-    Returns (batch, seqlen_q, nheads, headdim) in q's dtype; differentiable in q, k, v.
-    """
+def _dense_args(q, k, v, key_padding_mask, key_lengths, dropout_p, softmax_scale):
+    """Validated (key_padding_mask, key_lengths, dropout_p, softmax_scale) of a padded-layout call."""
     _check_qkv(q, k, v, packed=False)
     dropout_p = _check_dropout(dropout_p, q.shape[1], k.shape[1])
     batch, seqlen_k = k.shape[0], k.shape[1]
@@ -1055,21 +1097,11 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
                              f"{tuple(getattr(key_lengths, 'shape', ()))}")
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
-    scale = _scale(softmax_scale, q.shape[-1])
-    out, _ = _attn_op(q)(q, k, v, key_padding_mask, key_lengths, None, 0, dropout_p, scale,
-                         _seed_for(seed, dropout_p, q))
-    return out
+    return key_padding_mask, key_lengths, dropout_p, _scale(softmax_scale, q.shape[-1])
 
 
-def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None):
-    """Self-attention over packed sequences, padding skipped entirely.
-
-    q, k, v: (total, nheads, headdim), the tokens of all sequences back to back.
-    cu_seqlens: (batch + 1,) int32 cumulative lengths, cu_seqlens[0] = 0, cu_seqlens[-1] = total.
-    max_seqlen: an int >= the longest sequence. Dropout is drawn as in :func:`flash_attention`
-    with seqlen_q = seqlen_k = max_seqlen, so both agree on the valid rows of a padded batch.
-    Returns (total, nheads, headdim) in q's dtype; differentiable in q, k, v.
-    """
+def _varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    """Validated (cu_seqlens, dropout_p, softmax_scale) of a packed-tokens (varlen) call."""
     _check_qkv(q, k, v, packed=True)
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2
             or cu_seqlens.dtype != torch.int32):
@@ -1088,9 +1120,69 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
             raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]}, got {cu_seqlens.tolist()}")
         if int(lengths.max()) > max_seqlen:
             raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({int(lengths.max())})")
-    scale = _scale(softmax_scale, q.shape[-1])
-    out, _ = _attn_op(q)(q, k, v, None, None, cu_seqlens.contiguous(), max_seqlen, dropout_p, scale,
-                         _seed_for(seed, dropout_p, q))
+    return cu_seqlens.contiguous(), dropout_p, _scale(softmax_scale, q.shape[-1])
+
+
+def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None, *,
+                    key_lengths=None):
+    """Non-causal multi-head attention with key padding and dropout on the probabilities.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim); any strides
+    with a unit last stride (e.g. views into a fused QKV projection). headdim in 16/32/64/128;
+    fp16/bf16 (fp32 runs a slower exact path).
+    key_padding_mask: (batch, seqlen_k) bool/integer, True/1 = attend, honoured exactly.
+    key_lengths: (batch,) integer valid key counts, an alternative for prefix masks.
+    dropout_p: applied as given; ``seed`` (None | int | one-element integer tensor) keys the
+    in-kernel Philox, read on q's device (None: drawn from torch's generator of q's device, so
+    torch.manual_seed reproduces; no host sync). Unused when dropout_p == 0. A sequence without a
+    valid key gives zeros.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype; differentiable in q, k, v.
+    """
+    mask, lens, dropout_p, scale = _dense_args(q, k, v, key_padding_mask, key_lengths, dropout_p, softmax_scale)
+    out, _ = _attn_op(q)(q, k, v, mask, lens, None, 0, dropout_p, scale, _seed_for(seed, dropout_p, q))
+    return out
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, seed=None):
+    """Self-attention over packed sequences, padding skipped entirely.
+
+    q, k, v: (total, nheads, headdim), the tokens of all sequences back to back.
+    cu_seqlens: (batch + 1,) int32 cumulative lengths, cu_seqlens[0] = 0, cu_seqlens[-1] = total.
+    max_seqlen: an int >= the longest sequence. Dropout is drawn as in :func:`flash_attention`
+    with seqlen_q = seqlen_k = max_seqlen, so both agree on the valid rows of a padded batch.
+    Returns (total, nheads, headdim) in q's dtype; differentiable in q, k, v.
+    """
+    cu, dropout_p, scale = _varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    out, _ = _attn_op(q)(q, k, v, None, None, cu, max_seqlen, dropout_p, scale, _seed_for(seed, dropout_p, q))
+    return out
+
+
+def flash_attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, seed=None, *,
+                              key_lengths=None, cu_seqlens=None, max_seqlen=None):
+    """Self-attention on the packed output of a fused QKV projection.
+
+    qkv: (batch, seqlen, 3, nheads, headdim), or (total, 3, nheads, headdim) with ``cu_seqlens`` and
+    ``max_seqlen`` (packed sequences, as :func:`flash_attention_varlen`). The result, the dropout mask
+    and the gradients are those of :func:`flash_attention` (or the varlen one) on ``qkv.unbind(-3)``;
+    the difference is the backward, whose kernels write dq, dk and dv into one gradient shaped like
+    qkv: autograd then needs no copy to stack three gradients into the projection's output.
+    Returns (batch, seqlen, nheads, headdim) (or (total, nheads, headdim)) in qkv's dtype.
+    """
+    varlen = cu_seqlens is not None
+    rank, layout = (4, "(total, 3, nheads, headdim)") if varlen else (5, "(batch, seqlen, 3, nheads, headdim)")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != rank or qkv.shape[-3] != 3:
+        raise ValueError(f"qkv must be {layout}{' with cu_seqlens' if varlen else ''}, got "
+                         f"{tuple(getattr(qkv, 'shape', ())) or type(qkv).__name__}")
+    q, k, v = qkv.unbind(-3)
+    if varlen:
+        if key_padding_mask is not None or key_lengths is not None:
+            raise ValueError("with cu_seqlens (packed sequences) there is no key_padding_mask or key_lengths")
+        cu, dropout_p, scale = _varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+        keys = (None, None, cu, max_seqlen)
+    else:
+        mask, lens, dropout_p, scale = _dense_args(q, k, v, key_padding_mask, key_lengths, dropout_p, softmax_scale)
+        keys = (mask, lens, None, 0)
+    out, _ = _attn_packed_op(qkv)(qkv, *keys, dropout_p, scale, _seed_for(seed, dropout_p, qkv))
     return out
 
 

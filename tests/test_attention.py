@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastelectra import ops  # noqa: E402
-from fastelectra.kernels.attention import dropout_mask, flash_attention, flash_attention_varlen  # noqa: E402
+from fastelectra.kernels.attention import (dropout_mask, flash_attention, flash_attention_qkvpacked,  # noqa: E402
+                                          flash_attention_varlen)
 from fastelectra.kernels.layernorm import fused_layer_norm  # noqa: E402
 from philox_ref import philox2x32  # noqa: E402
 
@@ -293,6 +294,62 @@ def test_varlen_matches_padded():
         torch.testing.assert_close(vl, d[mask], atol=2e-3, rtol=1e-2, msg=name)
 
 
+def run_packed(fn, qkv, do):
+    """Output and the gradient of qkv for fn(qkv)."""
+    qkv = qkv.detach().clone().requires_grad_(True)
+    out = fn(qkv)
+    return [out.detach(), *torch.autograd.grad(out, qkv, do)]
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_qkvpacked_equals_attention_on_the_three_views(varlen):
+    """The packed entry runs the same kernels on qkv's views: the same output, and one gradient that is
+    exactly dq, dk, dv side by side, through the dK/dV and dQ kernels' strided stores."""
+    g = torch.Generator().manual_seed(12)
+    batch, seqlen, nheads, head_dim, p = 3, 21, 2, 16, 0.2
+    if varlen:
+        lengths = [21, 4, 13]
+        cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(DEVICE)
+        qkv = rand(sum(lengths), 3, nheads, head_dim, generator=g)
+        do = rand(sum(lengths), nheads, head_dim, generator=g)
+        packed = run_packed(lambda t: flash_attention_qkvpacked(t, dropout_p=p, seed=5, cu_seqlens=cu,
+                                                                max_seqlen=seqlen), qkv, do)
+        split = run(lambda q, k, v: flash_attention_varlen(q, k, v, cu, seqlen, dropout_p=p, seed=5),
+                    *qkv.unbind(-3), do)
+    else:
+        mask = make_mask("general", batch, seqlen)
+        qkv = rand(batch, seqlen, 3, nheads, head_dim, generator=g)
+        do = rand(batch, seqlen, nheads, head_dim, generator=g)
+        packed = run_packed(lambda t: flash_attention_qkvpacked(t, mask, dropout_p=p, seed=5), qkv, do)
+        split = run(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=5), *qkv.unbind(-3), do)
+    assert packed[1].shape == qkv.shape and packed[1].is_contiguous()
+    assert torch.equal(packed[0], split[0])
+    assert torch.equal(packed[1], torch.stack(split[1:], dim=-3))
+    # and through the public op, whose CPU path (no kernel) is the reference on the same views
+    if DEVICE == "cpu" and not varlen:
+        torch.manual_seed(0)
+        via_ops = ops.attention_qkvpacked(qkv, mask)
+        torch.testing.assert_close(via_ops, ops.attention(*qkv.unbind(-3), mask))
+
+
+def test_qkvpacked_bad_inputs_name_the_argument():
+    qkv = rand(1, 8, 3, 1, 16)
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\)"):
+        flash_attention_qkvpacked(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"qkv must be \(total, 3, nheads, headdim\)"):
+        flash_attention_qkvpacked(qkv, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE), max_seqlen=8)
+    with pytest.raises(ValueError, match="no key_padding_mask"):
+        flash_attention_qkvpacked(qkv[0], torch.ones(1, 8, dtype=torch.bool, device=DEVICE),
+                                  cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE), max_seqlen=8)
+    with pytest.raises(ValueError, match="key_padding_mask must be a tensor of shape"):
+        flash_attention_qkvpacked(qkv, torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\)"):
+        ops.attention_qkvpacked(qkv[0])
+    with pytest.raises(ValueError, match="key_padding_mask must be None"):
+        ops.attention_qkvpacked(qkv[0], torch.ones(1, 8, dtype=torch.bool, device=DEVICE),
+                                cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE), max_seqlen=8)
+
+
 # ----------------------------------------------------------------------------- compile, errors
 def test_torch_compile_fullgraph_traces_attention_and_layer_norm_dropout():
     """A block with both kernels' dropout, seeds drawn in the graph (seed=None): fullgraph tracing
@@ -340,6 +397,15 @@ def test_custom_op_registration():
                            0.1, 0.25, seed), test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="seed must be an int64 tensor of one element"):
         torch.ops.fastelectra.flash_attn_fwd.default(q, k, v, mask, None, None, 0, 0.1, 0.25, None)
+    qkv = torch.stack([q, k, v], dim=2).detach().requires_grad_(True)           # (1, 16, 3, 1, 16)
+    torch.library.opcheck(torch.ops.fastelectra.flash_attn_qkvpacked_fwd.default,
+                          (qkv, mask, None, None, 0, 0.1, 0.25, seed),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        out, lse = torch.ops.fastelectra.flash_attn_qkvpacked_fwd.default(qkv, mask, None, None, 0, 0.1, 0.25, seed)
+    torch.library.opcheck(torch.ops.fastelectra.flash_attn_qkvpacked_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, mask, None, None, 0, 0.1, 0.25, seed),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_inputs_raise_clear_errors():

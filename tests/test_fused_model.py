@@ -21,14 +21,16 @@ def kernels_on_this_device(monkeypatch):
         monkeypatch.setattr(backend, "use_triton",
                             lambda device, requested, op: backend.resolve(requested) != "eager"
                             or real(device, requested, op))
-    from fastelectra.kernels import attention, layernorm
+    from fastelectra.kernels import attention, layernorm, linear
 
-    calls = {"attention": 0, "attention_varlen": 0, "layer_norm": 0}
+    calls = {"attention": 0, "attention_varlen": 0, "layer_norm": 0, "linear": 0}
     for module, fn_name, key in ((attention, "flash_attention", "attention"),
                                  (attention, "flash_attention_varlen", "attention_varlen"),
-                                 (layernorm, "fused_layer_norm", "layer_norm")):
+                                 (attention, "flash_attention_qkvpacked", None),   # padded or varlen: by cu_seqlens
+                                 (layernorm, "fused_layer_norm", "layer_norm"),
+                                 (linear, "fused_linear", "linear")):
         def counted(*args, _fn=getattr(module, fn_name), _key=key, **kwargs):
-            calls[_key] += 1
+            calls[_key or ("attention" if kwargs.get("cu_seqlens") is None else "attention_varlen")] += 1
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, fn_name, counted)
     yield calls
@@ -59,8 +61,9 @@ def test_discriminator_fused_matches_eager_outputs_and_gradients(kernels_on_this
     fused.load_state_dict(eager.state_dict())
     ids, mask = padded_batch()
     a, b = eager(ids, mask), fused(ids, mask)
-    # 2 layers: 2 attentions; embeddings + 2 tails per layer: 5 layer norms
-    assert kernels_on_this_device == {"attention": 2, "attention_varlen": 0, "layer_norm": 5}
+    # 2 layers: 2 attentions; embeddings + 2 tails per layer: 5 layer norms; 4 linears per layer,
+    # the embedding projection (24 -> 32) and the head's two: 11 linears
+    assert kernels_on_this_device == {"attention": 2, "attention_varlen": 0, "layer_norm": 5, "linear": 11}
     valid = mask.bool()
     torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=1e-4)
     w = torch.randn(a.shape, device=DEVICE) * valid

@@ -59,13 +59,13 @@ def test_fused_self_attention_matches_the_hf_computation():
 
 def test_fused_self_attention_uses_dropout_only_in_training(monkeypatch):
     seen = []
-    real = ops.attention
+    real = ops.attention_qkvpacked
 
     def spy(*args, **kwargs):
         seen.append(kwargs["dropout_p"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "attention", spy)
+    monkeypatch.setattr(ops, "attention_qkvpacked", spy)
     m = FusedSelfAttention(32, 2, dropout_p=0.1)
     x = torch.randn(1, 5, 32)
     m.train()(x)
