@@ -424,17 +424,18 @@ class ElectraPretrainingModel(nn.Module):
 
         logits = self.generator(gen_input, attention_mask, token_type_ids, masked_positions)  # (B·K, V)
         targets = input_ids.reshape(-1).index_select(0, masked_positions)            # (B·K,)
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")
-        mlm_loss = (ce * valid).sum() / n_valid.clamp(min=1)
 
         # Replacement writes only the valid slots' tokens: ids get K scratch columns, the padding slots
         # point at their own scratch column (distinct positions, nothing real overwritten), then dropped.
+        # Its one pass over the logits also gives their row log-sum-exp, which the MLM loss reuses.
         scratch = torch.arange(t, t + k_max, device=input_ids.device)                # (K,)
         write_pos = (rows * (t + k_max) + torch.where(valid.view(b, k_max), slots, scratch)).reshape(-1)
         ids_ext = F.pad(input_ids, (0, k_max), value=cfg.pad_token_id)               # (B, T+K)
-        disc_ext, replaced_ext, _ = ops.replace_tokens(logits.detach(), ids_ext, write_pos,
-                                                       temperature=cfg.sampling_temperature, backend=cfg.backend)
+        disc_ext, replaced_ext, _, lse = ops.replace_tokens(logits.detach(), ids_ext, write_pos, return_lse=True,
+                                                            temperature=cfg.sampling_temperature, backend=cfg.backend)
         disc_input, is_replaced = disc_ext[:, :t].contiguous(), replaced_ext[:, :t].contiguous()  # (B, T)
+        ce = ops.cross_entropy(logits, targets, lse=lse, backend=cfg.backend)         # (B·K,) fp32
+        mlm_loss = (ce * valid).sum() / n_valid.clamp(min=1)
         disc_logits = self.discriminator(disc_input, attention_mask, token_type_ids)   # (B, T)
         valid_tokens = torch.ones_like(is_replaced) if attention_mask is None else attention_mask.bool()
         bce = F.binary_cross_entropy_with_logits(disc_logits.float(), is_replaced.float(), reduction="none")

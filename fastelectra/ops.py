@@ -7,6 +7,8 @@
     attention_qkvpacked  self-attention on a fused QKV projection (..., 3, nheads, headdim), padded or
                     packed sequences; its gradient comes back as one tensor   -> kernels/attention.py
     replace_tokens  Gumbel-max sampling at masked rows + scatter + labels -> csrc/ (fastelectra._C)
+    cross_entropy   per-row cross-entropy; given replace_tokens' row lse, its backward is one pass
+                                                                  -> kernels/cross_entropy.py
 
 The model calls only these functions. ``backend`` (``auto`` | ``fused`` | ``eager``, overridable by
 ``FASTELECTRA_BACKEND``) picks the implementation per call; see fastelectra/backend.py for the rules.
@@ -24,6 +26,7 @@ from . import rng as _rng
 from .autograd import use_eager
 
 __all__ = ["linear", "layer_norm", "attention", "attention_varlen", "attention_qkvpacked", "replace_tokens",
+           "cross_entropy",
            "layer_norm_reference", "attention_reference", "attention_varlen_reference", "replace_tokens_reference"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -71,6 +74,14 @@ def _attention_kernel_takes(q, backend, op: str) -> bool:
     return q.shape[-1] in SUPPORTED_HEAD_DIMS
 
 
+def _kernel_outside_compile(t, backend, op: str) -> bool:
+    """Whether ``op`` runs its Triton kernel on ``t``: backend and device allow Triton, the dtype is
+    fp32/fp16/bf16, and the call is eager or in a CUDA graph. While torch.compile traces, the
+    reference runs instead, which inductor generates and fuses itself (for linear and cross-entropy
+    that beats an opaque custom op)."""
+    return t.dtype in KERNEL_DTYPES and use_eager(t) and _backend.use_triton(t.device, backend, op)
+
+
 # ----------------------------------------------------------------------------- linear
 def linear(x, weight, bias=None, *, backend=None):
     """y = x Wᵀ + b, as ``F.linear``: x (..., K), weight (N, K), bias (N,) or None → (..., N).
@@ -89,8 +100,7 @@ def linear(x, weight, bias=None, *, backend=None):
         raise ValueError(f"x (..., K) and weight (N, K) must agree in K, got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")
     _check_same_device(x=x, weight=weight, bias=bias)
-    if (bias is not None and x.dtype in KERNEL_DTYPES and use_eager(x)
-            and _backend.use_triton(x.device, backend, "linear")):
+    if bias is not None and _kernel_outside_compile(x, backend, "linear"):
         from .kernels.linear import fused_linear
 
         return fused_linear(x, weight, bias)
@@ -393,3 +403,29 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     return replace_tokens_reference(logits, input_ids, masked_positions, temperature=temperature, seed=seed,
                                     offset=offset, return_lse=return_lse)
 
+
+# ----------------------------------------------------------------------------- cross-entropy
+def cross_entropy(logits, targets, *, lse=None, backend=None):
+    """Per-row cross-entropy (N,) fp32 of logits (N, V) against int64 targets (N,): the loss of
+    ``F.cross_entropy(logits.float(), targets, reduction="none")``, its own reference.
+
+    ``lse``: the row log-sum-exp (N,) fp32 of these logits when already known, as
+    :func:`replace_tokens` returns it with ``return_lse=True``. Then, under ``fused`` on CUDA
+    (eager calls and CUDA graphs), the forward is a gather and the backward one Triton pass over the
+    logits (kernels/cross_entropy.py), instead of an fp32 copy, a log-softmax and its backward. The
+    lse must belong to these logits; it gets no gradient. Everything else (no lse, CPU, float64,
+    torch.compile, which fuses the reference itself) runs F.cross_entropy.
+    """
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (rows, vocab_size), got shape {tuple(logits.shape)}")
+    if (not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64
+            or tuple(targets.shape) != tuple(logits.shape[:1])):
+        raise TypeError(f"targets must be an int64 tensor of shape ({logits.shape[0]},), got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
+    _check_same_device(logits=logits, targets=targets, lse=lse)
+    if lse is not None and _kernel_outside_compile(logits, backend, "cross_entropy"):
+        from .kernels.cross_entropy import cross_entropy_with_lse
+
+        return cross_entropy_with_lse(logits, targets, lse)
+    return F.cross_entropy(logits.float(), targets, reduction="none")

@@ -21,14 +21,15 @@ def kernels_on_this_device(monkeypatch):
         monkeypatch.setattr(backend, "use_triton",
                             lambda device, requested, op: backend.resolve(requested) != "eager"
                             or real(device, requested, op))
-    from fastelectra.kernels import attention, layernorm, linear
+    from fastelectra.kernels import attention, cross_entropy, layernorm, linear
 
-    calls = {"attention": 0, "attention_varlen": 0, "layer_norm": 0, "linear": 0}
+    calls = {"attention": 0, "attention_varlen": 0, "layer_norm": 0, "linear": 0, "cross_entropy": 0}
     for module, fn_name, key in ((attention, "flash_attention", "attention"),
                                  (attention, "flash_attention_varlen", "attention_varlen"),
                                  (attention, "flash_attention_qkvpacked", None),   # padded or varlen: by cu_seqlens
                                  (layernorm, "fused_layer_norm", "layer_norm"),
-                                 (linear, "fused_linear", "linear")):
+                                 (linear, "fused_linear", "linear"),
+                                 (cross_entropy, "cross_entropy_with_lse", "cross_entropy")):
         def counted(*args, _fn=getattr(module, fn_name), _key=key, **kwargs):
             calls[_key or ("attention" if kwargs.get("cu_seqlens") is None else "attention_varlen")] += 1
             return _fn(*args, **kwargs)
@@ -63,7 +64,8 @@ def test_discriminator_fused_matches_eager_outputs_and_gradients(kernels_on_this
     a, b = eager(ids, mask), fused(ids, mask)
     # 2 layers: 2 attentions; embeddings + 2 tails per layer: 5 layer norms; 4 linears per layer,
     # the embedding projection (24 -> 32) and the head's two: 11 linears
-    assert kernels_on_this_device == {"attention": 2, "attention_varlen": 0, "layer_norm": 5, "linear": 11}
+    assert kernels_on_this_device == {"attention": 2, "attention_varlen": 0, "layer_norm": 5, "linear": 11,
+                                      "cross_entropy": 0}
     valid = mask.bool()
     torch.testing.assert_close(b[valid], a[valid], atol=2e-5, rtol=1e-4)
     w = torch.randn(a.shape, device=DEVICE) * valid
@@ -81,10 +83,35 @@ def test_pretraining_step_runs_on_the_fused_kernels_with_dropout(kernels_on_this
     ids, mask = padded_batch()
     out = model(ids, mask)
     assert kernels_on_this_device["attention"] == 4          # generator + discriminator, 2 layers each
+    assert kernels_on_this_device["cross_entropy"] == 1      # the MLM loss from replace_tokens' lse
     assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_pretraining_step_fused_matches_eager_losses_and_gradients(kernels_on_this_device):
+    """The whole step on the same weights and masks, without randomness (eval: no dropout; temperature 0:
+    argmax replacement): linears with the Triton bias gradient, packed attention, the fused tails and the
+    MLM loss from the replacement's lse give eager's losses and every parameter's gradient."""
+    models = {}
+    for name in ("eager", "fused"):
+        models[name] = ElectraPretrainingModel(config(name, sampling_temperature=0.0)).to(DEVICE).eval()
+    models["fused"].load_state_dict(models["eager"].state_dict())
+    ids, mask = padded_batch()
+    outs = {}
+    for name, model in models.items():
+        torch.manual_seed(1)                                  # the same masked positions for both
+        outs[name] = model(ids, mask)
+        outs[name].loss.backward()
+    assert kernels_on_this_device["cross_entropy"] == 1 and kernels_on_this_device["linear"] > 0
+    a, b = outs["eager"], outs["fused"]
+    assert torch.equal(a.masked_positions, b.masked_positions) and torch.equal(a.is_replaced, b.is_replaced)
+    for what in ("mlm_loss", "rtd_loss"):
+        torch.testing.assert_close(getattr(b, what), getattr(a, what), atol=1e-5, rtol=1e-5, msg=what)
+    fused_params = dict(models["fused"].named_parameters())
+    for name, p in models["eager"].named_parameters():
+        torch.testing.assert_close(fused_params[name].grad, p.grad, atol=5e-5, rtol=1e-3, msg=name)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
