@@ -14,6 +14,11 @@ Contenders (one process):
 The fastelectra contenders get the seed as an int64 (1,) CUDA tensor made once (what the op reads
 in-kernel), so the timing holds no host-to-device copy of it.
 GB/s counts the logits read once (N * V * element size); the ids and labels are ~0.1% of that.
+MLM loss rows (same cases, forward + backward of the generator's per-row cross-entropy; GB/s counts
+the logits read once and their gradient written once):
+  fastelectra-loss     ops.cross_entropy(logits, targets, lse=...) with the lse the op above returns:
+                       a gather forward, one Triton pass backward (kernels/cross_entropy.py)
+  torch-loss           F.cross_entropy(logits.float(), targets, reduction="none"), what it replaces
 Target (DESIGN.md, H100): >= 2400 GB/s of logits read at (2500, 30522) bf16 (~0.06 ms).
 
     python -m benchmarks.bench_replace --out benchmarks/results/replace_<gpu>_<date>.json
@@ -124,6 +129,44 @@ def run(sizes, dtypes, names, temperature):
     return results
 
 
+def run_loss(sizes, dtypes):
+    """fwd+bwd of the per-row MLM cross-entropy: fastelectra (given the lse) vs F.cross_entropy."""
+    from fastelectra import ops
+
+    results = []
+    for n, vocab in sizes:
+        for dname in dtypes:
+            logits, _, _ = make_inputs(n, vocab, DTYPE_OF[dname])
+            logits.requires_grad_(True)
+            targets = torch.randint(0, vocab, (n,), device="cuda")
+            lse = torch.logsumexp(logits.detach().float(), dim=-1)
+            dloss = torch.rand(n, device="cuda")
+            fns = {"fastelectra-loss": lambda: ops.cross_entropy(logits, targets, lse=lse, backend="fused"),
+                   "torch-loss": lambda: torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")}
+            for name, fn in fns.items():
+                row = dict(n=n, vocab=vocab, dtype=dname, contender=name)
+                try:
+                    def step(fn=fn):
+                        logits.grad = None
+                        fn().backward(dloss)
+                    step()
+                    row.update(bench_ms(step))
+                    row["gbps"] = 2 * logits.numel() * logits.element_size() / row["ms"] / 1e6
+                except (RuntimeError, ValueError) as err:
+                    row.update(skipped=skip_reason(err))
+                results.append(row)
+                print(f"N={n:6d} V={vocab:6d} {dname:5s} {name:18s} "
+                      + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]), flush=True)
+            del logits
+            torch.cuda.empty_cache()
+    for r in results:
+        if r["contender"] == "fastelectra-loss" and "ms" in r:
+            peer = next((p for p in results if p["contender"] == "torch-loss" and "ms" in p
+                         and (p["n"], p["vocab"], p["dtype"]) == (r["n"], r["vocab"], r["dtype"])), None)
+            r["vs_torch_loss"] = peer["ms"] / r["ms"] if peer else None
+    return results
+
+
 def add_ratios(results):
     """Each fastelectra* row gets speedup = peer ms / its ms for the torch peers of the same case."""
     def key(r):
@@ -155,6 +198,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPE_OF), default=list(DTYPES))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--no-loss", action="store_true", help="skip the MLM-loss fwd+bwd rows")
     args = parser.parse_args(argv)
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         parser.error("--temperature must be a finite number > 0")
@@ -169,6 +213,10 @@ def main(argv=None):
     targets = check_targets(results)
     table = rate_table(results, ["n", "vocab", "dtype", "contender", "ms", "GB/s of logits", "vs_eager",
                                  "vs_multinomial", "ms_call"], "gbps", "GB/s of logits")
+    loss = [] if args.no_loss else run_loss(args.sizes, args.dtypes)
+    if loss:
+        table += "\n\n## MLM loss, forward + backward\n\n" + rate_table(
+            loss, ["n", "vocab", "dtype", "contender", "ms", "GB/s", "vs_torch_loss", "ms_call"], "gbps", "GB/s")
     payload = {
         "benchmark": "replace_tokens",
         "config": {"sizes": [f"{n}x{v}" for n, v in args.sizes], "dtypes": args.dtypes,
@@ -179,6 +227,7 @@ def main(argv=None):
                    "date": datetime.date.today().isoformat()},
         "targets": targets,
         "results": results,
+        "mlm_loss": loss,
     }
     write_results(args.out, payload, table + f"\n\ntargets: {targets}")
 
