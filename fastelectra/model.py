@@ -427,12 +427,15 @@ class ElectraPretrainingModel(nn.Module):
 
         # Replacement writes only the valid slots' tokens: ids get K scratch columns, the padding slots
         # point at their own scratch column (distinct positions, nothing real overwritten), then dropped.
-        # Its one pass over the logits also gives their row log-sum-exp, which the MLM loss reuses.
+        # Its one pass over the logits also gives their row log-sum-exp where the MLM loss reuses it.
         scratch = torch.arange(t, t + k_max, device=input_ids.device)                # (K,)
         write_pos = (rows * (t + k_max) + torch.where(valid.view(b, k_max), slots, scratch)).reshape(-1)
         ids_ext = F.pad(input_ids, (0, k_max), value=cfg.pad_token_id)               # (B, T+K)
-        disc_ext, replaced_ext, _, lse = ops.replace_tokens(logits.detach(), ids_ext, write_pos, return_lse=True,
-                                                            temperature=cfg.sampling_temperature, backend=cfg.backend)
+        want_lse = ops.cross_entropy_takes_lse(logits, cfg.backend)
+        replaced = ops.replace_tokens(logits.detach(), ids_ext, write_pos, return_lse=want_lse,
+                                      temperature=cfg.sampling_temperature, backend=cfg.backend)
+        disc_ext, replaced_ext = replaced[:2]
+        lse = replaced[3] if want_lse else None                                      # (B·K,) fp32
         disc_input, is_replaced = disc_ext[:, :t].contiguous(), replaced_ext[:, :t].contiguous()  # (B, T)
         ce = ops.cross_entropy(logits, targets, lse=lse, backend=cfg.backend)         # (B·K,) fp32
         mlm_loss = (ce * valid).sum() / n_valid.clamp(min=1)

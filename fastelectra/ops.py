@@ -26,7 +26,7 @@ from . import rng as _rng
 from .autograd import use_eager
 
 __all__ = ["linear", "layer_norm", "attention", "attention_varlen", "attention_qkvpacked", "replace_tokens",
-           "cross_entropy",
+           "cross_entropy", "cross_entropy_takes_lse",
            "layer_norm_reference", "attention_reference", "attention_varlen_reference", "replace_tokens_reference"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -405,6 +405,12 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+def cross_entropy_takes_lse(logits, backend=None) -> bool:
+    """Whether :func:`cross_entropy` on ``logits`` uses an ``lse`` given to it (the fused path), so a
+    caller asks :func:`replace_tokens` for one only when it saves work instead of adding a pass."""
+    return _kernel_outside_compile(logits, backend, "cross_entropy")
+
+
 def cross_entropy(logits, targets, *, lse=None, backend=None):
     """Per-row cross-entropy (N,) fp32 of logits (N, V) against int64 targets (N,): the loss of
     ``F.cross_entropy(logits.float(), targets, reduction="none")``, its own reference.
@@ -424,7 +430,7 @@ def cross_entropy(logits, targets, *, lse=None, backend=None):
         raise TypeError(f"targets must be an int64 tensor of shape ({logits.shape[0]},), got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
     _check_same_device(logits=logits, targets=targets, lse=lse)
-    if lse is not None and _kernel_outside_compile(logits, backend, "cross_entropy"):
+    if lse is not None and cross_entropy_takes_lse(logits, backend):
         from .kernels.cross_entropy import cross_entropy_with_lse
 
         return cross_entropy_with_lse(logits, targets, lse)

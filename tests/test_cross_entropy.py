@@ -113,6 +113,8 @@ def test_ops_cross_entropy_without_the_kernel_is_f_cross_entropy():
     logits, targets, _ = make(6, 50, torch.bfloat16)
     lse = torch.logsumexp(logits.float(), -1)
     ref = F.cross_entropy(logits.float(), targets, reduction="none")
+    assert not ops.cross_entropy_takes_lse(logits, "eager")
+    assert ops.cross_entropy_takes_lse(logits, "fused") == (DEVICE == "cuda")
     for kw in ({}, {"lse": lse, "backend": "eager"}) + (({"lse": lse, "backend": "fused"},) if DEVICE == "cpu" else ()):
         torch.testing.assert_close(ops.cross_entropy(logits, targets, **kw), ref)
 
