@@ -23,7 +23,8 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
+                     write_results)
 
 ROWS = 65536
 HIDDEN = (256, 768, 1024, 4096)
@@ -132,16 +133,10 @@ def run(rows, hidden, cases, modes, dtype):
 
 def add_ratios(results):
     """Each fastelectra row gets speedup = peer ms / fastelectra ms for every peer in the same run."""
-    def key(r):
-        return r["rows"], r["n"], r["case"], r["mode"]
-
-    peers = {}
+    add_speedups(results, lambda r: (r["rows"], r["n"], r["case"], r["mode"]),
+                 lambda r: r["contender"] == "fastelectra", lambda r: r["contender"] not in ("fastelectra", "copy"))
     for r in results:
-        if "ms" in r and r["contender"] not in ("fastelectra", "copy"):
-            peers.setdefault(key(r), {})[r["contender"]] = r["ms"]
-    for r in results:
-        if r["contender"] == "fastelectra" and "ms" in r:
-            r["speedup"] = {peer: ms / r["ms"] for peer, ms in peers.get(key(r), {}).items()}
+        if "speedup" in r:
             r["vs_eager"] = r["speedup"].get("torch-eager")
             r["vs_compile"] = r["speedup"].get("torch-compile")
 

@@ -25,7 +25,8 @@ import datetime
 
 import torch
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
+                     write_results)
 
 ROWS = 16384
 WIDTHS = (256, 768, 1024, 2304, 3072)
@@ -90,16 +91,10 @@ def run_layers(rows, layers):
 
 def add_ratios(results):
     """fastelectra rows get speedup = peer ms / fastelectra ms, per case."""
-    def key(r):
-        return r["case"], r["m"], r.get("k"), r["n"]
-
-    peers = {}
+    add_speedups(results, lambda r: (r["case"], r["m"], r.get("k"), r["n"]),
+                 lambda r: r["contender"] == "fastelectra")
     for r in results:
-        if "ms" in r and r["contender"] != "fastelectra":
-            peers.setdefault(key(r), {})[r["contender"]] = r["ms"]
-    for r in results:
-        if r["contender"] == "fastelectra" and "ms" in r:
-            r["speedup"] = {p: ms / r["ms"] for p, ms in peers.get(key(r), {}).items()}
+        if "speedup" in r:
             r["vs_torch"] = r["speedup"].get("torch-sum", r["speedup"].get("torch"))
 
 

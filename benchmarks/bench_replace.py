@@ -31,7 +31,8 @@ import math
 
 import torch
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
+                     write_results)
 
 SIZES = ("2500x30522", "40000x30522")
 DTYPES = ("bf16", "fp32")
@@ -129,6 +130,10 @@ def run(sizes, dtypes, names, temperature):
     return results
 
 
+def _case(r):
+    return r["n"], r["vocab"], r["dtype"]
+
+
 def run_loss(sizes, dtypes):
     """fwd+bwd of the per-row MLM cross-entropy: fastelectra (given the lse) vs F.cross_entropy."""
     from fastelectra import ops
@@ -159,26 +164,19 @@ def run_loss(sizes, dtypes):
                       + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]), flush=True)
             del logits
             torch.cuda.empty_cache()
+    add_speedups(results, _case, lambda r: r["contender"] == "fastelectra-loss")
     for r in results:
-        if r["contender"] == "fastelectra-loss" and "ms" in r:
-            peer = next((p for p in results if p["contender"] == "torch-loss" and "ms" in p
-                         and (p["n"], p["vocab"], p["dtype"]) == (r["n"], r["vocab"], r["dtype"])), None)
-            r["vs_torch_loss"] = peer["ms"] / r["ms"] if peer else None
+        if "speedup" in r:
+            r["vs_torch_loss"] = r["speedup"].get("torch-loss")
     return results
 
 
 def add_ratios(results):
     """Each fastelectra* row gets speedup = peer ms / its ms for the torch peers of the same case."""
-    def key(r):
-        return r["n"], r["vocab"], r["dtype"]
-
-    peers = {}
+    add_speedups(results, _case, lambda r: r["contender"].startswith("fastelectra"),
+                 lambda r: r["contender"].startswith("torch-"))
     for r in results:
-        if "ms" in r and r["contender"].startswith("torch-"):
-            peers.setdefault(key(r), {})[r["contender"]] = r["ms"]
-    for r in results:
-        if r["contender"].startswith("fastelectra") and "ms" in r:
-            r["speedup"] = {peer: ms / r["ms"] for peer, ms in peers.get(key(r), {}).items()}
+        if "speedup" in r:
             r["vs_eager"] = r["speedup"].get("torch-eager")
             r["vs_multinomial"] = r["speedup"].get("torch-multinomial")
 

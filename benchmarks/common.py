@@ -93,6 +93,20 @@ def bench_ms(fn) -> dict:
     return out
 
 
+def add_speedups(rows: list[dict], key, ours, peer=None) -> None:
+    """For every timed row (one with "ms") that ``ours(row)`` selects: row["speedup"] = {peer contender:
+    peer ms / its ms} over the timed rows of the same ``key(row)`` that ``peer(row)`` selects (default:
+    those not ours), all measured in the same run."""
+    peer = peer or (lambda r: not ours(r))
+    peers: dict = {}
+    for r in rows:
+        if "ms" in r and peer(r):
+            peers.setdefault(key(r), {})[r["contender"]] = r["ms"]
+    for r in rows:
+        if "ms" in r and ours(r):
+            r["speedup"] = {name: ms / r["ms"] for name, ms in peers.get(key(r), {}).items()}
+
+
 def cuda_events_ms(fn, steps: int, warmup: int) -> float:
     """Mean milliseconds per call of ``fn()`` over ``steps`` calls after ``warmup`` calls (CUDA events)."""
     for _ in range(warmup):

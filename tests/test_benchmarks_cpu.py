@@ -80,3 +80,14 @@ def test_tiny_pretraining_step(benchmark, one_thread):
     assert first.dim() == 0 and abs(float(first) - (math.log(cfg.vocab_size) + 50 * math.log(2))) < 2
     assert math.isfinite(float(loss)) and float(loss) < float(first)      # the same batch, five steps later
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()) if b.requires_grad)
+
+
+def test_add_speedups_compares_only_timed_rows_of_the_same_case():
+    from benchmarks.common import add_speedups
+
+    rows = [dict(case=1, contender="ours", ms=2.0), dict(case=1, contender="a", ms=4.0),
+            dict(case=1, contender="copy", ms=1.0), dict(case=2, contender="a", ms=9.0),
+            dict(case=2, contender="ours", skipped="OOM"), dict(case=1, contender="b", skipped="OOM")]
+    add_speedups(rows, lambda r: r["case"], lambda r: r["contender"] == "ours", lambda r: r["contender"] == "a")
+    assert rows[0]["speedup"] == {"a": 2.0}
+    assert all("speedup" not in r for r in rows[1:])
