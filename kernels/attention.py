@@ -50,7 +50,6 @@ J. Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011) for Ph
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Optional
@@ -61,6 +60,7 @@ import triton.language as tl
 
 from ..autograd import eager_function, use_eager
 from ..rng import check_seed_tensor, seed_tensor
+from .layernorm import _on_device
 
 __all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_qkvpacked", "dropout_mask",
            "SUPPORTED_HEAD_DIMS"]
@@ -779,11 +779,6 @@ def _check_device(t: torch.Tensor, name: str) -> None:
         return
     raise ValueError(f"{name} is on {t.device}: the Triton attention kernels need a CUDA tensor "
                      "(or CPU tensors under TRITON_INTERPRET=1)")
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device's current stream)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
