@@ -27,14 +27,6 @@ from .nn import FusedLayerNorm, FusedLinear, FusedSelfAttention
 __all__ = ["ElectraModel", "ElectraDiscriminator", "ElectraGenerator", "ElectraForSequenceClassification",
            "ElectraPretrainingModel", "ElectraPretrainingOutput"]
 
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),                          # erf GELU, as transformers' "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
 def check_inputs(config: ElectraConfig, input_ids, attention_mask=None, token_type_ids=None,
                  check_values: bool = True) -> None:
     """Raise a clear error for ids/masks that would fail (or silently misbehave) inside the model.
@@ -130,11 +122,11 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = FusedLinear(config.hidden_size, config.intermediate_size, backend=config.backend)
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.dense = FusedLinear(config.hidden_size, config.intermediate_size, activation=config.hidden_act,
+                                 backend=config.backend)
 
     def forward(self, h):
-        return self.act(self.dense(h))
+        return self.dense(h)                                                         # act(h Wᵀ + b)
 
 
 class Layer(nn.Module):
@@ -256,12 +248,12 @@ class ElectraDiscriminator(ElectraPreTrainedModel):
 class DiscriminatorPredictions(nn.Module):
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = FusedLinear(config.hidden_size, config.hidden_size, backend=config.backend)
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.dense = FusedLinear(config.hidden_size, config.hidden_size, activation=config.hidden_act,
+                                 backend=config.backend)
         self.dense_prediction = FusedLinear(config.hidden_size, 1, backend=config.backend)
 
     def forward(self, h):                                                            # (B, T, H) → (B, T)
-        return self.dense_prediction(self.act(self.dense(h))).squeeze(-1)
+        return self.dense_prediction(self.dense(h)).squeeze(-1)
 
 
 class GeneratorPredictions(nn.Module):
@@ -269,11 +261,11 @@ class GeneratorPredictions(nn.Module):
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = FusedLinear(config.hidden_size, config.embedding_size, backend=config.backend)
+        self.dense = FusedLinear(config.hidden_size, config.embedding_size, activation="gelu", backend=config.backend)
         self.LayerNorm = FusedLayerNorm(config.embedding_size, eps=config.layer_norm_eps, backend=config.backend)
 
     def forward(self, h):
-        return self.LayerNorm(F.gelu(self.dense(h)))
+        return self.LayerNorm(self.dense(h))
 
 
 class ElectraGenerator(ElectraPreTrainedModel):
@@ -310,14 +302,14 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
-        self.dense = FusedLinear(config.hidden_size, config.hidden_size, backend=config.backend)
+        self.dense = FusedLinear(config.hidden_size, config.hidden_size, activation="gelu", backend=config.backend)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.out_proj = FusedLinear(config.hidden_size, config.num_labels, backend=config.backend)
 
     def forward(self, h):                                                            # (B, T, H) → (B, C)
         x = self.dropout(h[:, 0])
-        x = self.dropout(F.gelu(self.dense(x)))
+        x = self.dropout(self.dense(x))                                              # GELU(x Wᵀ + b)
         return self.out_proj(x)
 
 

@@ -19,18 +19,25 @@ __all__ = ["FusedLinear", "FusedLayerNorm", "FusedSelfAttention"]
 
 
 class FusedLinear(nn.Linear):
-    """nn.Linear whose bias gradient is reduced by a Triton kernel (see fastelectra.ops.linear)."""
+    """nn.Linear whose bias gradient is reduced by a Triton kernel (see fastelectra.ops.linear).
+
+    With ``activation`` ("gelu", "gelu_new", "relu" or "silu", transformers' names) it computes
+    act(x Wᵀ + b), the activation's backward fused with the bias sum; the state dict is nn.Linear's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: str | None = None):
+                 activation: str | None = None, backend: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if activation is not None and activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be None or one of {sorted(ops.ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+        return ops.linear(x, self.weight, self.bias, activation=self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend or 'auto'}"
+        act = f", activation={self.activation}" if self.activation else ""
+        return super().extra_repr() + act + f", backend={self.backend or 'auto'}"
 
 
 class FusedLayerNorm(nn.LayerNorm):

@@ -1,6 +1,7 @@
 """Functional ops of fastelectra, each beside its torch reference; the one place that dispatches.
 
-    linear          y = x Wᵀ + b, its bias gradient reduced in Triton -> kernels/linear.py
+    linear          y = act(x Wᵀ + b), act optional; the bias gradient reduced in Triton (with the
+                    activation's backward in the same pass)           -> kernels/linear.py
     layer_norm      y = LayerNorm(dropout(x) + residual)          -> kernels/layernorm.py (Triton)
     attention       softmax(q kᵀ·scale + key-padding mask), dropout, · v  -> kernels/attention.py
     attention_varlen  the same over packed sequences (total, nheads, headdim) -> kernels/attention.py
@@ -29,6 +30,13 @@ __all__ = ["linear", "layer_norm", "attention", "attention_varlen", "attention_q
            "cross_entropy", "cross_entropy_takes_lse",
            "layer_norm_reference", "attention_reference", "attention_varlen_reference", "replace_tokens_reference"]
 
+# transformers' hidden_act names -> the activation (the reference of linear(..., activation=name))
+ACTIVATIONS = {
+    "gelu": F.gelu,                                       # erf GELU, as transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 always takes the reference
 
@@ -83,19 +91,24 @@ def _kernel_outside_compile(t, backend, op: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- linear
-def linear(x, weight, bias=None, *, backend=None):
-    """y = x Wᵀ + b, as ``F.linear``: x (..., K), weight (N, K), bias (N,) or None → (..., N).
+def linear(x, weight, bias=None, *, activation=None, backend=None):
+    """y = x Wᵀ + b, as ``F.linear``: x (..., K), weight (N, K), bias (N,) or None → (..., N); with
+    ``activation`` (a key of ACTIVATIONS: "gelu", "gelu_new", "relu", "silu") y = act(x Wᵀ + b).
 
     The fused path (CUDA tensors with a bias, called eagerly or inside a CUDA graph) is
-    :func:`fastelectra.kernels.linear.fused_linear`: the same cuBLAS GEMMs, and the bias gradient
-    summed over rows by a Triton kernel instead of torch's reduction. Everything else is
-    ``F.linear`` (its own reference): no bias, CPU tensors, float64, and calls that torch.compile
-    traces, where inductor generates and fuses that reduction itself.
+    :func:`fastelectra.kernels.linear.fused_linear`: the same cuBLAS GEMMs, the bias gradient summed
+    over rows by a Triton kernel instead of torch's reduction (in the same pass as the activation's
+    backward when there is one), and under autocast the parameters' gradients written in their own
+    dtype. Everything else is the reference ``act(F.linear(x, weight, bias))``: no bias, CPU tensors,
+    float64, and calls that torch.compile traces, where inductor generates and fuses that reduction
+    itself.
     """
     _check_float("x", x)
     _check_float("weight", weight)
     if bias is not None:
         _check_float("bias", bias)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x (..., K) and weight (N, K) must agree in K, got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")
@@ -103,8 +116,9 @@ def linear(x, weight, bias=None, *, backend=None):
     if bias is not None and _kernel_outside_compile(x, backend, "linear"):
         from .kernels.linear import fused_linear
 
-        return fused_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return fused_linear(x, weight, bias, activation)
+    y = F.linear(x, weight, bias)
+    return y if activation is None else ACTIVATIONS[activation](y)
 
 
 # ----------------------------------------------------------------------------- layer norm

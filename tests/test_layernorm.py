@@ -18,7 +18,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
 
-from fastelectra.kernels.layernorm import MAX_N, dropout_mask, fused_layer_norm  # noqa: E402
+from fastelectra.kernels.layernorm import MAX_N, _on_device, _sum_partials, dropout_mask, fused_layer_norm  # noqa: E402,E501
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |ref|
@@ -135,6 +135,25 @@ def test_empty_rows():
     assert y.shape == (0, 200)
     y.sum().backward()
     assert x.grad.shape == (0, 200) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("chunks,n", [(1, 5), (700, 37), (1056, 768)], ids=str)
+def test_sum_partials_finishes_one_or_two_column_sums(chunks, n):
+    """Stage 2 of the dW/dB (and bias-gradient) reductions: several loop steps over partial rows, a
+    ragged last column block, two sums in one launch, each written in its own output's dtype."""
+    g = torch.Generator().manual_seed(chunks)
+    part = torch.randn(2, chunks, n, generator=g).to(DEVICE)
+    dw = torch.empty(n, device=DEVICE)
+    db = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    with _on_device(part):
+        _sum_partials(part, dw, db)
+    exact = part.double().sum(1)
+    torch.testing.assert_close(dw.double(), exact[0], atol=1e-5 * math.sqrt(chunks), rtol=1e-5)
+    torch.testing.assert_close(db, exact[1].to(torch.bfloat16), atol=1e-5 * math.sqrt(chunks), rtol=8e-3)
+    one = torch.empty(n, device=DEVICE)
+    with _on_device(part):
+        _sum_partials(part[1:], one)
+    torch.testing.assert_close(one.double(), exact[1], atol=1e-5 * math.sqrt(chunks), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- dropout
