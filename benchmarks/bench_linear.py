@@ -12,9 +12,13 @@ Cases, bf16, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
            torch-compile      torch.compile(lambda t: t.sum(0)) (inductor's generated reduction)
            GB/s counts dy read once.
   layer    fwd+bwd of one linear under bf16 autocast, fp32 parameters, (K -> N) in {768 -> 3072,
-           3072 -> 768, 768 -> 2304}
-           fastelectra        nn.FusedLinear (backend fused)
-           torch              nn.Linear
+           3072 -> 768, 768 -> 2304}, and 768 -> 3072 followed by erf GELU (the feed-forward
+           up-projection: activation backward and bias sum in one pass, fp32 parameter gradients
+           without a bf16 round trip)
+           fastelectra        nn.FusedLinear (backend fused; activation="gelu" for the last case)
+           torch              nn.Linear (then F.gelu)
+           torch-compile      torch.compile of the torch contender (inductor fuses the bias sum
+                              and the GELU backward itself)
 
     python -m benchmarks.bench_linear --out benchmarks/results/linear_<gpu>_<date>.json
 """
@@ -30,7 +34,7 @@ from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, requi
 
 ROWS = 16384
 WIDTHS = (256, 768, 1024, 2304, 3072)
-LAYERS = ((768, 3072), (3072, 768), (768, 2304))
+LAYERS = ((768, 3072, None), (3072, 768, None), (768, 2304, None), (768, 3072, "gelu"))   # (K, N, activation)
 
 
 def colsum_contenders():
@@ -61,22 +65,24 @@ def run_colsum(rows, widths):
 
 
 def run_layers(rows, layers):
+    from fastelectra import ops
     from fastelectra.nn import FusedLinear
 
     results = []
-    for k, n in layers:
+    for k, n, act in layers:
         torch.manual_seed(0)
         ref = torch.nn.Linear(k, n).cuda()
-        fused = FusedLinear(k, n, backend="fused").cuda()
+        fused = FusedLinear(k, n, activation=act, backend="fused").cuda()
         fused.load_state_dict(ref.state_dict())
         x = torch.randn(rows, k, device="cuda", requires_grad=True)
         dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-        for name, mod in (("fastelectra", fused), ("torch", ref)):
-            def step(mod=mod):
+        eager = (lambda t: ref(t)) if act is None else (lambda t: ops.ACTIVATIONS[act](ref(t)))
+        for name, fn in (("fastelectra", fused), ("torch", eager), ("torch-compile", torch.compile(eager))):
+            def step(fn=fn):
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    y = mod(x)
+                    y = fn(x)
                 y.backward(dy)
-            row = dict(case="layer", m=rows, k=k, n=n, contender=name)
+            row = dict(case="layer", m=rows, k=k, n=n, activation=act or "-", contender=name)
             try:
                 step()
                 row.update(bench_ms(step))
@@ -84,14 +90,15 @@ def run_layers(rows, layers):
             except Exception as err:  # noqa: BLE001
                 row.update(skipped=skip_reason(err))
             results.append(row)
-            print(f"layer  {rows}x{k}->{n} {name:12s} " + (f"{row['ms']:.4f} ms {row['tflops']:6.0f} TFLOP/s"
-                                                          if "ms" in row else row["skipped"]), flush=True)
+            print(f"layer  {rows}x{k}->{n} {act or '-':5s} {name:14s} "
+                  + (f"{row['ms']:.4f} ms {row['tflops']:6.0f} TFLOP/s" if "ms" in row else row["skipped"]),
+                  flush=True)
     return results
 
 
 def add_ratios(results):
     """fastelectra rows get speedup = peer ms / fastelectra ms, per case."""
-    add_speedups(results, lambda r: (r["case"], r["m"], r.get("k"), r["n"]),
+    add_speedups(results, lambda r: (r["case"], r["m"], r.get("k"), r["n"], r.get("activation")),
                  lambda r: r["contender"] == "fastelectra")
     for r in results:
         if "speedup" in r:
@@ -115,7 +122,8 @@ def main(argv=None):
     colsum = rate_table([r for r in results if r["case"] == "colsum"],
                         ["m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"], "gbps", "GB/s")
     layers = rate_table([r for r in results if r["case"] == "layer"],
-                        ["m", "k", "n", "contender", "ms", "TFLOP/s", "vs_torch", "ms_call"], "tflops", "TFLOP/s")
+                        ["m", "k", "n", "activation", "contender", "ms", "TFLOP/s", "vs_torch", "ms_call"], "tflops",
+                        "TFLOP/s")
     payload = {"benchmark": "linear",
                "config": {"rows": args.rows, "widths": args.widths, "layers": [] if args.no_layers else LAYERS,
                           "dtype": "bf16", "gpu_slug": gpu_slug(), "bytes": "colsum: dy read once",

@@ -162,7 +162,7 @@ def run_loss(sizes, dtypes):
                 results.append(row)
                 print(f"N={n:6d} V={vocab:6d} {dname:5s} {name:18s} "
                       + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]), flush=True)
-            del logits
+            logits = None               # free it before the next size (the closures above read this cell)
             torch.cuda.empty_cache()
     add_speedups(results, _case, lambda r: r["contender"] == "fastelectra-loss")
     for r in results:
