@@ -32,6 +32,20 @@ class FusedLinear(nn.Linear):
         self.activation = activation
         self.backend = backend
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str | None = None,
+                    backend: str | None = None) -> "FusedLinear":
+        """A FusedLinear sharing ``linear``'s parameters (no copy)."""
+        if activation is not None and activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be None or one of {sorted(ops.ACTIVATIONS)}, got {activation!r}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.activation, new.backend = activation, backend
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias, activation=self.activation, backend=self.backend)
 

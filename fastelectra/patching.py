@@ -13,6 +13,11 @@ state dict keeps its keys and an optimizer built before patching keeps working):
     (ElectraSelfOutput, ElectraOutput)  by one fused residual-add + dropout + LayerNorm call
   ELECTRA self-attention            → PatchedSelfAttention: the same query/key/value Linear layers,
     (ElectraSelfAttention)              attention through fastelectra.ops.attention with a key-padding mask
+  nn.Linear with a bias (any model,  → FusedLinear (bias gradient summed in Triton; under autocast the
+    not its subclasses)                 parameter gradients come back in fp32 without a bf16 round trip)
+  ELECTRA feed-forward up-projection → FusedIntermediate: act(dense(x)) as one fastelectra.ops.linear call
+    (ElectraIntermediate)               whose backward fuses the activation's with the bias sum
+                                        (transformers' gelu, gelu_new, relu, silu activations)
 
 Left untouched: cross-attention (ElectraCrossAttention) and causal (decoder) self-attention, which
 need masks other than key padding; the report lists them. Patched attention does not return attention
@@ -29,14 +34,18 @@ import torch
 from torch import nn
 
 from . import ops
-from .nn import FusedLayerNorm
+from .nn import FusedLayerNorm, FusedLinear
 
-__all__ = ["patch", "unpatch", "PatchReport", "PatchedSelfAttention", "FusedPostLNOutput"]
+__all__ = ["patch", "unpatch", "PatchReport", "PatchedSelfAttention", "FusedPostLNOutput", "FusedIntermediate"]
 
 ORIGINAL = "_fastelectra_original"    # attribute (not a submodule) holding the module a patch replaced
 # transformers' classes whose code the fused replacements below reproduce
 ATTENTION_CLASSES = {"ElectraSelfAttention"}
 TAIL_CLASSES = {"ElectraSelfOutput", "ElectraOutput"}
+INTERMEDIATE_CLASSES = {"ElectraIntermediate"}
+# transformers' activation modules -> the name fastelectra.ops.linear fuses
+HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_new", "ReLU": "relu", "SiLU": "silu",
+                  "SiLUActivation": "silu"}
 MASKED_BELOW = -1e4                   # additive-mask entries at or below this are "do not attend" (HF uses finfo.min)
 _mask_cache = None                    # (weakref to the last HF mask, its key-padding mask): shared by all layers
 
@@ -169,6 +178,24 @@ class FusedPostLNOutput(nn.Module):
         return self.LayerNorm(self.dense(hidden_states), residual=input_tensor, dropout_p=p)
 
 
+class FusedIntermediate(nn.Module):
+    """Drop-in for transformers' ElectraIntermediate: act(dense(x)) in one fastelectra.ops.linear call, whose
+    backward computes the activation's gradient and the bias gradient in one pass. Same ``dense`` (and the
+    original's activation module, kept for unpatch); ``activation`` is its fastelectra name."""
+
+    def __init__(self, original: nn.Module, activation: str, backend: str | None = None):
+        super().__init__()
+        self.dense, self.intermediate_act_fn = original.dense, original.intermediate_act_fn
+        self.activation, self.backend = activation, backend
+
+    def forward(self, hidden_states):
+        return ops.linear(hidden_states, self.dense.weight, self.dense.bias, activation=self.activation,
+                          backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}, backend={self.backend or 'auto'}"
+
+
 # ----------------------------------------------------------------------------- patch / unpatch
 def _layer_norm_replacement(m: nn.Module, backend, report: PatchReport, path: str):
     if isinstance(m, FusedLayerNorm) or not isinstance(m, nn.LayerNorm):
@@ -194,10 +221,29 @@ def _attention_replacement(m: nn.Module, backend, report: PatchReport, path: str
     return PatchedSelfAttention(m, backend=backend)
 
 
-def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True,
+def _linear_replacement(m: nn.Module, backend, report: PatchReport, path: str):
+    if _is_transformers(m, INTERMEDIATE_CLASSES):
+        act = HF_ACTIVATIONS.get(_class_name(m.intermediate_act_fn))
+        if act is None or not isinstance(m.dense, nn.Linear) or m.dense.bias is None:
+            report.skipped.append((path, f"activation {_class_name(m.intermediate_act_fn)} is not one fastelectra "
+                                         "fuses" if act is None else "its dense layer is not a Linear with a bias"))
+            return None
+        return FusedIntermediate(m, act, backend=backend)
+    if isinstance(m, FusedLinear) or not isinstance(m, nn.Linear):
+        return None
+    if type(m) is not nn.Linear:        # e.g. MultiheadAttention's out_proj, typed to keep quantization off it
+        report.skipped.append((path, f"{_class_name(m)} is a subclass of nn.Linear"))
+        return None
+    if m.bias is None:
+        return None                      # no bias gradient to sum: F.linear is the whole layer already
+    return FusedLinear.from_linear(m, backend=backend)
+
+
+def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, linear: bool = True,
           backend: str | None = None) -> PatchReport:
-    """Swap ``model``'s LayerNorms (and, for transformers' ELECTRA, its self-attentions and post-LN tails)
-    for fastelectra's fused modules, in place. Parameters are shared and state-dict keys unchanged.
+    """Swap ``model``'s LayerNorms and Linears (and, for transformers' ELECTRA, its self-attentions, post-LN
+    tails and feed-forward up-projections) for fastelectra's fused modules, in place. Parameters are shared
+    and state-dict keys unchanged.
 
     ``backend`` (auto | fused | eager; None = auto) is given to every new module. Calling patch twice is
     harmless (already patched modules are kept). Returns a :class:`PatchReport`.
@@ -209,9 +255,10 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True,
 
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS}")
-    if isinstance(model, nn.LayerNorm) or _is_transformers(model, ATTENTION_CLASSES | TAIL_CLASSES):
+    if (isinstance(model, (nn.LayerNorm, nn.Linear))
+            or _is_transformers(model, ATTENTION_CLASSES | TAIL_CLASSES | INTERMEDIATE_CLASSES)):
         raise ValueError(f"model is itself a {_class_name(model)}, which cannot be replaced in place; patch the "
-                         "module that holds it (or use fastelectra.nn.FusedLayerNorm.from_layer_norm)")
+                         "module that holds it (or use fastelectra.nn.FusedLayerNorm.from_layer_norm / FusedLinear.from_linear)")
     report = PatchReport()
     new_for: dict[int, nn.Module] = {}     # id(old) -> new, so a module shared by two parents stays shared
 
@@ -221,6 +268,8 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True,
             new = _layer_norm_replacement(m, backend, report, path)
         if new is None and attention:
             new = _attention_replacement(m, backend, report, path)
+        if new is None and linear:
+            new = _linear_replacement(m, backend, report, path)
         return new
 
     def visit(parent: nn.Module, prefix: str, seen: set[int]) -> None:

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import fastelectra
-from fastelectra.nn import FusedLayerNorm
-from fastelectra.patching import FusedPostLNOutput, PatchedSelfAttention, key_padding_mask_from_hf
+from fastelectra.nn import FusedLayerNorm, FusedLinear
+from fastelectra.patching import FusedIntermediate, FusedPostLNOutput, PatchedSelfAttention, key_padding_mask_from_hf
 from electra_fixtures import LAYERS, hf_config, padded_batch, randomise
+from test_fused_model import kernels_on_this_device  # noqa: F401 - a fixture
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,6 +41,23 @@ def module_types(model):
     return [(n, type(m)) for n, m in model.named_modules()]
 
 
+def assert_same_gradients(model, out, ref, expected):
+    """Backpropagate one random weighting of both outputs; every parameter gets the reference's gradient."""
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * w).sum().backward()
+    (expected * w).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if ref_params[n].grad is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, ref_params[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def biased_linears(model):
+    return sum(type(m) is nn.Linear and m.bias is not None for m in model.modules())
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("backend", ["eager", "auto"])
 @pytest.mark.parametrize("name", HEADS)
@@ -57,15 +75,7 @@ def test_patched_electra_matches_outputs_and_gradients(name, backend, impl):
     expected = first_output(ref(input_ids=ids, attention_mask=mask, token_type_ids=types))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
-    (out * w).sum().backward()
-    (expected * w).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    for n, p in model.named_parameters():
-        if ref_params[n].grad is None:
-            assert p.grad is None, n
-        else:
-            torch.testing.assert_close(p.grad, ref_params[n].grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert_same_gradients(model, out, ref, expected)
 
     counts = report.counts()
     n_ln = 1 + 2 * LAYERS + (1 if name == "ElectraForMaskedLM" else 0)
@@ -73,6 +83,8 @@ def test_patched_electra_matches_outputs_and_gradients(name, backend, impl):
     assert counts["ElectraSelfAttention -> PatchedSelfAttention"] == LAYERS
     assert counts["ElectraSelfOutput -> FusedPostLNOutput"] == LAYERS
     assert counts["ElectraOutput -> FusedPostLNOutput"] == LAYERS
+    assert counts["ElectraIntermediate -> FusedIntermediate"] == LAYERS
+    assert counts["Linear -> FusedLinear"] == biased_linears(ref)                # every Linear of these heads
     assert not report.skipped
     assert "replaced" in str(report)
     paths = [p for p, _, _ in report.replaced]
@@ -84,12 +96,16 @@ def test_patched_electra_matches_outputs_and_gradients(name, backend, impl):
 def test_unpatch_restores_modules_and_outputs(name):
     ref, model = make_pair(name)
     types_before = module_types(model)
-    fastelectra.patch(model)
+    report = fastelectra.patch(model)
     assert isinstance(model.electra.embeddings.LayerNorm, FusedLayerNorm)
     assert isinstance(model.electra.encoder.layer[0].attention.self, PatchedSelfAttention)
+    assert isinstance(model.electra.encoder.layer[0].attention.self.query, FusedLinear)
     assert isinstance(model.electra.encoder.layer[0].output, FusedPostLNOutput)
+    assert isinstance(model.electra.encoder.layer[0].intermediate, FusedIntermediate)
     model.train()                                      # the mode set while patched survives unpatch
-    assert fastelectra.unpatch(model) == 1 + 2 * LAYERS + (name == "ElectraForMaskedLM") + 3 * LAYERS
+    expected = 1 + 2 * LAYERS + (name == "ElectraForMaskedLM") + 4 * LAYERS + biased_linears(ref)
+    assert len(report.replaced) == expected
+    assert fastelectra.unpatch(model) == expected
     assert module_types(model) == types_before
     assert model.training and all(m.training for m in model.modules())
     assert fastelectra.unpatch(model) == 0
@@ -145,7 +161,8 @@ def test_bert_and_plain_torch_models_get_fused_layer_norms():
     randomise(bert)
     ref = copy.deepcopy(bert)
     report = fastelectra.patch(bert)
-    assert report.counts() == {"LayerNorm -> FusedLayerNorm": 5}             # attention is ELECTRA-only
+    # attention and the fused feed-forward are ELECTRA-only; LayerNorms and Linears are any model's
+    assert report.counts() == {"LayerNorm -> FusedLayerNorm": 5, "Linear -> FusedLinear": 13}
     ids, mask, _ = padded_batch(99, t=17)
     torch.testing.assert_close(bert(ids, attention_mask=mask).last_hidden_state,
                                ref(ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
@@ -157,27 +174,33 @@ def test_bert_and_plain_torch_models_get_fused_layer_norms():
     randomise(net)
     net_ref = copy.deepcopy(net)
     report = fastelectra.patch(net)
-    assert report.counts() == {"LayerNorm -> FusedLayerNorm": 3}
-    assert net[1] is net[4] and isinstance(net[1], FusedLayerNorm)
-    assert report.skipped == [("6", "normalized_shape (3, 8) is not 1-D")]
+    # the Linears: net[0], net[3], the encoder layer's linear1/linear2 (not its attention's out_proj subclass)
+    assert report.counts() == {"LayerNorm -> FusedLayerNorm": 3, "Linear -> FusedLinear": 4}
+    assert net[1] is net[4] and isinstance(net[1], FusedLayerNorm) and isinstance(net[0], FusedLinear)
+    assert report.skipped == [("5.self_attn.out_proj", "NonDynamicallyQuantizableLinear is a subclass of nn.Linear"),
+                              ("6", "normalized_shape (3, 8) is not 1-D")]
     x = torch.randn(2, 5, 24)
     out, expected = net[:6](x), net_ref[:6](x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     expected.sum().backward()
     torch.testing.assert_close(net[1].weight.grad, net_ref[1].weight.grad, atol=1e-5, rtol=1e-4)
-    assert fastelectra.unpatch(net) == 3
-    assert type(net[1]) is nn.LayerNorm and net[1] is net[4]
+    assert fastelectra.unpatch(net) == 7
+    assert type(net[1]) is nn.LayerNorm and net[1] is net[4] and type(net[0]) is nn.Linear
 
 
 def test_patch_flags_and_repeated_calls():
     _, model = make_pair("ElectraModel")
-    assert set(fastelectra.patch(model, attention=False).counts()) == {
+    assert set(fastelectra.patch(model, attention=False, linear=False).counts()) == {
         "LayerNorm -> FusedLayerNorm", "ElectraSelfOutput -> FusedPostLNOutput", "ElectraOutput -> FusedPostLNOutput"}
-    assert set(fastelectra.patch(model, layer_norm=False).counts()) == {"ElectraSelfAttention -> PatchedSelfAttention"}
+    assert set(fastelectra.patch(model, layer_norm=False, linear=False).counts()) == {
+        "ElectraSelfAttention -> PatchedSelfAttention"}
+    assert set(fastelectra.patch(model).counts()) == {"Linear -> FusedLinear", "ElectraIntermediate -> FusedIntermediate"}
     assert fastelectra.patch(model).replaced == []
     with pytest.raises(ValueError, match="itself a LayerNorm"):
         fastelectra.patch(nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="itself a Linear"):
+        fastelectra.patch(nn.Linear(8, 8))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fastelectra.patch("model")
     with pytest.raises(ValueError, match="backend="):
@@ -244,3 +267,46 @@ def test_patched_model_on_cuda_bf16(name):
     err_base = (base - gold)[valid].abs().max().item()
     err = (out - gold)[valid].abs().max().item()
     assert err <= 2 * err_base + 1e-2, (err, err_base)
+
+
+def test_feed_forward_fuses_known_activations_and_reports_the_others():
+    """gelu_new fuses (tanh GELU); an activation fastelectra does not fuse (quick_gelu) leaves the
+    feed-forward as it is, with the reason, while its Linear is still swapped."""
+    ref, model = make_pair("ElectraModel", hidden_act="gelu_new")
+    report = fastelectra.patch(model)
+    assert model.encoder.layer[0].intermediate.activation == "gelu_new"
+    ids, mask, types = padded_batch()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               ref(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert not report.skipped
+    ref, model = make_pair("ElectraModel", hidden_act="quick_gelu")
+    report = fastelectra.patch(model)
+    assert {why for _, why in report.skipped} == {"activation QuickGELUActivation is not one fastelectra fuses"}
+    assert isinstance(model.encoder.layer[0].intermediate.dense, FusedLinear)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               ref(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_from_linear_shares_parameters():
+    lin = nn.Linear(6, 4)
+    fused = FusedLinear.from_linear(lin, activation="relu", backend="eager")
+    assert fused.weight is lin.weight and fused.bias is lin.bias and list(fused.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(fused(x), torch.relu(lin(x)))
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        FusedLinear.from_linear(lin, activation="tanh")
+
+
+def test_patched_hf_model_on_the_kernels_matches_the_original(kernels_on_this_device):
+    """The HF discriminator patched with backend fused, the kernels forced (the interpreter on a CPU): the
+    Linear swaps and the fused feed-forward give HF's outputs and every parameter's gradient."""
+    ref, model = make_pair("ElectraForPreTraining")
+    fastelectra.patch(model, backend="fused")
+    ids, mask, types = padded_batch()
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    expected = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    # per layer: q, k, v, attention output, feed-forward up (with GELU) and down; the embedding projection;
+    # the discriminator head's two
+    assert kernels_on_this_device["linear"] == 6 * LAYERS + 3
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_same_gradients(model, out, ref, expected)
