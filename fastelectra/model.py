@@ -115,7 +115,9 @@ class Attention(nn.Module):
         self.output = SelfOutput(config, config.hidden_size)
 
     def forward(self, h, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
-        ctx = self.self(h, key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        # h feeds the QKV projection and the residual: passing on the alias the projection returns lets
+        # the two gradients of h meet inside its dx GEMM (see fastelectra.ops.linear)
+        ctx, h = self.self(h, key_padding_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_input=True)
         return self.output(ctx, h)
 
 
@@ -125,8 +127,8 @@ class Intermediate(nn.Module):
         self.dense = FusedLinear(config.hidden_size, config.intermediate_size, activation=config.hidden_act,
                                  backend=config.backend)
 
-    def forward(self, h):
-        return self.dense(h)                                                         # act(h Wᵀ + b)
+    def forward(self, h, return_input: bool = False):
+        return self.dense(h, return_input=return_input)                              # act(h Wᵀ + b)
 
 
 class Layer(nn.Module):
@@ -141,7 +143,8 @@ class Layer(nn.Module):
 
     def forward(self, h, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
         h = self.attention(h, key_padding_mask, cu_seqlens, max_seqlen)
-        return self.output(self.intermediate(h), h)
+        a, h = self.intermediate(h, return_input=True)          # h's alias for the residual, as in Attention
+        return self.output(a, h)
 
 
 class Encoder(nn.Module):

@@ -46,8 +46,11 @@ class FusedLinear(nn.Linear):
         new.activation, new.backend = activation, backend
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, activation=self.activation, backend=self.backend)
+    def forward(self, x: torch.Tensor, return_input: bool = False):
+        """act(x Wᵀ + b); with ``return_input``, (that, x') for an x that also feeds a residual connection
+        (see :func:`fastelectra.ops.linear`)."""
+        return ops.linear(x, self.weight, self.bias, activation=self.activation, return_input=return_input,
+                          backend=self.backend)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
@@ -109,7 +112,9 @@ class FusedSelfAttention(nn.Module):
         self.backend = backend
 
     def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, return_input: bool = False):
+        """context; with ``return_input``, (context, hidden_states') for hidden states that also feed the
+        block's residual connection (see :func:`fastelectra.ops.linear`)."""
         unpadded = cu_seqlens is not None
         if unpadded and (hidden_states.dim() != 2 or key_padding_mask is not None or max_seqlen is None):
             raise ValueError("with cu_seqlens, hidden_states must be (total, hidden), max_seqlen set and "
@@ -123,12 +128,15 @@ class FusedSelfAttention(nn.Module):
         # kernels (no transpose copies), whose backward returns the gradient of qkv as one tensor
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])          # (3·hidden, hidden)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = ops.linear(hidden_states, weight, bias, backend=self.backend)
+        qkv = ops.linear(hidden_states, weight, bias, return_input=return_input, backend=self.backend)
+        if return_input:
+            qkv, hidden_states = qkv
         qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))                          # (..., 3, H, D)
         dropout_p = self.dropout_p if self.training else 0.0
         ctx = ops.attention_qkvpacked(qkv, key_padding_mask, dropout_p=dropout_p, cu_seqlens=cu_seqlens,
                                       max_seqlen=max_seqlen, backend=self.backend)   # (B, T, H, D) or (total, H, D)
-        return ctx.flatten(-2)                                                                 # (..., hidden)
+        ctx = ctx.flatten(-2)                                                                  # (..., hidden)
+        return (ctx, hidden_states) if return_input else ctx
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, dropout_p={self.dropout_p}, backend={self.backend or 'auto'}"

@@ -91,9 +91,13 @@ def _kernel_outside_compile(t, backend, op: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- linear
-def linear(x, weight, bias=None, *, activation=None, backend=None):
+def linear(x, weight, bias=None, *, activation=None, return_input=False, backend=None):
     """y = x Wᵀ + b, as ``F.linear``: x (..., K), weight (N, K), bias (N,) or None → (..., N); with
     ``activation`` (a key of ACTIVATIONS: "gelu", "gelu_new", "relu", "silu") y = act(x Wᵀ + b).
+
+    ``return_input=True`` returns (y, x'), x' being x itself (a view), for an x that also feeds a
+    residual connection: give x' to that consumer, and on the fused path the gradient it sends back is
+    added to dx inside the dx GEMM instead of by a separate autograd addition.
 
     The fused path (CUDA tensors with a bias, called eagerly or inside a CUDA graph) is
     :func:`fastelectra.kernels.linear.fused_linear`: the same cuBLAS GEMMs, the bias gradient summed
@@ -116,9 +120,10 @@ def linear(x, weight, bias=None, *, activation=None, backend=None):
     if bias is not None and _kernel_outside_compile(x, backend, "linear"):
         from .kernels.linear import fused_linear
 
-        return fused_linear(x, weight, bias, activation)
+        return fused_linear(x, weight, bias, activation, return_input)
     y = F.linear(x, weight, bias)
-    return y if activation is None else ACTIVATIONS[activation](y)
+    y = y if activation is None else ACTIVATIONS[activation](y)
+    return (y, x) if return_input else y
 
 
 # ----------------------------------------------------------------------------- layer norm

@@ -18,22 +18,28 @@ forward (cuBLAS through ``F.linear``, with its fused bias epilogue) are torch's.
 With an activation, y = act(x Wᵀ + b) (ELECTRA's feed-forward up-projection and its discriminator
 head), the backward's elementwise part joins the first stage: given an ACTIVATION,
 ``_column_partial_sums_kernel`` reads the pre-activation h and dy once, writes dh = dy · act'(h) and
-sums dh over its rows in the same pass. Unfused, torch's activation backward writes dh and the bias sum reads it again: one (M, N) read
-less per layer here (at ELECTRA-Base, 16384 x 3072 bf16: 100 MB per layer) and one launch less.
-Activations: transformers' "gelu" (erf), "gelu_new" (tanh approximation), "relu" and "silu"; act'(h)
-is evaluated in fp32, as torch's backward kernels do.
+sums dh over its rows in the same pass. Unfused, torch's activation backward writes dh and the bias
+sum reads it again: one (M, N) read less per layer here (at ELECTRA-Base, 16384 x 3072 bf16: 100 MB
+per layer) and one launch less. Activations: transformers' "gelu" (erf), "gelu_new" (tanh
+approximation), "relu" and "silu"; act'(h) is evaluated in fp32, as torch's backward kernels do.
 
-Autocast. The fused path is a ``torch.autograd.Function``, which autocast does not see inside; the
-functional API casts x to the autocast dtype first, as autocast does for ``F.linear``, and hands W and
-b over in their own dtype (fp32 master weights, typically). The Function casts them for the forward
-GEMM and returns their gradients directly in their own dtype: the column sum writes db in fp32 from
-its fp32 accumulators, and on CUDA dW = dyᵀ x is one GEMM that accumulates and writes fp32 (aten's
-``mm.dtype``). Autocast instead rounds both to bf16 and casts them back, one extra elementwise launch
-per parameter: about 200 launches per ELECTRA step (the H100 profile's ``direct_copy_kernel`` rows:
-208 calls, 1.2 ms of the Base step). The gradients are also no longer rounded to bf16 on the way.
+Autocast. The fused path is a ``torch.autograd.Function``, which autocast does not see inside; x, W
+and b enter it in their own dtype (fp32 master weights, typically) and it casts them to the autocast
+dtype for the forward GEMM, as autocast does for ``F.linear``, returning each gradient in its input's
+dtype. For W and b that is direct: the column sum writes db in fp32 from its fp32 accumulators, and
+on CUDA dW = dyᵀ x is one GEMM that accumulates and writes fp32 (aten's ``mm.dtype``). Autocast
+instead rounds both to bf16 and casts them back, one extra elementwise launch per parameter: about
+200 launches per ELECTRA step (the H100 profile's ``direct_copy_kernel`` rows: 208 calls, 1.2 ms of
+the Base step). The gradients are also no longer rounded to bf16 on the way.
 
 torch.compile traces ``F.linear`` instead (see fastelectra.ops.linear): inductor generates its own
 fused reductions for the bias gradient, which a custom op would hide from it.
+
+Residual connections. A post-LN block feeds its input h both to a linear layer and to the residual of
+its LayerNorm tail, so autograd adds the two gradients of h with one more elementwise pass (read two
+(M, K) tensors, write one: 75 MB per fork at ELECTRA-Base, 48 forks per step). With ``return_input``
+the linear layer also returns h itself; given to the tail as its residual, its gradient arrives in this
+Function's backward and is added by the dx GEMM's epilogue (``addmm``), which reads it once.
 
 Limits: any (M, K) × (N, K) with N ≥ 1; dy rows are made contiguous for the column sum.
 
@@ -201,47 +207,58 @@ def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.
 
 # ----------------------------------------------------------------------------- autograd
 class _LinearFn(torch.autograd.Function):
-    """y = act(x Wᵀ + b) (act optional) on rows x (M, K) in x's dtype; W and b are cast to it here
-    (autocast) and get their gradients in their own dtype. The backward's bias gradient is
-    :func:`column_sums`, or comes out of :func:`activation_backward`'s pass with an activation."""
+    """y = act(x Wᵀ + b) (act optional) on rows x (M, K), computed in ``dtype``: x, W and b are cast to it
+    here (autocast) and all three get their gradients in their own dtype. The backward's bias gradient
+    is :func:`column_sums`, or comes out of :func:`activation_backward`'s pass with an activation.
+    With ``return_input`` the outputs are (y, x itself as a view): the gradient arriving through that
+    view (a residual connection's) is added to dx by the dx GEMM (addmm, beta = 1)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        w, b = weight.to(x.dtype), bias.to(x.dtype)
-        h = F.linear(x, w, b)                                                        # (M, N)
-        ctx.param_dtypes = weight.dtype, bias.dtype
+    def forward(ctx, x, weight, bias, dtype, activation, return_input):
+        xc, w, b = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        h = F.linear(xc, w, b)                                                       # (M, N)
+        ctx.dtypes = x.dtype, weight.dtype, bias.dtype
         ctx.activation = activation
-        if activation is None:
-            ctx.save_for_backward(x, w)
-            return h
-        ctx.save_for_backward(x, w, h)
-        return ACTIVATIONS[activation](h)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(xc, w, *(() if activation is None else (h,)))
+        y = h if activation is None else ACTIVATIONS[activation](h)
+        return (y, x.view_as(x)) if return_input else y
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w, *h = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.param_dtypes
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
+    def backward(ctx, dy, dres=None):
+        xc, w, *h = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if dy is None:                                        # only the returned input was used
+            return dres, None, None, None, None, None
         if ctx.activation is None:
             dh = dy.contiguous()
             db = column_sums(dh, b_dtype) if need_b else None                         # (N,)
         else:
             dh, db = activation_backward(dy, h[0], ctx.activation, b_dtype if need_b else None)
-        dx = dh @ w if need_x else None                                               # (M, K)
-        dw = _matmul_into(dh.t(), x, w_dtype) if need_w else None                     # (N, K)
-        return dx, dw, db, None
+        dx = None
+        if need_x:
+            if dres is not None and dres.dtype == dh.dtype == x_dtype:
+                dx = torch.addmm(dres, dh, w)                 # + the residual's gradient, in the epilogue
+            else:
+                dx = (dh @ w).to(x_dtype)                                             # (M, K)
+                dx = dx if dres is None else dx + dres
+        dw = _matmul_into(dh.t(), xc, w_dtype) if need_w else None                    # (N, K)
+        return dx, dw, db, None, None, None
 
 
 # ----------------------------------------------------------------------------- functional API
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 activation: Optional[str] = None) -> torch.Tensor:
+                 activation: Optional[str] = None, return_input: bool = False):
     """y = x Wᵀ + b, as ``F.linear``, with the bias gradient reduced by :func:`column_sums`; with
     ``activation`` ("gelu", "gelu_new", "relu" or "silu") y = act(x Wᵀ + b), its backward fused with the bias sum.
 
     x: (..., K); weight: (N, K); bias: (N,). Under autocast the GEMMs run in the autocast dtype (as
-    autocast does for F.linear) and the weight and bias gradients come back in the parameters' own
-    dtype without a bf16 round trip; otherwise all three must share one dtype. Returns (..., N) in
-    that dtype; differentiable in x, weight and bias."""
+    autocast does for F.linear) and x, weight and bias get their gradients in their own dtype (the
+    parameters' without a bf16 round trip); otherwise all three must share one dtype. Returns (..., N)
+    in that dtype; differentiable in x, weight and bias. With ``return_input`` it returns (y, x') where
+    x' is x itself (a view): pass x' on to the other consumer of x (a residual connection) and the
+    gradient it receives is added to dx inside the dx GEMM, not by autograd's separate addition."""
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor, got "
@@ -256,9 +273,13 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
     if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))   # W and b are cast inside (see the header)
+        dtype = torch.get_autocast_dtype(x.device.type)     # x, W and b are cast inside (see the header)
     elif not x.dtype == weight.dtype == bias.dtype:
         raise TypeError(f"x, weight and bias must share one dtype outside autocast, got {x.dtype}, "
                         f"{weight.dtype}, {bias.dtype}")
-    y = _LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, activation)     # (M, N)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    else:
+        dtype = x.dtype
+    out = _LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, dtype, activation, return_input)
+    if return_input:
+        return out[0].view(*x.shape[:-1], weight.shape[0]), out[1].view(x.shape)
+    return out.view(*x.shape[:-1], weight.shape[0])                                 # (..., N)

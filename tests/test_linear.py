@@ -181,22 +181,54 @@ def test_fused_linear_under_autocast_casts_like_f_linear():
         torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
-def test_fused_linear_under_autocast_returns_parameter_gradients_without_casts():
-    """fp32 weight and bias go into the Function itself (cast inside), so autograd runs no cast node
+def test_fused_linear_under_autocast_returns_gradients_without_casts():
+    """fp32 x, weight and bias go into the Function itself (cast inside), so autograd runs no cast node
     for them: their gradients arrive in fp32 from the backward, not as bf16 cast back by a
     ToCopyBackward (one extra launch per parameter per step)."""
-    x, w, b = randn(2, 9, 24, seed=1), randn(40, 24, seed=2).requires_grad_(), randn(40, seed=3).requires_grad_()
+    x, w, b = randn(9, 24, seed=1).requires_grad_(), randn(40, 24, seed=2).requires_grad_(), randn(40, seed=3)
+    b.requires_grad_()
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        y = fused_linear(x.requires_grad_(), w, b)
+        y = fused_linear(x, w, b)
     node = y.grad_fn
     while "LinearFn" not in node.name():                                   # past the output view
         node = node.next_functions[0][0]
-    inputs = [fn.name() if fn is not None else None for fn, _ in node.next_functions]
+    inputs = [fn.name() if fn is not None else None for fn, _ in node.next_functions[:3]]
     assert inputs[1:] == ["torch::autograd::AccumulateGrad"] * 2, inputs   # W and b: no cast between
-    x_node = node.next_functions[0][0]                                      # x is cast, as autocast does
-    while x_node.next_functions and "ToCopy" not in x_node.name():
-        x_node = x_node.next_functions[0][0]
-    assert "ToCopyBackward" in x_node.name()
+    x_node = node.next_functions[0][0]                                      # x: at most its reshape view
+    assert "ToCopy" not in x_node.name() and all("ToCopy" not in fn.name() for fn, _ in x_node.next_functions if fn)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_returned_input_carries_the_residual_gradient_into_dx(x_dtype, autocast):
+    """return_input gives x back as a view; the gradient through it (a residual connection's) is added to
+    dx by the dx GEMM (or after it when dtypes differ): dx equals autograd's sum of both paths."""
+    if x_dtype == torch.bfloat16 and not autocast:
+        pytest.skip("outside autocast x, W and b share one dtype; covered by the fp32 case")
+    x0 = randn(2, 5, 24, seed=1).to(x_dtype)
+    w, b, dy, dr = randn(40, 24, seed=2) * 0.2, randn(40, seed=3), randn(2, 5, 40, seed=4), randn(2, 5, 24, seed=5)
+
+    def run(fused):
+        x, ww, bb = (t.detach().clone().requires_grad_() for t in (x0, w, b))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                y, res = fused_linear(x, ww, bb, "gelu", return_input=True)
+                assert res.shape == x.shape and res.dtype == x.dtype and res.data_ptr() == x.data_ptr()
+            else:
+                y, res = reference_linear("gelu")(x, ww, bb), x
+            out = (y.float() * dy).sum() + (res.float() * dr).sum()
+        out.backward()
+        return x.grad, ww.grad, bb.grad
+
+    for name, g, r in zip(("dx", "dw", "db"), run(True), run(False)):
+        assert g.dtype == r.dtype, name
+        tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g.float(), r.float(), **tol, msg=name)
+    # only the returned input used, or only y: both still give x its gradient
+    x = x0.detach().clone().requires_grad_()
+    y, res = fused_linear(x, w.to(x_dtype), b.to(x_dtype), return_input=True)
+    (res.float() * dr).sum().backward()
+    torch.testing.assert_close(x.grad.float(), dr.to(x_dtype).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -55,6 +55,10 @@ def test_fused_self_attention_matches_the_hf_computation():
     additive = torch.zeros(2, 1, 1, 11).masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
     ref = hf(x, attention_mask=additive)[0]
     torch.testing.assert_close(ours(x, mask), ref, atol=1e-6, rtol=1e-5)
+    # return_input: the same context, and the input itself for the block's residual connection
+    ctx, same = ours(x, mask, return_input=True)
+    torch.testing.assert_close(ctx, ref, atol=1e-6, rtol=1e-5)
+    assert same.shape == x.shape and same.data_ptr() == x.data_ptr()
 
 
 def test_fused_self_attention_uses_dropout_only_in_training(monkeypatch):
