@@ -349,3 +349,28 @@ def test_gpu_weight_gradient_is_one_fp32_gemm_under_autocast():
     exact = dy.double().t() @ x16.double()
     autocast_dw = (dy.t() @ x16).float()
     assert (w.grad.double() - exact).abs().max() <= (autocast_dw.double() - exact).abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_feed_forward_with_residual_alias_matches_torch():
+    """ELECTRA-Base's FFN up-projection on CUDA under bf16 autocast: GELU fused into the bias sum, fp32
+    parameter gradients from mm.dtype and the residual's gradient added by addmm, against nn.Linear +
+    F.gelu + autograd's addition (to bf16 tolerance: torch rounds its gradients to bf16 on the way)."""
+    torch.manual_seed(0)
+    lin = FusedLinear(768, 3072, activation="gelu", backend="fused").cuda()
+    ref = torch.nn.Linear(768, 3072).cuda()
+    ref.load_state_dict(lin.state_dict())
+    h0 = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(8, 512, 3072, device="cuda", dtype=torch.bfloat16)
+    dres = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for fused in (True, False):
+        h = h0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, res = lin(h, return_input=True) if fused else (F.gelu(ref(h)), h)
+        torch.autograd.backward([y, res], [dy, dres])
+        m = lin if fused else ref
+        grads.append([h.grad, m.weight.grad, m.bias.grad])
+    for name, g, r in zip(("dx", "dw", "db"), *grads):
+        assert g.dtype == r.dtype, name
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2 * r.abs().max().item(), msg=name)
