@@ -27,8 +27,7 @@ class FusedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  activation: str | None = None, backend: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if activation is not None and activation not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be None or one of {sorted(ops.ACTIVATIONS)}, got {activation!r}")
+        ops._check_activation(activation)
         self.activation = activation
         self.backend = backend
 
@@ -36,8 +35,7 @@ class FusedLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, activation: str | None = None,
                     backend: str | None = None) -> "FusedLinear":
         """A FusedLinear sharing ``linear``'s parameters (no copy)."""
-        if activation is not None and activation not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be None or one of {sorted(ops.ACTIVATIONS)}, got {activation!r}")
+        ops._check_activation(activation)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features

@@ -58,6 +58,11 @@ def _check_same_device(**tensors: torch.Tensor | None) -> None:
                              "all tensors must be on one device")
 
 
+def _check_activation(activation) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
 def _check_dropout_p(dropout_p: float) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -111,8 +116,7 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
     _check_float("weight", weight)
     if bias is not None:
         _check_float("bias", bias)
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check_activation(activation)
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x (..., K) and weight (N, K) must agree in K, got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")

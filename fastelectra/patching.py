@@ -258,7 +258,8 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
     if (isinstance(model, (nn.LayerNorm, nn.Linear))
             or _is_transformers(model, ATTENTION_CLASSES | TAIL_CLASSES | INTERMEDIATE_CLASSES)):
         raise ValueError(f"model is itself a {_class_name(model)}, which cannot be replaced in place; patch the "
-                         "module that holds it (or use fastelectra.nn.FusedLayerNorm.from_layer_norm / FusedLinear.from_linear)")
+                         "module that holds it (or use fastelectra.nn.FusedLayerNorm.from_layer_norm / "
+                         "FusedLinear.from_linear)")
     report = PatchReport()
     new_for: dict[int, nn.Module] = {}     # id(old) -> new, so a module shared by two parents stays shared
 

@@ -365,22 +365,22 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], we
     programs = max(1, triton.cdiv(m, rows_per_program))
     # fp32 partial sums of dW and dB, one row per program each, in one buffer that one launch of
     # _sum_partials finishes (dw and db themselves are separate: custom-op outputs may not alias)
-    params = [t for t in (weight, bias) if t is not None]
-    alloc = torch.empty if m > 0 else torch.zeros        # every program writes its rows when m > 0
-    part = alloc(len(params), programs, n, dtype=torch.float32, device=x.device)
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    sums = [d for d, t in ((dw, weight), (db, bias)) if t is not None]
+    alloc = torch.empty if m > 0 else torch.zeros        # every program writes its rows when m > 0
+    part = alloc(len(sums), programs, n, dtype=torch.float32, device=x.device)
     with _on_device(x):
         if m > 0:
             _layer_norm_bwd_kernel[(programs,)](
                 dy, x, x if residual is None else residual, x if weight is None else weight, mean, rstd,
-                dx, dx if not store_dres else dres, part[0] if params else x, part[-1] if params else x,
+                dx, dx if not store_dres else dres, part[0] if sums else x, part[-1] if sums else x,
                 m, n, rows_per_program, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
                 HAS_RESIDUAL=residual is not None, STORE_DRES=store_dres, HAS_DROPOUT=dropout_p > 0.0,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        if params:
-            _sum_partials(part, *[d for d, t in ((dw, weight), (db, bias)) if t is not None])
+        if sums:
+            _sum_partials(part, *sums)
     return dx, dres, dw, db
 
 

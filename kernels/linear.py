@@ -53,13 +53,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..ops import ACTIVATIONS
+from ..ops import ACTIVATIONS, _check_activation
 from .layernorm import _on_device, _sm_count, _sum_partials
 
 __all__ = ["column_sums", "fused_linear", "activation_backward"]
 
 # transformers' activation name -> the kernels' ACTIVATION code (the forward is ops.ACTIVATIONS[name])
 ACTIVATION_CODES = {"gelu": 1, "gelu_new": 2, "relu": 3, "silu": 4}
+assert ACTIVATION_CODES.keys() == ACTIVATIONS.keys(), "every reference activation needs its kernel code"
 
 TILE = 4096             # elements per loop step of a stage-1 program (32 fp32 sums per thread at 4 warps)
 MAX_BLOCK_N = 256       # columns per program: 512 contiguous bytes per bf16 row segment
@@ -67,6 +68,7 @@ MIN_BLOCK_N = 16
 PROGRAMS_PER_SM = 8     # stage-1 programs in flight per SM: 8 x 8 KB of bf16 loads per loop step
 ACT_TILE = 2048         # activation backward: two inputs and one output per element, so half the tile
 NUM_WARPS = 4
+HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")   # aten mm.dtype: a GEMM writing another dtype than its inputs'
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -190,17 +192,12 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     return dh, db
 
 
-def _has_mm_out_dtype() -> bool:
-    """Whether this torch has aten ``mm.dtype`` (a GEMM writing another dtype than its inputs')."""
-    return hasattr(torch.ops.aten.mm, "dtype")
-
-
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b (2-D) returned in ``dtype``. For fp16/bf16 inputs and an fp32 result on CUDA this is one
     GEMM that accumulates and writes fp32; elsewhere the GEMM runs in the inputs' dtype and is cast."""
     if dtype == a.dtype:
         return a @ b
-    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16) and _has_mm_out_dtype():
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16) and HAS_MM_OUT_DTYPE:
         return torch.ops.aten.mm.dtype(a, b, dtype)
     return (a @ b).to(dtype)
 
@@ -268,8 +265,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x (..., K) and weight (N, K) must agree in K, got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")
-    if activation is not None and activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+    _check_activation(activation)
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
     if torch.is_autocast_enabled(x.device.type):

@@ -195,7 +195,8 @@ def test_patch_flags_and_repeated_calls():
         "LayerNorm -> FusedLayerNorm", "ElectraSelfOutput -> FusedPostLNOutput", "ElectraOutput -> FusedPostLNOutput"}
     assert set(fastelectra.patch(model, layer_norm=False, linear=False).counts()) == {
         "ElectraSelfAttention -> PatchedSelfAttention"}
-    assert set(fastelectra.patch(model).counts()) == {"Linear -> FusedLinear", "ElectraIntermediate -> FusedIntermediate"}
+    assert set(fastelectra.patch(model).counts()) == {"Linear -> FusedLinear",
+                                                      "ElectraIntermediate -> FusedIntermediate"}
     assert fastelectra.patch(model).replaced == []
     with pytest.raises(ValueError, match="itself a LayerNorm"):
         fastelectra.patch(nn.LayerNorm(8))
