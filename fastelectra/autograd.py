@@ -23,8 +23,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def eager_function(name: str, forward: Callable, backward: Callable, setup_context: Callable) -> Callable:
     """``apply`` of a ``torch.autograd.Function`` named ``name``: ``forward(*inputs)`` returns the outputs,
     ``setup_context(ctx, inputs, output)`` saves what the backward needs, ``backward(ctx, *grads)``
-    returns one gradient (or None) per input: the contract of ``custom_op.register_autograd``."""
+    returns one gradient (or None) per input: the contract of ``custom_op.register_autograd``.
+
+    Outputs marked non-differentiable (a layer norm's mean and rstd, attention's lse) reach ``backward``
+    as None, not as zero tensors that autograd would otherwise allocate and fill on every backward
+    (two memsets per layer norm, one per attention): ``backward`` must ignore their gradients."""
     def run(ctx, *inputs):   # forward(ctx, ...) style: apply() then skips binding the inputs to a signature
+        ctx.set_materialize_grads(False)
         output = forward(*inputs)
         setup_context(ctx, inputs, output)
         return output

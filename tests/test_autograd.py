@@ -77,3 +77,39 @@ def test_only_plain_tensors_outside_tracing_take_the_eager_path():
 
     torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
     assert seen and not any(seen)
+
+
+class _Fills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensors the dispatcher creates filled with zeros (how autograd materializes a missing
+    gradient) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "attention", "attention_qkvpacked"])
+def test_eager_backward_allocates_no_zero_gradient_for_the_statistics(op):
+    # mean/rstd (layer norm) and lse (attention) are outputs nobody differentiates: autograd must not
+    # allocate and fill a zero gradient for them on every backward
+    torch.manual_seed(0)
+    if op == "layer_norm":
+        leaves = [torch.randn(6, 40, device=DEVICE, requires_grad=True) for _ in range(2)]
+        w = torch.ones(40, device=DEVICE, requires_grad=True)
+        out = ln.fused_layer_norm(leaves[0], w, None, residual=leaves[1], dropout_p=0.1, seed=1)
+    elif op == "attention":
+        leaves = [torch.randn(2, 9, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3)]
+        out = attn.flash_attention(*leaves, dropout_p=0.1, seed=1)
+    else:
+        leaves = [torch.randn(2, 9, 3, 2, 16, device=DEVICE, requires_grad=True)]
+        out = attn.flash_attention_qkvpacked(leaves[0], dropout_p=0.1, seed=1)
+    dy = torch.randn_like(out)
+    with _Fills() as fills:
+        grads = torch.autograd.grad(out, leaves, dy)
+    assert fills.count == 0
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
