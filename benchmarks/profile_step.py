@@ -41,6 +41,14 @@ def family(name: str) -> str:
     return next((fam for fam, pat in FAMILIES if re.search(pat, low)), "other")
 
 
+def kernel_events(events) -> list:
+    """The CUDA kernel rows of ``prof.key_averages()``. A ``record_function`` range (torch's own
+    "Optimizer.step#AdamW.step", for one) is reported on the CPU and again as a device-side span
+    covering its kernels, which are rows of their own: counting the span too would count them twice."""
+    annotations = {e.key for e in events if getattr(e, "is_user_annotation", False)}
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in annotations]
+
+
 def profile(preset: str, backend: str, steps: int, device, graph: bool = False) -> dict:
     """One profiled configuration: wall and GPU-busy ms per step, ms per kernel family, top kernels."""
     cfg = ElectraConfig.preset(preset)
@@ -60,7 +68,7 @@ def profile(preset: str, backend: str, steps: int, device, graph: bool = False) 
         end.record()
         torch.cuda.synchronize()
     wall = start.elapsed_time(end) / steps
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = kernel_events(prof.key_averages())
     def dev_us(e):   # total device microseconds of one event group, across torch versions
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 

@@ -91,3 +91,22 @@ def test_add_speedups_compares_only_timed_rows_of_the_same_case():
     add_speedups(rows, lambda r: r["case"], lambda r: r["contender"] == "ours", lambda r: r["contender"] == "a")
     assert rows[0]["speedup"] == {"a": 2.0}
     assert all("speedup" not in r for r in rows[1:])
+
+
+def test_profile_counts_kernels_not_the_device_spans_of_annotations():
+    from types import SimpleNamespace
+
+    from benchmarks.profile_step import kernel_events
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [SimpleNamespace(key="Optimizer.step#AdamW.step", device_type=cpu, is_user_annotation=True),
+              SimpleNamespace(key="Optimizer.step#AdamW.step", device_type=cuda, is_user_annotation=False),
+              SimpleNamespace(key="multi_tensor_apply_kernel", device_type=cuda, is_user_annotation=False),
+              SimpleNamespace(key="aten::add", device_type=cpu, is_user_annotation=False),
+              SimpleNamespace(key="_attn_fwd_kernel", device_type=cuda)]
+    assert [e.key for e in kernel_events(events)] == ["multi_tensor_apply_kernel", "_attn_fwd_kernel"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("step"):
+            torch.ones(3).add_(1)
+    assert any(e.key == "step" for e in prof.key_averages() if getattr(e, "is_user_annotation", False)), \
+        "torch no longer flags record_function ranges: kernel_events would count their device spans"
