@@ -29,7 +29,7 @@ import torch
 
 from fastelectra.config import ElectraConfig
 from fastelectra.model import ElectraPretrainingModel
-from fastelectra.pretrain import decays
+from fastelectra.pretrain import clip_and_step, decays
 
 from .common import cuda_events_ms, env_info, markdown_table, pyplot, write_results
 
@@ -124,8 +124,7 @@ def training_step(model, loss_fn, ids, mask, dtype, graph: bool = False):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graph):
             loss = loss_fn(ids, mask)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        clip_and_step(opt, model.parameters(), 1.0)
         if zero_grad:
             opt.zero_grad(set_to_none=True)
         return loss.detach()

@@ -39,7 +39,7 @@ from . import backend as _backend
 from .config import ElectraConfig
 from .data import FastElectraError, load_tokenizer, save_tokenizer_files
 from .model import ElectraForSequenceClassification
-from .pretrain import decays, lr_lambda
+from .pretrain import clip_and_step, decays, lr_lambda
 
 __all__ = ["Examples", "read_examples", "read_config", "load_classifier_tokenizer", "resolve_checkpoint",
            "layerwise_param_groups", "make_batches", "evaluate", "finetune", "add_cli_arguments", "run_cli"]
@@ -379,8 +379,7 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            clip_and_step(opt, model.parameters(), 1.0)
             sched.step()
             loss_sum += loss.item() * len(y)
         logits = predict_logits(model, make_batches(dev_enc, None, batch_size, pad_id), device)

@@ -97,6 +97,34 @@ def test_lr_schedule_and_weight_decay_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("grad_scale", [1e-3, 30.0])   # clip inactive / active
+def test_clip_and_step_equals_clip_grad_norm_then_step(fused, grad_scale):
+    # eps = 0.1 makes Adam's update depend on the gradients' scale, so a missing clip shows (third model)
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.GELU(), torch.nn.Linear(7, 3)) for _ in range(3)]
+    for m in models:
+        m.load_state_dict(models[0].state_dict())
+        m[2].bias.requires_grad_(False)                  # a parameter without a gradient is left alone
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, eps=0.1, fused=fused)
+            for m in models]
+    for _ in range(3):
+        x = torch.randn(5, 13)
+        for m in models:
+            (m(x).square().sum() * grad_scale).backward()
+        norm = pt.clip_and_step(opts[0], models[0].parameters(), 1.0)
+        expected = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 1.0)
+        opts[1].step()
+        opts[2].step()                                   # not clipped
+        torch.testing.assert_close(norm, expected)
+        assert not hasattr(opts[0], "grad_scale")       # no factor left over for a later plain step()
+        for o in opts:
+            o.zero_grad()
+    for a, b, c in zip(models[0].parameters(), models[1].parameters(), models[2].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, c) == (grad_scale < 1 or not a.requires_grad)
+
+
 def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     pt.save_checkpoint({"step": 1}, path)
