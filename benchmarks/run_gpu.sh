@@ -9,6 +9,8 @@
 #   STAGES="build tests" bash benchmarks/run_gpu.sh   # one stage set per call where calls are time-limited
 #   STAGES=bench BENCHES="bench_attention bench_pretrain" bash benchmarks/run_gpu.sh
 #   STAGES=conv bash benchmarks/run_gpu.sh
+#   STAGES="build quick" bash benchmarks/run_gpu.sh   # the two figures the open targets hinge on, in minutes:
+#                         the graphed training step (Small, Base) and attention with mask + dropout
 # Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF (caps in s; T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
@@ -44,7 +46,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
   [ $? -eq 0 ] || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$RES/gpu_tests.log" | tail -40 | tee "$RES/gpu_tests.txt"
 fi
-if [[ " $STAGES " == *" bench "* || " $STAGES " == *" conv "* || " $STAGES " == *" prof "* ]]; then
+if [[ " $STAGES " == *" bench "* || " $STAGES " == *" conv "* || " $STAGES " == *" prof "* || " $STAGES " == *" quick "* ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
@@ -56,6 +58,15 @@ if [[ " $STAGES " == *" bench "* ]]; then
       || { echo "$b failed (see $b.log)"; status=1; }
     tail -12 "$RES/$b.log"
   done
+fi
+if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is short (no peers but the key ones)
+  timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_pretrain --presets small base --padding full --no-compile \
+    --contenders fastelectra-fused+graph fastelectra-fused fastelectra-eager+graph hf-sdpa \
+    --out "$RES/pretrain_quick_${slug}_${date}.json" >"$RES/quick_pretrain.log" 2>&1 || { echo "quick pretrain failed"; status=1; }
+  tail -8 "$RES/quick_pretrain.log"
+  timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_attention --shapes 32,12,512,64 --cases plain mask-full+dropout \
+    --out "$RES/attention_quick_${slug}_${date}.json" >"$RES/quick_attention.log" 2>&1 || { echo "quick attention failed"; status=1; }
+  tail -16 "$RES/quick_attention.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
   timeout -s INT -k 20 "${T_PROF:-$T_BENCH}" $PY -m benchmarks.profile_step ${ARGS_profile_step:-} --out "$RES/profile_${slug}_${date}.json" \
