@@ -7,7 +7,8 @@ One optimizer step (global batch B = world · grad_accum · micro-batch):
                                                     the same whatever the (world, grad_accum) split
         loss_j = model(ids, mask).loss / grad_accum  bf16 autocast on CUDA, fp32 on CPU
         loss_j.backward()                           DDP all-reduces (averages) on the last micro-batch
-    clip grad norm to 1.0; AdamW step (fused on CUDA, the clip inside it); LambdaLR: linear warmup, then linear decay to 0
+    clip grad norm to 1.0; AdamW step (fused on CUDA, the clip inside it)
+    LambdaLR: linear warmup, then linear decay to 0
 
 Rank 0 alone writes: metrics.jsonl (one JSON line per log step), checkpoint.pt (atomically: temp file
 in the same folder, fsync, os.replace), the HF exports out/discriminator and out/generator (with the
