@@ -158,7 +158,7 @@ def check_targets(results):
 
 # Launch shapes to try with --sweep: kernels/layernorm.py's module constants (read at each launch)
 SWEEP = {
-    "FWD_TILE": (2048, 4096, 8192),
+    "FWD_TILE": (1024, 2048, 4096, 8192),   # 1024: one row per program up to N = 1024
     "FWD_ELEMS_PER_THREAD": (8, 16, 32),
     "BWD_TILE": (1024, 2048, 4096),
     "BWD_WARPS_PER_SM": (16, 32, 64),

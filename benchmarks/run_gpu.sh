@@ -9,8 +9,9 @@
 #   STAGES="build tests" bash benchmarks/run_gpu.sh   # one stage set per call where calls are time-limited
 #   STAGES=bench BENCHES="bench_attention bench_pretrain" bash benchmarks/run_gpu.sh
 #   STAGES=conv bash benchmarks/run_gpu.sh
-#   STAGES="build quick" bash benchmarks/run_gpu.sh   # the two figures the open targets hinge on, in minutes:
-#                         the graphed training step (Small, Base) and attention with mask + dropout
+#   STAGES="build quick" bash benchmarks/run_gpu.sh   # the figures the open targets hinge on, in minutes: the
+#                         graphed training step (Small, Base), attention with mask + dropout, and the
+#                         layer-norm launch-shape sweep at N = 768
 # Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF (caps in s; T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
@@ -67,6 +68,9 @@ if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is
   timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_attention --shapes 32,12,512,64 --cases plain mask-full+dropout \
     --out "$RES/attention_quick_${slug}_${date}.json" >"$RES/quick_attention.log" 2>&1 || { echo "quick attention failed"; status=1; }
   tail -16 "$RES/quick_attention.log"
+  timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_layernorm --sweep --hidden 768 \
+    --out "$RES/layernorm_sweep_${slug}_${date}.json" >"$RES/quick_layernorm_sweep.log" 2>&1 || { echo "quick sweep failed"; status=1; }
+  tail -16 "$RES/quick_layernorm_sweep.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
   timeout -s INT -k 20 "${T_PROF:-$T_BENCH}" $PY -m benchmarks.profile_step ${ARGS_profile_step:-} --out "$RES/profile_${slug}_${date}.json" \
