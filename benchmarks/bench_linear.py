@@ -82,6 +82,10 @@ def run_layers(rows, layers):
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                     y = fn(x)
                 y.backward(dy)
+                # fresh gradients every call: accumulating into them would time an extra read-add-write
+                x.grad = None
+                ref.zero_grad(set_to_none=True)
+                fused.zero_grad(set_to_none=True)
             row = dict(case="layer", m=rows, k=k, n=n, activation=act or "-", contender=name)
             try:
                 step()
@@ -115,13 +119,13 @@ def main(argv=None):
     if args.rows < 1 or min(args.widths) < 1:
         parser.error("--rows and --widths must be positive")
     require_cuda("bench_linear")
-    results = run_colsum(args.rows, args.widths)
-    if not args.no_layers:
-        results += run_layers(args.rows, LAYERS)
+    colsum_rows = run_colsum(args.rows, args.widths)
+    layer_rows = [] if args.no_layers else run_layers(args.rows, LAYERS)
+    results = colsum_rows + layer_rows
     add_ratios(results)
-    colsum = rate_table([r for r in results if r["case"] == "colsum"],
-                        ["m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"], "gbps", "GB/s")
-    layers = rate_table([r for r in results if r["case"] == "layer"],
+    colsum = rate_table(colsum_rows, ["m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"],
+                        "gbps", "GB/s")
+    layers = rate_table(layer_rows,
                         ["m", "k", "n", "activation", "contender", "ms", "TFLOP/s", "vs_torch", "ms_call"], "tflops",
                         "TFLOP/s")
     payload = {"benchmark": "linear",
