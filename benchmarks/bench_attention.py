@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .common import TIMING, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
+from .common import TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
 
 SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
 CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")
@@ -127,19 +126,14 @@ def run(shapes, cases, dtype, modes):
 
 
 def add_ratios(rows):
-    """Each fastelectra row gets fastelectra TFLOP/s / peer TFLOP/s for every timed peer."""
-    def key(r):
-        return r["batch"], r["nheads"], r["seqlen"], r["head_dim"], r["case"], r["mode"]
-
-    peers = {}
+    """Each fastelectra row gets fastelectra TFLOP/s / peer TFLOP/s for every timed peer (= peer ms /
+    its ms: one case has one FLOP count) and the ratio to the best of them."""
+    add_speedups(rows, lambda r: (r["batch"], r["nheads"], r["seqlen"], r["head_dim"], r["case"], r["mode"]),
+                 lambda r: r["contender"].startswith("fastelectra"))
     for r in rows:
-        if "tflops" in r and not r["contender"].startswith("fastelectra"):
-            peers.setdefault(key(r), {})[r["contender"]] = r["tflops"]
-    for r in rows:
-        if r["contender"].startswith("fastelectra") and "tflops" in r:
-            r["ratios"] = {peer: r["tflops"] / t for peer, t in peers.get(key(r), {}).items()}
-            best = max(peers.get(key(r), {}).values(), default=math.nan)
-            r["vs_best_peer"] = r["tflops"] / best if best == best else None
+        if "speedup" in r:
+            r["ratios"] = r.pop("speedup")
+            r["vs_best_peer"] = min(r["ratios"].values(), default=None)
 
 
 def main(argv=None):

@@ -29,6 +29,14 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 date=$(date -u +%Y%m%d)
 status=0
 
+# run_module LOG CAP MODULE [ARGS...]: python -m MODULE ARGS, at most CAP seconds, output in $RES/LOG.log;
+# a failure is reported and remembered in the exit status, and the script goes on
+run_module() {
+  local log=$1 cap=$2
+  shift 2
+  timeout -s INT -k 20 "$cap" $PY -m "$@" >"$RES/$log.log" 2>&1 || { echo "$log failed (see $log.log)"; status=1; }
+}
+
 # fastelectra.kernels and fastelectra.benchmarks exist only in an installed package (package-dir
 # mappings in pyproject.toml); an editable install without the extension build takes seconds
 if ! $PY -c "import fastelectra.kernels, fastelectra.benchmarks" 2>/dev/null; then
@@ -42,12 +50,12 @@ if [[ " $STAGES " == *" build "* ]]; then
   $PY -m fastelectra info | tee -a "$RES/gpu.txt"
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
-  timeout -s INT -k 20 "$T_TESTS" $PY -m pytest -q -m gpu -p no:cacheprovider -rfEs $($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=240) \
-    --durations=15 --junitxml="$RES/gpu_tests.xml" ${PYTEST_ARGS:-} >"$RES/gpu_tests.log" 2>&1
-  [ $? -eq 0 ] || status=1
+  run_module gpu_tests "$T_TESTS" pytest -q -m gpu -p no:cacheprovider -rfEs \
+    $($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=240) --durations=15 --junitxml="$RES/gpu_tests.xml" \
+    ${PYTEST_ARGS:-}
   grep -E "^(FAILED|ERROR)|passed|failed" "$RES/gpu_tests.log" | tail -40 | tee "$RES/gpu_tests.txt"
 fi
-if [[ " $STAGES " == *" bench "* || " $STAGES " == *" conv "* || " $STAGES " == *" prof "* || " $STAGES " == *" quick "* ]]; then
+if [[ " $STAGES " =~ " "(bench|quick|prof|conv)" " ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
@@ -55,31 +63,29 @@ if [[ " $STAGES " == *" bench "* ]]; then
   for b in ${BENCHES:-bench_layernorm bench_linear bench_attention bench_replace bench_pretrain}; do
     args_var=ARGS_$b   # extra arguments of one benchmark, e.g. ARGS_bench_pretrain="--presets small"
     cap_var=T_$b                   # a cap for one benchmark, e.g. T_bench_pretrain=300 (else T_BENCH)
-    timeout -s INT -k 20 "${!cap_var:-$T_BENCH}" $PY -m benchmarks.$b ${!args_var:-} --out "$RES/${b#bench_}_${slug}_${date}.json" >"$RES/$b.log" 2>&1 \
-      || { echo "$b failed (see $b.log)"; status=1; }
+    run_module "$b" "${!cap_var:-$T_BENCH}" benchmarks.$b ${!args_var:-} --out "$RES/${b#bench_}_${slug}_${date}.json"
     tail -12 "$RES/$b.log"
   done
 fi
 if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is short (no peers but the key ones)
-  timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_pretrain --presets small base --padding full --no-compile \
+  run_module quick_pretrain "${T_QUICK:-300}" benchmarks.bench_pretrain --presets small base --padding full --no-compile \
     --contenders fastelectra-fused+graph fastelectra-fused fastelectra-eager+graph hf-sdpa \
-    --out "$RES/pretrain_quick_${slug}_${date}.json" >"$RES/quick_pretrain.log" 2>&1 || { echo "quick pretrain failed"; status=1; }
+    --out "$RES/pretrain_quick_${slug}_${date}.json"
   tail -8 "$RES/quick_pretrain.log"
-  timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_attention --shapes 32,12,512,64 --cases plain mask-full+dropout \
-    --out "$RES/attention_quick_${slug}_${date}.json" >"$RES/quick_attention.log" 2>&1 || { echo "quick attention failed"; status=1; }
+  run_module quick_attention "${T_QUICK:-300}" benchmarks.bench_attention --shapes 32,12,512,64 \
+    --cases plain mask-full+dropout --out "$RES/attention_quick_${slug}_${date}.json"
   tail -16 "$RES/quick_attention.log"
-  timeout -s INT -k 20 "${T_QUICK:-300}" $PY -m benchmarks.bench_layernorm --sweep --hidden 768 \
-    --out "$RES/layernorm_sweep_${slug}_${date}.json" >"$RES/quick_layernorm_sweep.log" 2>&1 || { echo "quick sweep failed"; status=1; }
+  run_module quick_layernorm_sweep "${T_QUICK:-300}" benchmarks.bench_layernorm --sweep --hidden 768 \
+    --out "$RES/layernorm_sweep_${slug}_${date}.json"
   tail -16 "$RES/quick_layernorm_sweep.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
-  timeout -s INT -k 20 "${T_PROF:-$T_BENCH}" $PY -m benchmarks.profile_step ${ARGS_profile_step:-} --out "$RES/profile_${slug}_${date}.json" \
-    >"$RES/profile.log" 2>&1 || { echo "profile_step failed (see profile.log)"; status=1; }
+  run_module profile "${T_PROF:-$T_BENCH}" benchmarks.profile_step ${ARGS_profile_step:-} \
+    --out "$RES/profile_${slug}_${date}.json"
   grep -E "^## |^wall" "$RES/profile.log"
 fi
 if [[ " $STAGES " == *" conv "* ]]; then   # 300 steps x (fused, eager, eager with another seed) x (tiny, small)
-  timeout -s INT -k 20 "$T_CONV" $PY -m benchmarks.convergence --out "$RES/convergence_${slug}_${date}.json" >"$RES/convergence.log" 2>&1 \
-    || { echo "convergence failed (see convergence.log)"; status=1; }
+  run_module convergence "$T_CONV" benchmarks.convergence --out "$RES/convergence_${slug}_${date}.json"
   tail -12 "$RES/convergence.log"
 fi
 if [ -n "${OUT:-}" ]; then

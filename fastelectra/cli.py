@@ -17,7 +17,7 @@ COMMANDS = {
     "finetune": ("fastelectra.finetune", "fine-tune a sequence classifier on a CSV/JSONL file"),
     "predict": ("fastelectra.predict", "label a CSV/JSONL file with a fine-tuned classifier"),
     "bench": ("fastelectra.benchmarks.cli",
-              "benchmarks: layernorm, attention, replace, pretrain, convergence, profile, all"),
+              "benchmarks (fastelectra bench --help lists them)"),
 }
 
 
