@@ -113,21 +113,8 @@ FE_HOST_DEVICE void philox4x32_10_many(const uint32_t (&c0_in)[N], const uint32_
   }
 }
 
-FE_HOST_DEVICE PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                         uint32_t k0, uint32_t k1) {
-  const uint32_t a0[1] = {c0}, a1[1] = {c1};
-  PhiloxWords out[1];
-  philox4x32_10_many<1>(a0, a1, c2, c3, k0, k1, out);
-  return out[0];
-}
-
-// The 4 random words of flat indices 4*group .. 4*group+3 (see the counter layout above).
-FE_HOST_DEVICE PhiloxWords philox_group(uint64_t group, uint64_t seed, uint64_t offset) {
-  return philox4x32_10((uint32_t)group, (uint32_t)(group >> 32), (uint32_t)offset,
-                       (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
-}
-
-// The random words of N groups (see philox_group), computed together.
+// The random words of N groups: those of flat indices 4*group[i] .. 4*group[i]+3 (see the counter
+// layout above), computed together.
 template <int N>
 FE_HOST_DEVICE void philox_groups(const uint64_t (&group)[N], uint64_t seed, uint64_t offset, PhiloxWords (&out)[N]) {
   uint32_t lo[N], hi[N];
@@ -137,6 +124,14 @@ FE_HOST_DEVICE void philox_groups(const uint64_t (&group)[N], uint64_t seed, uin
   }
   philox4x32_10_many<N>(lo, hi, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32),
                         out);
+}
+
+// The 4 random words of flat indices 4*group .. 4*group+3.
+FE_HOST_DEVICE PhiloxWords philox_group(uint64_t group, uint64_t seed, uint64_t offset) {
+  const uint64_t groups[1] = {group};
+  PhiloxWords out[1];
+  philox_groups<1>(groups, seed, offset, out);
+  return out[0];
 }
 
 // ----------------------------------------------------------------------------- exact float ops
@@ -245,6 +240,9 @@ FE_HOST_DEVICE float gumbel_from_uniform(float v) {
   return -fe_log(e);
 }
 
+// The Gumbel noise of one random word: what every implementation adds to logit / tau.
+FE_HOST_DEVICE float gumbel_from_word(uint32_t r) { return gumbel_from_uniform(uniform_open(r)); }
+
 // ----------------------------------------------------------------------------- filter
 // Most of a row cannot win the argmax, and the exact noise (two logarithms) is by far the most
 // expensive part of an element, so both implementations skip it where a cheap test proves that
@@ -303,7 +301,7 @@ FE_HOST_DEVICE bool filter_may_win(uint32_t r, float q, float c) {
 // between 4 consecutive indices).
 FE_HOST_DEVICE float gumbel_noise_at(uint64_t flat, uint64_t seed, uint64_t offset) {
   const PhiloxWords r = philox_group(flat >> 2, seed, offset);
-  return gumbel_from_uniform(uniform_open(r.w[flat & 3]));
+  return gumbel_from_word(r.w[flat & 3]);
 }
 
 // Ordering of (key, column) candidates: the larger key wins, ties go to the smaller column, a

@@ -133,7 +133,7 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
           c = filter_scale(m, best_key);
         }
         if (!filter_may_win(r.w[first + j], fast_exp2(y * kLog2e - shift), c)) continue;
-        const float key = fe_add(y, gumbel_from_uniform(uniform_open(r.w[first + j])));
+        const float key = fe_add(y, gumbel_from_word(r.w[first + j]));
         if (better_candidate(key, col, best_key, best_col)) {
           best_key = key;
           best_col = col;
@@ -226,7 +226,7 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& logits, const at::Tensor& seed, in
   at::parallel_for(0, (total + 3) / 4, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const PhiloxWords r = philox_group((uint64_t)g, useed, (uint64_t)offset);
-      for (int j = 0; j < 4 && g * 4 + j < total; ++j) out_p[g * 4 + j] = gumbel_from_uniform(uniform_open(r.w[j]));
+      for (int j = 0; j < 4 && g * 4 + j < total; ++j) out_p[g * 4 + j] = gumbel_from_word(r.w[j]);
     }
   });
   return out;

@@ -6,7 +6,7 @@
 // original ids and the is-replaced label (sample != original). The logits are read once, in their
 // own dtype (fp32/fp16/bf16), with 16-byte coalesced loads; nothing else of size N*V is touched.
 //
-// Layout: one warp per row (4 rows per 128-thread block, at most 80 registers so that 24 rows per
+// Layout: one warp per row (4 rows per 128-thread block, at most 96 registers so that 20 rows per
 // SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100). The row's 16-byte
 // vectors (aligned on the flat index row*V + col, the Philox counter layout of philox.h, so each
 // needs exactly 1 (fp32) or 2 (16-bit) Philox calls) are read two per lane per step: lane l takes
@@ -87,7 +87,7 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 
 // Exact Gumbel key of one element; kept out of line because it runs only for filter survivors.
 __device__ __noinline__ float exact_key(float y, uint32_t r) {
-  return fe_add(y, gumbel_from_uniform(uniform_open(r)));
+  return fe_add(y, gumbel_from_word(r));
 }
 
 // Running state of one lane over its part of a row.
@@ -343,7 +343,7 @@ __global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (tota
     const PhiloxWords r = philox_group((uint64_t)g, seed, offset);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      if (g * 4 + j < total) Out[g * 4 + j] = gumbel_from_uniform(uniform_open(r.w[j]));
+      if (g * 4 + j < total) Out[g * 4 + j] = gumbel_from_word(r.w[j]);
   }
 }
 
