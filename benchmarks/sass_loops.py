@@ -4,7 +4,7 @@ The attention kernels are issue-bound on an H100: per 64x64 tile the tensor core
 the loop body issues more warp instructions than that. So the instruction count of the inner loop
 predicts throughput well (2026-11-22: the counts of the then-current kernels predicted the measured
 mask+dropout/no-dropout fwd+bwd ratio, 108 vs 260 TFLOP/s, within 2%), and it can be read on a machine
-without a GPU: Triton compiles for a target it is given and ships ptxas and nvdisasm.
+without a GPU: Triton compiles for a target it is given and ships ptxas and cuobjdump.
 
     python -m benchmarks.sass_loops                 # the H100 winning configs, dropout on and off
     python -m benchmarks.sass_loops --json out.json
@@ -119,6 +119,10 @@ def _registers(path: str) -> dict[str, int]:
                 for m in re.finditer(r"Function (\S+):\s*\n?\s*REG:(\d+)", usage))
 
 
+def _spills(instrs: list[str]) -> int:
+    return sum(1 for t in instrs if _opcode(t) == "STL")
+
+
 def _stats(instrs: list[str], start: int, end: int) -> dict:
     ops = collections.Counter(_opcode(t) for t in instrs[start:end + 1])
     return {"loop_instructions": end - start + 1, "loop_sts": ops["STS"], "loop_lds": ops["LDS"],
@@ -141,13 +145,12 @@ def loop_stats(cubin: bytes) -> dict:
     if not loops:
         loops = [(0, len(instrs) - 1)]
     out = {**_stats(instrs, *loops[0]), "tile_loops": len(loops), "registers": regs,
-           "spill_stores": sum(1 for t in instrs if _opcode(t) == "STL")}
+           "spill_stores": _spills(instrs)}
     if len(loops) > 1:
         out.update({"masked_" + k: v for k, v in _stats(instrs, *loops[-1]).items()})
     return out
 
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
 def _nvcc() -> str | None:
@@ -162,13 +165,15 @@ def _nvcc() -> str | None:
 def replace_kernel_stats() -> list[dict]:
     """Per variant of the replace_tokens CUDA kernel (dtype, noise, lse, tau = 1): instructions on the
     hot path of the vector loop, per step and per logit element, and registers / spills."""
+    from fastelectra.extension import CSRC
+
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (PATH or CUDA_HOME/bin): --replace compiles csrc/ with it")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "replace.cubin")
-        subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-I", _CSRC, "-o", path,
-                        os.path.join(_CSRC, "replace_tokens_kernel.cu")], check=True, capture_output=True)
+        subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-I", CSRC, "-o", path,
+                        os.path.join(CSRC, "replace_tokens_kernel.cu")], check=True, capture_output=True)
         functions, registers = _disassemble(path), _registers(path)
     rows = []
     for name, instrs in functions.items():
@@ -193,7 +198,7 @@ def replace_kernel_stats() -> list[dict]:
                      "hot_instructions": len(hot), "elements": elements,
                      "per_element": round(len(hot) / elements, 2), "hot_calls": ops["CALL"],
                      "hot_mufu": ops["MUFU"], "registers": registers.get(name),
-                     "spill_stores": sum(1 for t in instrs if _opcode(t) == "STL"),
+                     "spill_stores": _spills(instrs),
                      "top_ops": dict(ops.most_common(8))})
     return rows
 

@@ -989,15 +989,14 @@ def _setup_context(ctx, inputs, output):
     tensors = inputs[:-_N_ARGS]
     key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed = inputs[-_N_ARGS:]
     out, lse = output
-    ctx.save_for_backward(*tensors, out, lse, key_mask, key_lens, cu_seqlens, seed)
-    ctx.n_tensors, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = len(tensors), max_seqlen, dropout_p, softmax_scale
+    ctx.save_for_backward(out, lse, key_mask, key_lens, cu_seqlens, seed, *tensors)
+    ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_with(bwd, ctx, grad_out):
     """The autograd rule, with ``bwd`` a backward custom op (traced path) or its launcher (eager)."""
-    saved = ctx.saved_tensors
-    tensors, (out, lse, key_mask, key_lens, cu_seqlens, seed) = saved[:ctx.n_tensors], saved[ctx.n_tensors:]
+    out, lse, key_mask, key_lens, cu_seqlens, seed, *tensors = ctx.saved_tensors
     grads = bwd(grad_out, *tensors, out, lse, key_mask, key_lens, cu_seqlens, ctx.max_seqlen,
                 ctx.dropout_p, ctx.softmax_scale, seed)
     return (*(grads if isinstance(grads, (tuple, list)) else (grads,)),) + (None,) * _N_ARGS
