@@ -102,6 +102,21 @@ def check_fused(logits, ids, positions):
         raise RuntimeError("fused replace_tokens at temperature 0 disagrees with torch.argmax")
 
 
+def _timed(row, fn, nbytes):
+    """row with the time of ``fn()`` (a first call, lazy loading included, outside the timing) and the
+    GB/s of ``nbytes`` read; a contender that fails (e.g. out of memory at the large size) is a skipped
+    row. Printed as it comes."""
+    try:
+        fn()
+        row.update(bench_ms(fn))
+        row["gbps"] = nbytes / row["ms"] / 1e6
+    except (RuntimeError, ValueError) as err:
+        row.update(skipped=skip_reason(err))
+    print(f"N={row['n']:6d} V={row['vocab']:6d} {row['dtype']:5s} {row['contender']:18s} "
+          + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]), flush=True)
+    return row
+
+
 def run(sizes, dtypes, names, temperature):
     results = []
     fns = contenders(temperature)
@@ -114,16 +129,7 @@ def run(sizes, dtypes, names, temperature):
             for name in names:
                 fn = fns[name]
                 row = dict(n=n, vocab=vocab, dtype=dname, temperature=temperature, contender=name)
-                try:
-                    fn(logits, ids, positions)  # first launch (and any lazy loading) outside the timing
-                    row.update(bench_ms(lambda fn=fn, args=(logits, ids, positions): fn(*args)))
-                    row["gbps"] = logit_bytes / row["ms"] / 1e6
-                except (RuntimeError, ValueError) as err:  # e.g. out of memory at the large size
-                    row.update(skipped=skip_reason(err))
-                results.append(row)
-                print(f"N={n:6d} V={vocab:6d} {dname:5s} {name:18s} "
-                      + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),
-                      flush=True)
+                results.append(_timed(row, lambda fn=fn, args=(logits, ids, positions): fn(*args), logit_bytes))
                 torch.cuda.empty_cache()
             del logits, ids, positions
             torch.cuda.empty_cache()
@@ -149,19 +155,11 @@ def run_loss(sizes, dtypes):
             fns = {"fastelectra-loss": lambda: ops.cross_entropy(logits, targets, lse=lse, backend="fused"),
                    "torch-loss": lambda: torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")}
             for name, fn in fns.items():
+                def step(fn=fn):
+                    logits.grad = None
+                    fn().backward(dloss)
                 row = dict(n=n, vocab=vocab, dtype=dname, contender=name)
-                try:
-                    def step(fn=fn):
-                        logits.grad = None
-                        fn().backward(dloss)
-                    step()
-                    row.update(bench_ms(step))
-                    row["gbps"] = 2 * logits.numel() * logits.element_size() / row["ms"] / 1e6
-                except (RuntimeError, ValueError) as err:
-                    row.update(skipped=skip_reason(err))
-                results.append(row)
-                print(f"N={n:6d} V={vocab:6d} {dname:5s} {name:18s} "
-                      + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]), flush=True)
+                results.append(_timed(row, step, 2 * logits.numel() * logits.element_size()))   # read fwd + bwd
             logits = None               # free it before the next size (the closures above read this cell)
             torch.cuda.empty_cache()
     add_speedups(results, _case, lambda r: r["contender"] == "fastelectra-loss")

@@ -45,6 +45,14 @@ def reference(x, targets):
     return F.cross_entropy(x.float() if x.dtype != torch.float64 else x, targets, reduction="none")
 
 
+def assert_accurate(got, same, exact, dtype):
+    """(loss, dlogits) of the kernel: error against float64 at most twice torch's in ``dtype``, or a floor."""
+    for name, g, s, e in zip(("loss", "dlogits"), got, same, exact):
+        scale = max(1.0, e.abs().max().item())
+        err, err_torch = (g.double() - e).abs().max().item(), (s.double() - e).abs().max().item()
+        assert err <= max(2 * err_torch, FLOOR[dtype] * scale), f"{name}: {err:.3g} vs torch {err_torch:.3g}"
+
+
 @pytest.mark.parametrize("n,vocab", [(1, 1), (7, 77), (5, BLOCK_V + 3), (3, 1000)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_f_cross_entropy(n, vocab, dtype):
@@ -54,10 +62,7 @@ def test_matches_f_cross_entropy(n, vocab, dtype):
     same = loss_and_grad(lambda x: reference(x, targets), logits, dloss)
     exact = loss_and_grad(lambda x: reference(x, targets), logits.double(), dloss.double())
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
-    for name, g, s, e in zip(("loss", "dlogits"), got, same, exact):
-        scale = max(1.0, e.abs().max().item())
-        err, err_torch = (g.double() - e).abs().max().item(), (s.double() - e).abs().max().item()
-        assert err <= max(2 * err_torch, FLOOR[dtype] * scale), f"{name}: {err:.3g} vs torch {err_torch:.3g}"
+    assert_accurate(got, same, exact, dtype)
     assert torch.equal(got[1][dloss == 0], torch.zeros_like(got[1][dloss == 0]))   # weight 0: zero gradient
 
 
@@ -75,11 +80,10 @@ def test_with_the_lse_of_replace_tokens(extension_built):
 
 def test_row_strided_logits_and_no_rows():
     logits, targets, dloss = make(4, 300, torch.float32)
-    view = torch.cat([logits, logits], dim=1)[:, 13:313]        # row stride 600
-    lse = torch.logsumexp(view, dim=-1)
-    got = loss_and_grad(lambda x: cross_entropy_with_lse(x[:, 13:313], targets, lse),
-                        torch.cat([logits, logits], dim=1), dloss)
-    ref = loss_and_grad(lambda x: reference(x[:, 13:313], targets), torch.cat([logits, logits], dim=1), dloss)
+    wide = torch.cat([logits, logits], dim=1)
+    lse = torch.logsumexp(wide[:, 13:313], dim=-1)                 # of a view with row stride 600
+    got = loss_and_grad(lambda x: cross_entropy_with_lse(x[:, 13:313], targets, lse), wide, dloss)
+    ref = loss_and_grad(lambda x: reference(x[:, 13:313], targets), wide, dloss)
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
     empty = torch.empty(0, 5, device=DEVICE, requires_grad=True)
@@ -129,9 +133,7 @@ def test_gpu_generator_shape_and_cuda_graph(dtype):
     got = loss_and_grad(lambda x: ops.cross_entropy(x, targets, lse=lse, backend="fused"), logits, dloss)
     same = loss_and_grad(lambda x: reference(x, targets), logits, dloss)
     exact = loss_and_grad(lambda x: reference(x, targets), logits.double(), dloss.double())
-    for g, s, e in zip(got, same, exact):
-        err, err_torch = (g.double() - e).abs().max().item(), (s.double() - e).abs().max().item()
-        assert err <= max(2 * err_torch, FLOOR[dtype] * max(1.0, e.abs().max().item()))
+    assert_accurate(got, same, exact, dtype)
     x = logits.detach().clone().requires_grad_(True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
