@@ -3,9 +3,9 @@
 What it fuses. Forward: S = Q Kᵀ·scale, the key-padding mask, an online (streaming) softmax in
 base 2 with the scale folded into the exponent, dropout on the probabilities and P·V in one
 pass over K/V per block of query rows; it saves only the output and the row log-sum-exp.
-Backward: a preprocess computes delta = rowsum(dO ∘ O), then one kernel per block of keys
-accumulates dK/dV over all queries and one kernel per block of queries accumulates dQ over all
-keys, both recomputing P from the saved log-sum-exp. No (T × T) matrix is ever in memory.
+Backward: one kernel per block of queries accumulates dQ over all keys and computes
+delta = rowsum(dO ∘ O) of its rows on the way, then one kernel per block of keys accumulates dK/dV
+over all queries, both recomputing P from the saved log-sum-exp. No (T × T) matrix is ever in memory.
 
 Layout. Tensors stay in the projection's layout (batch, seqlen, nheads, headdim), any strides
 with a unit last stride: the kernels take strides, nothing is transposed through memory. The
@@ -458,37 +458,6 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(
-    Out,             # (batch, seqlen_q, nheads, HEAD_DIM), or packed
-    DO,              # like Out: gradient of the output
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O)
-    CuSeqlens,       # (batch + 1,) int32; read when VARLEN
-    stride_ob, stride_ot, stride_oh,
-    stride_db, stride_dt, stride_dh,
-    nheads,
-    seqlen_q,        # query rows per sequence (max_seqlen when VARLEN)
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    VARLEN: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    bh = pid // num_m
-    b = bh // nheads
-    h = bh % nheads
-    row0, q_len, _, _, _ = _sequence(CuSeqlens, CuSeqlens, CuSeqlens, b, seqlen_q, seqlen_q, False, False, VARLEN)
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_len
-    Out = _head_rows(Out, b, h, row0, stride_ob, stride_oh, stride_ot)
-    DO = _head_rows(DO, b, h, row0, stride_db, stride_dh, stride_dt)
-    o = tl.load(Out + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=row_ok)
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,               # (batch, seqlen_q, nheads, HEAD_DIM), or packed (total, nheads, HEAD_DIM)
     K,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
@@ -497,7 +466,7 @@ def _attn_bwd_dkdv_kernel(
     DK,              # like K: written here
     DV,              # like K: written here
     Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O)
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O), from the dQ kernel
     KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
     KeyLens,         # (batch,) int32; read when HAS_LENS
     CuSeqlens,       # (batch + 1,) int32; read when VARLEN
@@ -621,16 +590,18 @@ def _attn_bwd_dq_kernel(
     Q,               # (batch, seqlen_q, nheads, HEAD_DIM), or packed (total, nheads, HEAD_DIM)
     K,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
     V,               # like K
+    Out,             # like Q: the forward's output
     DO,              # like Q: gradient of the output
     DQ,              # like Q: written here
     Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O)
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O): written here for the dK/dV kernel
     KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
     KeyLens,         # (batch,) int32; read when HAS_LENS
     CuSeqlens,       # (batch + 1,) int32; read when VARLEN
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_mb,
@@ -669,13 +640,18 @@ def _attn_bwd_dq_kernel(
     Q = _head_rows(Q, b, h, row0, stride_qb, stride_qh, stride_qt)
     K = _head_rows(K, b, h, row0, stride_kb, stride_kh, stride_kt)
     V = _head_rows(V, b, h, row0, stride_vb, stride_vh, stride_vt)
+    Out = _head_rows(Out, b, h, row0, stride_ob, stride_oh, stride_ot)
     DO = _head_rows(DO, b, h, row0, stride_dob, stride_doh, stride_dot)
     pairs_k = _rng_pairs(seqlen_k)
 
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # delta = rowsum(dO * O) of these rows, here rather than in a kernel of its own: the program holds
+    # dO already, and the dK/dV kernel, launched after this one, reads it back
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.load(Out + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=row_ok)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     seed = tl.load(Seed) if IS_DROPOUT else 0
 
@@ -768,7 +744,6 @@ _attn_bwd_dkdv = triton.autotune(_configs(_DKDV_SHAPES), key=_TUNE_KEY,
                                  prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(_configs(_DQ_SHAPES), key=_TUNE_KEY,
                                prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
-_PREPROCESS_BLOCK = 16 if _INTERPRET else 128  # query rows per program of the delta kernel
 
 
 # ============================================================================ launchers
@@ -867,7 +842,7 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
                grads=None):
     """Launch the backward; returns (dq, dk, dv) shaped and typed like q, k, v, written into ``grads``
     (three tensors of those shapes, any strides with a unit last stride) when given."""
-    do, q, k, v = _unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v)
+    do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
     mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, q.device)
     cu = cu_seqlens if cu_seqlens is not None else lens
@@ -877,10 +852,18 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
     delta = torch.empty_like(lse)
 
     with _on_device(q):   # Triton launches on the current device
-        _attn_bwd_preprocess_kernel[(triton.cdiv(layout.seqlen_q, _PREPROCESS_BLOCK) * n_bh,)](
-            out, do, delta, cu, *layout.strides(out), *layout.strides(do), layout.nheads, layout.seqlen_q,
-            HEAD_DIM=layout.head_dim, BLOCK_M=_PREPROCESS_BLOCK, VARLEN=layout.varlen)
         common = _common_args(layout, dropout_p, softmax_scale, seed, q)
+
+        def grid_q(meta):
+            return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
+
+        # dQ first: it also writes delta, which the dK/dV kernel reads
+        _attn_bwd_dq[grid_q](
+            q, k, v, out, do, dq, lse, delta, mask, lens, cu,
+            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+            *layout.strides(do), *layout.strides(dq), stride_mb,
+            layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+            HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
 
         def grid_kv(meta):
             return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]) * n_bh,)
@@ -889,16 +872,6 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
             q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
             *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
             *layout.strides(dk), *layout.strides(dv), stride_mb,
-            layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
-            HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
-
-        def grid_q(meta):
-            return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
-
-        _attn_bwd_dq[grid_q](
-            q, k, v, do, dq, lse, delta, mask, lens, cu,
-            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
-            *layout.strides(dq), stride_mb,
             layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
             HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
     return dq, dk, dv
