@@ -466,7 +466,7 @@ def _attn_bwd_dkdv_kernel(
     DK,              # like K: written here
     DV,              # like K: written here
     Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O), from the dQ kernel
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O) · (1 - dropout_p), from the dQ kernel
     KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
     KeyLens,         # (batch,) int32; read when HAS_LENS
     CuSeqlens,       # (batch + 1,) int32; read when VARLEN
@@ -533,21 +533,24 @@ def _attn_bwd_dkdv_kernel(
         pt = tl.math.exp2(st - lse[None, :])         # rows of invalid keys: zeroed in dk, dv below
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
+        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
         if IS_DROPOUT:
             w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, True)
             pt_dropped = _dropout_apply(pt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True)  # 1/(1-p): on dv, below
-            dpt = _dropout_apply(dpt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True) * drop_scale
+            # dS = P∘(Z∘dP/(1-p) - delta) = (Z∘P∘dP - P∘delta(1-p)) / (1-p), with Z∘P the tile dv takes:
+            # one select per element (not one for P and one for dP); delta comes scaled, 1/(1-p) on dk below
+            dst = pt_dropped * dpt - pt * delta[None, :]
         else:
             pt_dropped = pt
+            dst = pt * (dpt - delta[None, :])
         dv = _mma(pt_dropped.to(do.dtype), do, dv, DOT_PRECISION)
-        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
-        dst = pt * (dpt - delta[None, :])
         dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PRECISION)
 
     # a row of dk/dv depends on its own key only: invalid keys (k loaded as 0, so any finite or
     # infinite junk) are zeroed here once instead of masking P in every step
     if IS_DROPOUT:
         dv = dv * drop_scale
+        dk = dk * drop_scale
     dv = tl.where(key_ok[:, None], dv, 0.0)
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     store_ok = (offs_n < k_rows)[:, None]
@@ -594,7 +597,7 @@ def _attn_bwd_dq_kernel(
     DO,              # like Q: gradient of the output
     DQ,              # like Q: written here
     Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O): written here for the dK/dV kernel
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O) · (1 - dropout_p): written for dK/dV
     KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
     KeyLens,         # (batch,) int32; read when HAS_LENS
     CuSeqlens,       # (batch + 1,) int32; read when VARLEN
@@ -649,7 +652,7 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     o = tl.load(Out + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=row_ok)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta / drop_scale if IS_DROPOUT else delta, mask=row_ok)
     q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=float("inf"))
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
