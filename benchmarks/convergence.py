@@ -107,6 +107,7 @@ def run_preset(args, preset: str, work: str, tokenizer: str) -> dict:
             progress=False))
         curves[name] = read_curves(out)
         runs[name] = {"backend": backend, "seed": seed, "seq_per_s": summary["seq_per_s"],
+                      "cuda_graphs": summary["cuda_graphs"],
                       "final": {k: curves[name][k][-1] for k in REPORTED}}
     if not curves["fused"]["step"] == curves["eager"]["step"] == curves["eager-seed"]["step"]:
         raise RuntimeError(f"{preset}: the runs logged different steps")

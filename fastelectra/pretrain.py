@@ -30,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -84,7 +85,7 @@ class PretrainConfig:
     resume: bool = False
     backend: str = "auto"              # auto | fused | eager
     compile: bool = False              # torch.compile the model (one graph: fullgraph=True)
-    cuda_graphs: bool = False          # capture forward+backward once as a CUDA graph and replay it (one CUDA GPU)
+    cuda_graphs: bool | None = None    # replay forward+backward as a CUDA graph; None: where it can (use_cuda_graphs)
     seed: int = 0
     vocab_size: int | None = None      # WordPiece vocab to train (without --tokenizer); must match it with one
     device: str | None = None          # None: cuda if available, else cpu
@@ -149,6 +150,24 @@ def check_backend(name: str, device: torch.device) -> None:
         ok, why = _backend.triton_status()
         if not ok:
             raise FastElectraError(f"--backend fused needs Triton on {device}: {why}")
+
+
+def use_cuda_graphs(c: PretrainConfig, device: torch.device, world: int, unpad: bool) -> bool:
+    """Whether the run replays each micro-batch as a CUDA graph. ``cuda_graphs=None`` (the default)
+    means wherever it can: one CUDA device, no --compile (its own graph) and no ``unpad`` (it counts
+    tokens on the host); ``True`` asks for it and is an error where it cannot run."""
+    if c.cuda_graphs is None:
+        return device.type == "cuda" and world == 1 and not c.compile and not unpad
+    if c.cuda_graphs:
+        if device.type != "cuda":
+            raise FastElectraError(f"--cuda-graphs needs a CUDA device, got {device}")
+        if world > 1:
+            raise FastElectraError(f"--cuda-graphs runs on one GPU (DistributedDataParallel's hooks cannot be "
+                                   f"captured); this run has {world} processes")
+        if unpad:
+            raise FastElectraError("--cuda-graphs does not go with unpad=True, which counts each batch's "
+                                   "tokens on the host")
+    return bool(c.cuda_graphs)
 
 
 def model_config(c: PretrainConfig, tok_ids: dict) -> ElectraConfig:
@@ -361,11 +380,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     t_start = time.perf_counter()
     master = rank == 0
     check_backend(c.backend, device)
-    if c.cuda_graphs and device.type != "cuda":
-        raise FastElectraError(f"--cuda-graphs needs a CUDA device, got {device}")
-    if c.cuda_graphs and world > 1:
-        raise FastElectraError(f"--cuda-graphs runs on one GPU (DistributedDataParallel's hooks cannot be "
-                               f"captured); this run has {world} processes")
+    use_cuda_graphs(c, device, world, unpad=False)      # an impossible --cuda-graphs fails before the data work
     out = os.path.abspath(c.out)
     cache = os.path.join(out, "cache")
     ckpt_path = os.path.join(out, CHECKPOINT)
@@ -392,6 +407,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
         token_file = data.tokenize_corpus(corpus, tok, cache, build=False)
     tok_ids = data.special_token_ids(tok)
     mcfg = model_config(c, tok_ids)
+    graphs = use_cuda_graphs(c, device, world, mcfg.unpad)
     examples = data.PackedExamples(token_file, c.seq_len, mcfg.vocab_size, mcfg.cls_token_id,
                                    mcfg.sep_token_id, mcfg.pad_token_id)
     run = {"seq_len": c.seq_len, "batch_size": c.batch_size, "seed": c.seed, "preset": c.preset,
@@ -443,7 +459,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     sampler = data.BatchSampler(len(examples), c.batch_size, world, rank, c.grad_accum, c.seed, start_step, c.steps)
     batches = data.micro_batches(examples, sampler, device, c.num_workers)
     # under graph capture the weight casts must be recorded in the graph: no autocast cache
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not c.cuda_graphs)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs)
                 if device.type == "cuda" else nullcontext())
 
     def micro_step(ids, mask):
@@ -455,7 +471,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
                                  o.rtd_accuracy, o.rtd_precision, o.rtd_recall,
                                  torch.ones((), device=device)]).to(window.dtype))
 
-    graph = None   # with --cuda-graphs: (replay, static ids, static mask), captured at the first micro-batch
+    graph = None   # with CUDA graphs: (replay, static ids, static mask), captured at the first micro-batch
 
     def capture_micro_step(ids, mask):
         """micro_step captured as a CUDA graph: warm-ups on a copy of the first batch, then their grads
@@ -469,7 +485,12 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
             optimizer.zero_grad(set_to_none=False)
             window.copy_(window_before)
 
-        replay, _ = capture(lambda: micro_step(static_ids, static_mask), device, before_capture=undo_warmup)
+        try:
+            replay, _ = capture(lambda: micro_step(static_ids, static_mask), device, before_capture=undo_warmup)
+        except BaseException:
+            optimizer.zero_grad(set_to_none=True)        # no warm-up gradients or metrics left behind
+            window.copy_(window_before)
+            raise
         return replay, static_ids, static_mask
     setup_s = time.perf_counter() - t_start
 
@@ -485,8 +506,16 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
             _, j, ids, mask = next(batches)               # (step, micro-batch index, ids, mask)
             ids = ids.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
-            if c.cuda_graphs and graph is None:
-                graph = capture_micro_step(ids, mask)
+            if graphs and graph is None:
+                try:
+                    graph = capture_micro_step(ids, mask)
+                except Exception as e:
+                    if c.cuda_graphs:
+                        raise FastElectraError(f"--cuda-graphs: capturing the training step failed: {e}") from e
+                    graphs = False
+                    warnings.warn(f"fastelectra pretrain: capturing the training step as a CUDA graph failed "
+                                  f"({type(e).__name__}: {e}); training without CUDA graphs (--no-cuda-graphs "
+                                  "skips the attempt)", RuntimeWarning, stacklevel=1)
             torch.manual_seed(micro_batch_seed(c.seed, step, j))
             if graph is not None and ids.shape == graph[1].shape:
                 graph[1].copy_(ids)
@@ -555,7 +584,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
         summary = {
             "preset": c.preset, "steps": c.steps, "start_step": start_step, "world_size": world,
             "batch_size": c.batch_size, "seq_len": c.seq_len, "grad_accum": c.grad_accum, "device": str(device),
-            "backend": _backend.resolve(c.backend), "compile": c.compile, "cuda_graphs": c.cuda_graphs,
+            "backend": _backend.resolve(c.backend), "compile": c.compile, "cuda_graphs": graph is not None,
             "parameters": n_params,
             "vocab_size": mcfg.vocab_size, "corpus": corpus.name, "tokenizer": tok_source,
             "tokens": examples.n_tokens, "examples": len(examples),
@@ -572,7 +601,8 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
 
 def format_summary(s: dict) -> str:
     lines = [f"pretrained ELECTRA-{s['preset']} ({s['parameters'] / 1e6:.2f}M parameters, vocab {s['vocab_size']}) "
-             f"on {s['device']} x{s['world_size']}, backend {s['backend']}",
+             f"on {s['device']} x{s['world_size']}, backend {s['backend']}"
+             f"{', CUDA graphs' if s.get('cuda_graphs') else ''}{', compiled' if s.get('compile') else ''}",
              f"  steps {s['start_step']}->{s['steps']}, batch {s['batch_size']} x seq {s['seq_len']}, "
              f"{s['seq_per_s']:.1f} seq/s; setup {s['setup_s']:.1f}s, training {s['train_s']:.1f}s, "
              f"total {s['total_s']:.1f}s"]
@@ -608,9 +638,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     a("--backend", choices=list(_backend.BACKENDS), default="auto", help="kernels: fused, eager (torch) or auto")
     a("--compile", action="store_true", help="torch.compile the model (as one graph)")
-    a("--cuda-graphs", action="store_true",
-      help="capture forward+backward once as a CUDA graph and replay it every micro-batch (one CUDA GPU; "
-           "removes Python launch overhead, which dominates small models)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+      help="capture forward+backward once as a CUDA graph and replay it every micro-batch, which removes "
+           "Python's launch overhead (default: on where it can run: one CUDA GPU, no --compile)")
     a("--seed", type=int, default=0)
     a("--device", help="cpu or cuda (default: cuda when available)")
     a("--num-workers", type=int, default=2, help="DataLoader workers on CUDA")

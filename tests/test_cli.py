@@ -21,10 +21,13 @@ def test_pretrain_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--preset", "--corpus", "--tokenizer", "--steps", "--batch-size", "--seq-len", "--lr", "--out",
                    "--resume", "--backend", "--compile", "--seed", "--grad-accum", "--warmup-steps", "--save-every",
-                   "--log-every", "--weight-decay", "--vocab-size"):
+                   "--log-every", "--weight-decay", "--vocab-size", "--cuda-graphs", "--no-cuda-graphs"):
         assert option in out
     args = build_parser().parse_args(["pretrain"])
     assert (args.preset, args.backend, args.resume, args.compile, args.corpus) == ("tiny", "auto", False, False, None)
+    assert args.cuda_graphs is None          # where they can run (fastelectra.pretrain.use_cuda_graphs)
+    for flag, value in (("--cuda-graphs", True), ("--no-cuda-graphs", False)):
+        assert build_parser().parse_args(["pretrain", flag]).cuda_graphs is value
 
 
 @pytest.mark.parametrize("make_args, message", [

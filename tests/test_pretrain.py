@@ -205,6 +205,42 @@ def test_compiled_run_is_one_graph_and_matches_eager(corpus, tok, tmp_path):
         capture(lambda: None, torch.device("cpu"))
 
 
+def test_cuda_graphs_are_on_by_default_where_they_can_run():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")     # device objects only: no GPU needed
+    auto = PretrainConfig()
+    assert auto.cuda_graphs is None
+    assert pt.use_cuda_graphs(auto, cuda, 1, unpad=False) is True
+    assert pt.use_cuda_graphs(auto, cpu, 1, unpad=False) is False
+    assert pt.use_cuda_graphs(auto, cuda, 2, unpad=False) is False                        # DDP
+    assert pt.use_cuda_graphs(PretrainConfig(compile=True), cuda, 1, unpad=False) is False
+    assert pt.use_cuda_graphs(auto, cuda, 1, unpad=True) is False
+    assert pt.use_cuda_graphs(PretrainConfig(cuda_graphs=False), cuda, 1, unpad=False) is False
+    asked = PretrainConfig(cuda_graphs=True)
+    assert pt.use_cuda_graphs(asked, cuda, 1, unpad=False) is True
+    for device, world, unpad, message in ((cpu, 1, False, "needs a CUDA device"), (cuda, 2, False, "runs on one GPU"),
+                                          (cuda, 1, True, "does not go with unpad=True")):
+        with pytest.raises(FastElectraError, match=message):
+            pt.use_cuda_graphs(asked, device, world, unpad)
+
+
+@pytest.mark.gpu
+def test_default_cuda_run_uses_graphs_and_falls_back_when_capture_fails(corpus, tok, tmp_path, monkeypatch):
+    cfg = {**SMALL, "backend": "auto", "device": "cuda", "num_workers": 0, "steps": 3, "warmup_steps": 1,
+           "save_every": 0}
+    assert pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / "auto"), **cfg))["cuda_graphs"]
+    from fastelectra import graphs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(graphs, "capture", broken)
+    with pytest.warns(RuntimeWarning, match="capture refused"):
+        summary = pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / "fallback"), **cfg))
+    assert summary["cuda_graphs"] is False and len(rows(str(tmp_path / "fallback"))) == 3
+    with pytest.raises(FastElectraError, match="--cuda-graphs: capturing the training step failed"):
+        pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / "asked"), cuda_graphs=True, **cfg))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["fused", "eager"])
 def test_cuda_graph_run_matches_the_python_loop(corpus, tok, tmp_path, backend):
