@@ -32,7 +32,8 @@ import re
 import subprocess
 import tempfile
 
-__all__ = ["compile_sm90", "loop_stats", "replace_kernel_stats", "main"]
+__all__ = ["compile_kernel", "compile_sm90", "kernel_cases", "compile_all", "loop_stats", "replace_kernel_stats",
+           "main"]
 
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "DO": "*bf16", "DQ": "*bf16",
              "DK": "*bf16", "DV": "*bf16", "Lse": "*fp32", "Delta": "*fp32", "KeyMask": "*u8",
@@ -49,30 +50,175 @@ def _nvidia_bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_sm90(kernel: str, block_m: int, block_n: int, num_warps: int, num_stages: int = 3, *,
-                 dropout: bool = True, has_mask: bool = True, head_dim: int = 64) -> bytes:
-    """cubin of one attention kernel ("fwd", "dkdv", "dq") for sm_90, bf16, dense layout."""
+def compile_kernel(fn, consts: dict, pointers: dict[str, str], *, floats=(), divisible=None, num_warps: int = 4,
+                   num_stages: int = 3) -> bytes:
+    """cubin of the @triton.jit kernel ``fn`` for sm_90, as the JIT would build it: pointer arguments
+    of the given types (e.g. "*bf16"), ``floats`` fp32, the other runtime arguments i32; pointers and
+    the names in ``divisible`` (default: ``_DIVISIBLE``'s) get the 16-divisibility the JIT infers at
+    real shapes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fastelectra.kernels import attention as A
-
-    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
-    consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask, HAS_LENS=False,
-                  VARLEN=False, IS_DROPOUT=dropout, DOT_PRECISION="tf32")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
             signature[name] = "constexpr"
             continue
-        signature[name] = _POINTERS.get(name) or ("fp32" if name in _FLOATS else "i32")
-        if name in _POINTERS or _DIVISIBLE.match(name):
+        signature[name] = pointers.get(name) or ("fp32" if name in floats else "i32")
+        if name in pointers or (name in divisible if divisible is not None else _DIVISIBLE.match(name)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, consts, attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     return compiled.asm["cubin"]
+
+
+def compile_sm90(kernel: str, block_m: int, block_n: int, num_warps: int, num_stages: int = 3, *,
+                 dropout: bool = True, has_mask: bool = True, head_dim: int = 64) -> bytes:
+    """cubin of one attention kernel ("fwd", "dkdv", "dq") for sm_90, bf16, dense layout."""
+    from fastelectra.kernels import attention as A
+
+    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
+    consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask, HAS_LENS=False,
+                  VARLEN=False, IS_DROPOUT=dropout, DOT_PRECISION="tf32")
+    return compile_kernel(fn, consts, _POINTERS, floats=_FLOATS, num_warps=num_warps, num_stages=num_stages)
+
+
+_TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def kernel_cases() -> list[dict]:
+    """Every Triton kernel of fastelectra in the variants its launchers build for ELECTRA's shapes:
+    each dtype pair, each fused-feature flag, the tile configs the launchers (or the attention
+    autotuner, after its pruning) pick, every supported head dim. Block sizes come from the
+    launchers' own planning functions."""
+    import torch
+    import triton
+
+    from fastelectra.kernels import attention as A
+    from fastelectra.kernels import cross_entropy as C
+    from fastelectra.kernels import layernorm as L
+    from fastelectra.kernels import linear as N
+
+    cases = []
+
+    def add(op, fn, variant, consts, pointers, floats=(), divisible=(), num_warps=4, num_stages=3):
+        cases.append(dict(op=op, kernel=fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__, variant=variant,
+                          fn=fn, consts=consts, pointers=pointers, floats=set(floats),
+                          divisible=None if divisible is None else set(divisible), num_warps=num_warps,
+                          num_stages=num_stages))
+
+    # layer norm: x dtype with the weight's (under autocast the weights stay fp32), flags, widths
+    ln_flags = [(True, True, True, True), (True, False, True, True), (False, False, True, True),
+                (False, False, False, False)]    # residual, dropout, weight, bias
+    for x_t, w_t in (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32")):
+        for n in (768, 200, 8192):
+            for res, drop, w, b in ln_flags:
+                flags = dict(HAS_RESIDUAL=res, HAS_DROPOUT=drop, HAS_WEIGHT=w, HAS_BIAS=b)
+                label = f"x {x_t}, w {w_t}, n {n}, " + ",".join(k[4:].lower() for k, v in flags.items() if v)
+                div = {"n"} if n % 16 == 0 else set()
+                bm, bn, warps = L._launch_config(n, L.FWD_TILE, L.FWD_ELEMS_PER_THREAD)
+                add("layer_norm", L._layer_norm_fwd_kernel, label, {**flags, "BLOCK_M": bm, "BLOCK_N": bn},
+                    {"X": "*" + x_t, "Res": "*" + x_t, "W": "*" + w_t, "B": "*" + w_t, "Y": "*" + x_t,
+                     "Mean": "*fp32", "Rstd": "*fp32", "Seed": "*i64"}, ("eps", "scale"), div, warps)
+                bm, bn, warps = L._launch_config(n, L.BWD_TILE, L.BWD_ELEMS_PER_THREAD)
+                add("layer_norm", L._layer_norm_bwd_kernel, label,
+                    {**flags, "STORE_DRES": res, "BLOCK_M": bm, "BLOCK_N": bn},
+                    {"DY": "*" + x_t, "X": "*" + x_t, "Res": "*" + x_t, "W": "*" + w_t, "Mean": "*fp32",
+                     "Rstd": "*fp32", "DX": "*" + x_t, "DRes": "*" + x_t, "DW": "*fp32", "DB": "*fp32",
+                     "Seed": "*i64"}, ("scale",), div | {"rows_per_program"}, warps)
+    for out_t in ("fp32", "bf16", "fp16"):
+        block_p = min(L.PARTIAL_TILE // L.PARTIAL_BLOCK_N, triton.next_power_of_2(1056))
+        add("layer_norm / linear", L._sum_partials_kernel, f"out {out_t}",
+            {"BLOCK_P": block_p, "BLOCK_N": L.PARTIAL_BLOCK_N},
+            {"Part": "*fp32", "Out0": "*" + out_t, "Out1": "*" + out_t}, (), {"n"})
+    bm, bn, warps = L._launch_config(768, L.FWD_TILE, L.FWD_ELEMS_PER_THREAD)
+    add("layer_norm", L._dropout_mask_kernel, "n 768", {"BLOCK_M": bm, "BLOCK_N": bn},
+        {"Keep": "*u8", "Seed": "*i64"}, (), {"n"}, warps)
+
+    # linear: the bias gradient's column sums, alone and with each activation's backward
+    cpu = torch.device("cpu")
+    for x_t in ("bf16", "fp16", "fp32"):
+        for name, code in [("sum", 0), *N.ACTIVATION_CODES.items()]:
+            for n in (768, 3072, 2):
+                bm, bn, _, _ = N._plan(16384, n, cpu, N.TILE if code == 0 else N.ACT_TILE)
+                add("linear", N._column_partial_sums_kernel, f"{x_t}, {name}, n {n}",
+                    {"ACTIVATION": code, "BLOCK_M": bm, "BLOCK_N": bn},
+                    {"X": "*" + x_t, "H": "*" + x_t, "DH": "*" + x_t, "Part": "*fp32"}, (),
+                    {"n", "stride_m", "rows_per_program"} if n % 16 == 0 else {"rows_per_program"}, N.NUM_WARPS)
+
+    # the MLM loss's backward from the lse: each dtype, rows aligned alike or not
+    for x_t, size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+        for align in (16 // size, 1):
+            add("cross_entropy", C._cross_entropy_bwd_kernel, f"{x_t}, align {align}",
+                {"ALIGN": align, "BLOCK_V": C.BLOCK_V},
+                {"Logits": "*" + x_t, "Targets": "*i64", "Lse": "*fp32", "DLoss": "*fp32", "DLogits": "*" + x_t},
+                (), set(), C.NUM_WARPS)
+
+    # attention: the autotuner's configs that survive its pruning, ELECTRA's case (prefix mask as a bool
+    # mask + dropout) and the plain one at D = 64; every head dim with lengths, varlen, fp16 and fp32
+    class _Like:                                    # what _prune reads of the q tensor
+        def __init__(self, size):
+            self.size = size
+
+        def element_size(self):
+            return self.size
+
+    kernels = (("fwd", A._attn_fwd_kernel, A._FWD_SHAPES), ("dkdv", A._attn_bwd_dkdv_kernel, A._DKDV_SHAPES),
+               ("dq", A._attn_bwd_dq_kernel, A._DQ_SHAPES))
+    variants = [("bf16", 64, dict(HAS_MASK=True, IS_DROPOUT=True), "all"),
+                ("bf16", 64, dict(), "all")]
+    for d in (16, 32, 64, 128):
+        variants += [("fp16", d, dict(HAS_LENS=True, IS_DROPOUT=True), "first"),
+                     ("bf16", d, dict(VARLEN=True, IS_DROPOUT=True), "first")]
+    variants += [("fp32", 64, dict(HAS_MASK=True, IS_DROPOUT=True), "all"),
+                 ("fp32", 128, dict(HAS_MASK=True), "all")]
+    for kernel, fn, shapes in kernels:
+        for x_t, d, flags, which in variants:
+            size = 4 if x_t == "fp32" else 2
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                       for bm, bn, w, st in shapes]
+            configs = A._prune(configs, {"HEAD_DIM": d, "Q": _Like(size), "seq_bucket": 512})
+            for cfg in configs if which == "all" else configs[:1]:
+                consts = {"HEAD_DIM": d, "HAS_MASK": False, "HAS_LENS": False, "VARLEN": False, "IS_DROPOUT": False,
+                          "DOT_PRECISION": "ieee" if x_t == "fp32" else "tf32", **flags, **cfg.kwargs}
+                pointers = {k: ("*" + x_t if v == "*bf16" else v) for k, v in _POINTERS.items()}
+                label = (f"{x_t}, d {d}, {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/{cfg.num_warps}w, "
+                         + (",".join(k.lower() for k, v in flags.items() if v) or "plain"))
+                add("attention", fn, label, consts, pointers, _FLOATS, None, cfg.num_warps, cfg.num_stages)
+    add("attention", A._dropout_mask_kernel, "16x32", {"BLOCK_M": 16, "BLOCK_N": 32},
+        {"Keep": "*i8", "Seed": "*i64"}, (), set(), 4)
+    return cases
+
+
+def _compile_case(c: dict) -> dict:
+    row = {k: c[k] for k in ("op", "kernel", "variant", "num_warps")}
+    try:
+        cubin = compile_kernel(c["fn"], c["consts"], c["pointers"], floats=c["floats"], divisible=c["divisible"],
+                               num_warps=c["num_warps"], num_stages=c["num_stages"])
+    except Exception as e:                          # reported per case: one broken variant hides no other
+        return {**row, "registers": "-", "spill_stores": "-", "error": f"{type(e).__name__}: {e}"[:300]}
+    instrs, regs = _kernel_sass(cubin)
+    return {**row, "registers": regs, "spill_stores": _spills(instrs), "error": ""}
+
+
+def _compile_case_at(index: int) -> dict:
+    return _compile_case(kernel_cases()[index])     # in a worker process: the cases hold kernel objects
+
+
+def compile_all(jobs: int | None = None) -> list[dict]:
+    """Compiles every case of kernel_cases() for sm_90 on ``jobs`` processes (default: one per CPU):
+    per case its registers and spill stores, or the compiler's error."""
+    import concurrent.futures
+    import multiprocessing
+
+    n = len(kernel_cases())
+    jobs = max(1, min(jobs or os.cpu_count() or 1, n))
+    if jobs == 1:
+        return [_compile_case(c) for c in kernel_cases()]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_case_at, range(n)))
 
 
 def _opcode(text: str) -> str:
@@ -129,17 +275,22 @@ def _stats(instrs: list[str], start: int, end: int) -> dict:
             "loop_hgmma": ops["HGMMA"] + ops["HMMA"], "top_ops": dict(ops.most_common(8))}
 
 
-def loop_stats(cubin: bytes) -> dict:
-    """Instruction counts of the kernel's tile loops (the loops that issue tensor-core instructions),
-    and its registers and spills. The forward and dQ kernels have two: full tiles of valid keys, which
-    take no key mask ("loop_*"), then the tiles that hold the end of the keys or, for a mask with
-    holes, every tile ("masked_*"); dK/dV has one."""
+def _kernel_sass(cubin: bytes) -> tuple[list[str], int | None]:
+    """(SASS instructions, registers) of a cubin holding one kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         (name, instrs), = _disassemble(path).items()
-        regs = _registers(path).get(name)
+        return instrs, _registers(path).get(name)
+
+
+def loop_stats(cubin: bytes) -> dict:
+    """Instruction counts of the kernel's tile loops (the loops that issue tensor-core instructions),
+    and its registers and spills. The forward and dQ kernels have two: full tiles of valid keys, which
+    take no key mask ("loop_*"), then the tiles that hold the end of the keys or, for a mask with
+    holes, every tile ("masked_*"); dK/dV has one."""
+    instrs, regs = _kernel_sass(cubin)
     loops = sorted({(a, b) for a, b in _loops(instrs)
                     if any(_opcode(t) in ("HGMMA", "HMMA") for t in instrs[a:b + 1])})
     if not loops:
@@ -218,6 +369,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dropout-only", action="store_true", help="skip the no-dropout variants")
     parser.add_argument("--replace", action="store_true",
                         help="the replace_tokens CUDA kernel (csrc/, compiled with nvcc) instead of attention")
+    parser.add_argument("--all", action="store_true",
+                        help="compile every Triton kernel in the variants its launchers build (kernel_cases): "
+                             "registers, spills, or the compiler's error")
+    parser.add_argument("--jobs", type=int, help="--all: compiler processes (default: one per CPU)")
     args = parser.parse_args(argv)
     if args.replace:
         return _report(replace_kernel_stats(), {
@@ -227,6 +382,10 @@ def main(argv=None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the kernels would be built with their interpreter "
                      "branches; unset it to read the code a GPU runs")
+    if args.all:
+        return _report(compile_all(args.jobs), {"op": "op", "kernel": "kernel", "variant": "variant", "warps": "num_warps",
+                                       "regs": "registers", "spill stores": "spill_stores", "error": "error"},
+                       args.json)
     rows = []
     for kernel, bm, bn, warps in args.case or DEFAULT_CASES:
         for dropout in (True,) if args.dropout_only else (False, True):

@@ -1,7 +1,8 @@
-"""Properties of the compiled sm_90 code, read without a GPU: the dropout of the attention kernels
-costs no data movement between threads in the forward, dK/dV and dQ loops (kernels/attention.py, "Dropout"),
-and the replace_tokens CUDA kernel's hot loop stays lean (csrc/replace_tokens_kernel.cu). The
-attention check runs in a subprocess: this test process imported Triton under TRITON_INTERPRET=1."""
+"""Properties of the compiled sm_90 code, read without a GPU: every Triton kernel compiles for it; the
+dropout of the attention kernels costs no data movement between threads in the forward, dK/dV and dQ
+loops (kernels/attention.py, "Dropout"); the replace_tokens CUDA kernel's hot loop stays lean
+(csrc/replace_tokens_kernel.cu). The Triton checks run in a subprocess: this test process imported
+Triton under TRITON_INTERPRET=1."""
 import json
 import os
 import subprocess
@@ -37,6 +38,31 @@ def test_dropout_adds_no_shared_memory_round_trip_to_the_attention_loops(tmp_pat
             # full tiles of valid keys skip the key mask: a loop of their own, well short of the masked one
             assert with_dropout["tile_loops"] == 2, with_dropout
             assert with_dropout["loop_instructions"] + 100 < with_dropout["masked_loop_instructions"], with_dropout
+
+
+def test_every_triton_kernel_compiles_for_sm90(tmp_path):
+    """The interpreter runs no compiler: every kernel, in the variants its launchers build (dtypes, fused
+    features, the launchers' block sizes, the attention autotuner's pruned configs, every head dim), must
+    also compile for an H100, and ELECTRA's own variants must not spill."""
+    if not all(os.path.exists(_nvidia_bin(b)) for b in ("cuobjdump", "ptxas")):
+        pytest.skip("this Triton wheel ships no cuobjdump/ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.sass_loops", "--all", "--json", str(out)], check=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True)
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == {
+        "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_sum_partials_kernel", "_dropout_mask_kernel",
+        "_column_partial_sums_kernel", "_cross_entropy_bwd_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+        "_attn_bwd_dq_kernel"}
+    assert [r for r in rows if r["error"]] == []
+    electra = [r for r in rows
+               if (r["op"] == "layer_norm" and r["variant"].startswith(("x bf16, w fp32, n 768", "x bf16, w bf16, n 768")))
+               or (r["op"] == "linear" and r["variant"].startswith("bf16"))
+               or (r["op"] == "attention" and r["variant"].startswith("bf16, d 64, 64x64/4w"))]
+    assert len(electra) >= 8 + 15 + 6, len(electra)
+    assert [r for r in electra if r["spill_stores"] != 0] == []
 
 
 def test_replace_kernel_hot_loop_is_lean():
