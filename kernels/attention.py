@@ -727,8 +727,11 @@ def _prune(configs, named_args, **kwargs):
         return configs
     head_dim = args["HEAD_DIM"]
     itemsize = args["Q"].element_size()
-    if itemsize == 4:  # fp32, the exact slower path: one config whose tiles fit at every headdim
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32 if head_dim == 128 else 64}, num_warps=4, num_stages=2)]
+    if itemsize == 4:
+        # fp32, the exact slower path: its IEEE dots run on FMAs, whose operands live in registers. 64 x 64
+        # tiles spilled thousands of stores in the backward (sm_90 SASS); 32 x 16 over 8 warps spills none
+        # at any headdim with Triton 3.6 (a few stores in two variants with 3.9): benchmarks/sass_loops.py --all
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=2)]
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]

@@ -63,6 +63,8 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
                or (r["op"] == "attention" and r["variant"].startswith("bf16, d 64, 64x64/4w"))]
     assert len(electra) >= 8 + 15 + 6, len(electra)
     assert [r for r in electra if r["spill_stores"] != 0] == []
+    # fp32 attention (IEEE dots on FMAs) once spilled thousands of stores per thread; its tile now fits
+    assert [r for r in rows if r["variant"].startswith("fp32, d") and r["spill_stores"] > 16] == []
 
 
 def test_replace_kernel_hot_loop_is_lean():
