@@ -10,8 +10,8 @@
 #   STAGES=bench BENCHES="bench_attention bench_pretrain" bash benchmarks/run_gpu.sh
 #   STAGES=conv bash benchmarks/run_gpu.sh
 #   STAGES="build quick" bash benchmarks/run_gpu.sh   # the figures the open targets hinge on, in minutes: the
-#                         graphed training step (Small, Base), attention with mask + dropout, and the
-#                         layer-norm launch-shape sweep at N = 768
+#                         graphed training step (Small, Base), attention with mask + dropout, the
+#                         layer-norm launch-shape sweep at N = 768, and the README's main job
 # Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF (caps in s; T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
@@ -78,6 +78,11 @@ if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is
   run_module quick_layernorm_sweep "${T_QUICK:-300}" benchmarks.bench_layernorm --sweep --hidden 768 \
     --out "$RES/layernorm_sweep_${slug}_${date}.json"
   tail -16 "$RES/quick_layernorm_sweep.log"
+  # the README's main job (tiny preset, embedded corpus) as a user runs it: CUDA graphs by default
+  run_module main_job "${T_QUICK:-300}" fastelectra pretrain --steps 300 --log-every 100 --no-progress \
+    --out /tmp/fastelectra_main_job          # checkpoints and token cache stay out of the results
+  cp /tmp/fastelectra_main_job/summary.json "$RES/main_job_summary.json" 2>/dev/null
+  tail -6 "$RES/main_job.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
   run_module profile "${T_PROF:-$T_BENCH}" benchmarks.profile_step ${ARGS_profile_step:-} \
