@@ -108,6 +108,10 @@ def hf_step(cfg: ElectraConfig, attn: str, compile_: bool, device):
     return model, loss
 
 
+# the contenders every row is also compared with (seq/s ratio), where the run measured them
+PEERS = ("hf-eager", "hf-sdpa", "hf-eager+compile", "hf-sdpa+compile", "fastelectra-eager")
+
+
 def training_step(model, loss_fn, ids, mask, dtype, graph: bool = False):
     """One full training step as a closure: loss (autocast to ``dtype`` unless fp32) + backward + clip to
     1.0 + AdamW (decay 0.01, none on LayerNorm and biases). It returns the loss, detached (no host sync).
@@ -235,12 +239,12 @@ def main(argv=None) -> int:
                     print(r, flush=True)
             by_name = {r["contender"]: r.get("seq_per_s") for r in group}
             for r in group:
-                for peer in ("hf-eager", "hf-sdpa+compile", "fastelectra-eager"):
+                for peer in PEERS:
                     if r.get("seq_per_s") and by_name.get(peer):
                         r[f"x_vs_{peer}"] = r["seq_per_s"] / by_name[peer]
             rows += group
     cols = ["preset", "batch", "seqlen", "padding", "contender", "seq_per_s", "ms_per_step", "mfu", "peak_mem_gib",
-            "x_vs_hf-eager", "x_vs_hf-sdpa+compile", "x_vs_fastelectra-eager", "error"]
+            *(f"x_vs_{peer}" for peer in PEERS if any(f"x_vs_{peer}" in r for r in rows)), "error"]
     table = markdown_table(rows, cols)
     write_results(args.out, {"benchmark": "pretrain_step", "dtype": str(dtype), "steps": args.steps,
                              "warmup": args.warmup, "note": hf_note, "rows": rows}, table)
