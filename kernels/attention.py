@@ -814,6 +814,11 @@ def _seed_arg(seed, q, dropout_p):
     return check_seed_tensor(seed, q.device) if dropout_p > 0.0 else q
 
 
+def _grid(seqlen, block, layout):
+    """Launch grid: one program per ``block`` (the autotuned config's) rows of ``seqlen``, per (batch, head)."""
+    return lambda meta: (triton.cdiv(seqlen, meta[block]) * layout.batch * layout.nheads,)
+
+
 def _common_args(layout, dropout_p, softmax_scale, seed, q):
     threshold, drop_scale = _dropout_args(dropout_p)
     return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), drop_threshold=threshold,
@@ -830,13 +835,9 @@ def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, s
     lse = torch.empty((layout.batch, layout.nheads, layout.seqlen_q), dtype=torch.float32, device=q.device)
     mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, q.device)
     cu = cu_seqlens if cu_seqlens is not None else lens
-    n_bh = layout.batch * layout.nheads
-
-    def grid(meta):
-        return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
 
     with _on_device(q):   # Triton launches on the current device
-        _attn_fwd[grid](
+        _attn_fwd[_grid(layout.seqlen_q, "BLOCK_M", layout)](
             q, k, v, out, lse, mask, lens, cu,
             *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
             layout.nheads, layout.seqlen_q, layout.seqlen_k,
@@ -852,29 +853,20 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
     mask, lens, stride_mb, has_mask, has_lens = _mask_args(key_mask, key_lens, q.device)
     cu = cu_seqlens if cu_seqlens is not None else lens
-    n_bh = layout.batch * layout.nheads
     dq, dk, dv = grads if grads is not None else (torch.empty(t.shape, dtype=t.dtype, device=t.device)
                                                   for t in (q, k, v))
     delta = torch.empty_like(lse)
 
     with _on_device(q):   # Triton launches on the current device
         common = _common_args(layout, dropout_p, softmax_scale, seed, q)
-
-        def grid_q(meta):
-            return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]) * n_bh,)
-
         # dQ first: it also writes delta, which the dK/dV kernel reads
-        _attn_bwd_dq[grid_q](
+        _attn_bwd_dq[_grid(layout.seqlen_q, "BLOCK_M", layout)](
             q, k, v, out, do, dq, lse, delta, mask, lens, cu,
             *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
             *layout.strides(do), *layout.strides(dq), stride_mb,
             layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
             HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
-
-        def grid_kv(meta):
-            return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]) * n_bh,)
-
-        _attn_bwd_dkdv[grid_kv](
+        _attn_bwd_dkdv[_grid(layout.seqlen_k, "BLOCK_N", layout)](
             q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
             *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
             *layout.strides(dk), *layout.strides(dv), stride_mb,
