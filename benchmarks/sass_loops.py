@@ -85,9 +85,6 @@ def compile_sm90(kernel: str, block_m: int, block_n: int, num_warps: int, num_st
     return compile_kernel(fn, consts, _POINTERS, floats=_FLOATS, num_warps=num_warps, num_stages=num_stages)
 
 
-_TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-
-
 def kernel_cases() -> list[dict]:
     """Every Triton kernel of fastelectra in the variants its launchers build for ELECTRA's shapes:
     each dtype pair, each fused-feature flag, the tile configs the launchers (or the attention
@@ -104,7 +101,7 @@ def kernel_cases() -> list[dict]:
     cases = []
 
     def add(op, fn, variant, consts, pointers, floats=(), divisible=(), num_warps=4, num_stages=3):
-        cases.append(dict(op=op, kernel=fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__, variant=variant,
+        cases.append(dict(op=op, kernel=fn.fn.__name__, variant=variant,
                           fn=fn, consts=consts, pointers=pointers, floats=set(floats),
                           divisible=None if divisible is None else set(divisible), num_warps=num_warps,
                           num_stages=num_stages))
@@ -203,8 +200,15 @@ def _compile_case(c: dict) -> dict:
     return {**row, "registers": regs, "spill_stores": _spills(instrs), "error": ""}
 
 
+_worker_cases: list[dict] = []     # kernel_cases() of a compile_all worker process, built once per process
+
+
+def _init_worker() -> None:
+    _worker_cases.extend(kernel_cases())           # the cases hold kernel objects, which do not pickle
+
+
 def _compile_case_at(index: int) -> dict:
-    return _compile_case(kernel_cases()[index])     # in a worker process: the cases hold kernel objects
+    return _compile_case(_worker_cases[index])
 
 
 def compile_all(jobs: int | None = None) -> list[dict]:
@@ -213,12 +217,13 @@ def compile_all(jobs: int | None = None) -> list[dict]:
     import concurrent.futures
     import multiprocessing
 
-    n = len(kernel_cases())
-    jobs = max(1, min(jobs or os.cpu_count() or 1, n))
+    cases = kernel_cases()
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(cases)))
     if jobs == 1:
-        return [_compile_case(c) for c in kernel_cases()]
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_case_at, range(n)))
+        return [_compile_case(c) for c in cases]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker) as pool:
+        return list(pool.map(_compile_case_at, range(len(cases))))
 
 
 def _opcode(text: str) -> str:
