@@ -12,7 +12,7 @@
 #   STAGES="build quick" bash benchmarks/run_gpu.sh   # the figures the open targets hinge on, in minutes: the
 #                         graphed training step (Small, Base), attention with mask + dropout, the
 #                         layer-norm launch-shape sweep at N = 768, and the README's main job
-# Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF (caps in s; T_bench_<name> for one benchmark),
+# Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK (caps in s; T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
 RES=${RES:-gpu_results}
