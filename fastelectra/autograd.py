@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["eager_function", "use_eager"]
 
@@ -34,7 +35,10 @@ def eager_function(name: str, forward: Callable, backward: Callable, setup_conte
         setup_context(ctx, inputs, output)
         return output
 
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(run), "backward": staticmethod(backward)})
+    # The backward runs Triton launchers, which autograd cannot see through: once_differentiable makes a
+    # double backward (create_graph=True) an error instead of silently missing second-order terms.
+    fn = type(name, (torch.autograd.Function,),
+              {"forward": staticmethod(run), "backward": staticmethod(once_differentiable(backward))})
     return fn.apply
 
 

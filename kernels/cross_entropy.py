@@ -24,6 +24,7 @@ References: the fused linear-cross-entropy kernels of Liger-Kernel and Apple's c
 (the gradient of a cross-entropy is softmax minus one-hot); Triton tutorial 02 (fused softmax).
 """
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -118,6 +119,7 @@ class _CrossEntropyFn(torch.autograd.Function):
         return lse - logits.gather(1, targets[:, None]).squeeze(1).float()       # (N,) fp32
 
     @staticmethod
+    @once_differentiable   # the backward is a Triton pass: a double backward is an error, not silently wrong
     def backward(ctx, dloss):
         logits, targets, lse = ctx.saved_tensors
         return _backward(logits, targets, lse, dloss), None, None

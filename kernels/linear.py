@@ -46,10 +46,12 @@ Limits: any (M, K) × (N, K) with N ≥ 1; dy rows are made contiguous for the c
 References: Triton tutorial 05 (the two-stage dW/dB reduction of its layer-norm backward);
 torch.nn.functional.linear.
 """
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -222,6 +224,7 @@ class _LinearFn(torch.autograd.Function):
         return (y, x.view_as(x)) if return_input else y
 
     @staticmethod
+    @once_differentiable   # Triton and fp32-output GEMMs: a double backward is an error, not silently wrong
     def backward(ctx, dy, dres=None):
         xc, w, *h = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -275,7 +278,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         f"{weight.dtype}, {bias.dtype}")
     else:
         dtype = x.dtype
-    out = _LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, dtype, activation, return_input)
+    rows = math.prod(x.shape[:-1])                          # (reshape(-1, K) fails for K = 0)
+    out = _LinearFn.apply(x.reshape(rows, x.shape[-1]), weight, bias, dtype, activation, return_input)
     if return_input:
         return out[0].view(*x.shape[:-1], weight.shape[0]), out[1].view(x.shape)
     return out.view(*x.shape[:-1], weight.shape[0])                                 # (..., N)

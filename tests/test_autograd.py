@@ -113,3 +113,28 @@ def test_eager_backward_allocates_no_zero_gradient_for_the_statistics(op):
         grads = torch.autograd.grad(out, leaves, dy)
     assert fills.count == 0
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_double_backward_through_a_fused_op_is_an_error_not_a_silent_zero():
+    """The backwards run Triton launchers that autograd cannot differentiate: create_graph=True must end
+    in a clear error (once_differentiable), not in missing second-order terms."""
+    from fastelectra.kernels.cross_entropy import cross_entropy_with_lse
+    from fastelectra.kernels.linear import fused_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
+    q = torch.randn(1, 8, 2, 16, device=DEVICE, requires_grad=True)
+    lin_w, lin_b = torch.randn(8, 16, device=DEVICE), torch.randn(8, device=DEVICE)
+    logits = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    cases = [
+        (lambda: ln.fused_layer_norm(x, w, b, 1e-5), x),
+        (lambda: attn.flash_attention(q, q, q), q),
+        (lambda: fused_linear(x, lin_w, lin_b, "gelu"), x),
+        (lambda: cross_entropy_with_lse(logits, torch.arange(4, device=DEVICE),
+                                        torch.logsumexp(logits.detach(), -1)), logits),
+    ]
+    for fn, leaf in cases:
+        (g,) = torch.autograd.grad(fn().square().sum(), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g.square().sum().backward()
