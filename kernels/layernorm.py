@@ -40,6 +40,7 @@ References: Triton tutorial 05 (layer norm), Apex/flash-attention fused dropout-
 """
 import contextlib
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -441,7 +442,7 @@ _layer_norm_eager = eager_function("_LayerNormFn", _fwd,
 
 
 # ----------------------------------------------------------------------------- functional API
-def _check_inputs(x, weight, bias, residual, dropout_p) -> int:
+def _check_inputs(x, weight, bias, residual, eps, dropout_p) -> int:
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -459,6 +460,8 @@ def _check_inputs(x, weight, bias, residual, dropout_p) -> int:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return n
@@ -474,8 +477,11 @@ def fused_layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0
     ``torch.manual_seed`` reproduces a run). Unused when ``dropout_p == 0``. The mask for a seed is
     ``dropout_mask(...)``.
     """
-    n = _check_inputs(x, weight, bias, residual, dropout_p)
+    n = _check_inputs(x, weight, bias, residual, eps, dropout_p)
     seed_t = seed_tensor(seed, x.device) if dropout_p > 0.0 else None
+    # the kernels index weight and bias with stride 1 (a view such as w[::2] would read the wrong values)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     shape = x.shape
     x2 = x.reshape(-1, n).contiguous()
     res2 = residual.reshape(-1, n).contiguous() if residual is not None else None

@@ -129,6 +129,23 @@ def test_non_contiguous_input_and_residual():
     torch.testing.assert_close(y, F.layer_norm(xt + rt, (200,), w, None, 1e-5), atol=1e-5, rtol=1e-5)
 
 
+def test_strided_and_expanded_weight_and_bias():
+    """The kernels index weight and bias with stride 1: views with other strides are made contiguous
+    first, and their gradients reach the original parameters."""
+    x = torch.randn(3, 8, device=DEVICE)
+    w_base = torch.randn(16, device=DEVICE, requires_grad=True)
+    b_base = torch.randn(8, 2, device=DEVICE, requires_grad=True)
+    for w, b in [(w_base[::2], b_base[:, 0]), (w_base[:1].expand(8), b_base[:1, 1].expand(8))]:
+        assert w.stride() != (1,) and b.stride() != (1,)
+        y = fused_layer_norm(x, w, b, 1e-5)
+        ref = F.layer_norm(x, (8,), w, b, 1e-5)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        gw, gb = torch.autograd.grad(y.square().sum(), (w_base, b_base))
+        rw, rb = torch.autograd.grad(ref.square().sum(), (w_base, b_base))
+        torch.testing.assert_close(gw, rw, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gb, rb, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_rows():
     x, r, w, b = make_inputs((0, 200), torch.float32)
     y = fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=0.1, seed=3)
@@ -243,13 +260,16 @@ def test_zero_dropout_mask_keeps_everything():
     (lambda: (torch.randn(2, 8), None, None, {"dropout_p": 0.1, "seed": torch.tensor([1], device="meta")}),
      ValueError, "seed is on meta"),
     (lambda: (torch.randn(2, 8), torch.randn(8, device="meta"), None, {}), ValueError, "weight is on"),
+    (lambda: (torch.randn(2, 8), None, None, {"eps": float("nan")}), ValueError, "eps must be"),
+    (lambda: (torch.randn(2, 8), None, None, {"eps": -1e-5}), ValueError, "eps must be"),
 ], ids=["int-x", "too-wide", "empty-row", "scalar", "weight-shape", "bias-shape", "residual-shape",
         "residual-dtype", "p-one", "p-negative", "seed-float", "seed-two-elements", "seed-float-tensor",
-        "seed-too-big", "seed-device", "device-mismatch"])
+        "seed-too-big", "seed-device", "device-mismatch", "eps-nan", "eps-negative"])
 def test_bad_inputs_raise_clear_errors(make, exc, match):
     x, w, b, kw = make()
+    kw = {"eps": 1e-5, **kw}
     with pytest.raises(exc, match=match):
-        fused_layer_norm(x, w, b, 1e-5, **kw)
+        fused_layer_norm(x, w, b, **kw)
 
 
 def test_dropout_mask_bad_arguments():
