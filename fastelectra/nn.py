@@ -100,8 +100,10 @@ class FusedSelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, dropout_p: float = 0.0, *, backend: str | None = None):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})")
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)   # parameters only: one fused GEMM below
         self.key = nn.Linear(hidden_size, hidden_size)

@@ -68,13 +68,29 @@ def _check_dropout_p(dropout_p: float) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _check_qkv_layout(q, k, v, layout: str) -> None:
-    """q, k, v are float tensors with one dimension per name in ``layout`` ("batch, seqlen, ...")."""
+def _check_seed(seed) -> None:
+    """Validates a seed where the reference runs, which ignores it (the fused paths validate their own)."""
+    if seed is not None:
+        _rng.seed_tensor(seed, seed.device if isinstance(seed, torch.Tensor) else "cpu")
+
+
+def _check_softmax_scale(softmax_scale) -> None:
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not 0.0 < softmax_scale < math.inf):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+
+
+def _check_qkv_layout(q, k, v, layout: str, softmax_scale) -> None:
+    """q, k, v are float tensors with one dimension per name in ``layout`` ("batch, seqlen, ...") and a
+    non-empty head dimension; ``softmax_scale`` is None or positive."""
     ndim = len(layout.split(","))
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(t.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q, k, v must have headdim >= 1, got q {tuple(q.shape)}")
+    _check_softmax_scale(softmax_scale)
 
 
 def _attention_kernel_takes(q, backend, op: str) -> bool:
@@ -120,7 +136,13 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
     if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x (..., K) and weight (N, K) must agree in K, got x {tuple(x.shape)} and weight "
                          f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
     _check_same_device(x=x, weight=weight, bias=bias)
+    if (not (x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype))
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(f"x, weight and bias must share one dtype outside autocast, got {x.dtype}, {weight.dtype}"
+                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
     if bias is not None and _kernel_outside_compile(x, backend, "linear"):
         from .kernels.linear import fused_linear
 
@@ -132,12 +154,19 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
 
 # ----------------------------------------------------------------------------- layer norm
 def layer_norm_reference(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0):
-    """Torch reference of :func:`layer_norm` (dropout from torch's RNG)."""
+    """Torch reference of :func:`layer_norm` (dropout from torch's RNG). Takes the dtype mixes the
+    kernel takes: x + residual in their promoted dtype, weight and bias in x's dtype unless both are
+    fp32 for an fp16/bf16 x (F.layer_norm's own mix); returns x's dtype."""
+    out_dtype = x.dtype
     if dropout_p > 0.0:
         x = F.dropout(x, dropout_p, training=True)
     if residual is not None:
         x = x + residual
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    params = [p for p in (weight, bias) if p is not None]
+    if not all(p.dtype == x.dtype for p in params) and not (
+            x.dtype in (torch.float16, torch.bfloat16) and all(p.dtype == torch.float32 for p in params)):
+        weight, bias = (None if p is None else p.to(x.dtype) for p in (weight, bias))
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(out_dtype)
 
 
 def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed=None, backend=None):
@@ -153,8 +182,12 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
     if x.dim() == 0 or n == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != (n,):
-            raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
+        if p is not None:
+            _check_float(name, p)
+            if tuple(p.shape) != (n,):
+                raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
+    if not 0.0 <= eps < math.inf:  # false for NaN too
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if residual is not None:
         _check_float("residual", residual)
         if residual.shape != x.shape:
@@ -166,6 +199,7 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
 
         if n <= MAX_N:  # wider rows do not fit one block: they take the reference
             return fused_layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p, seed=seed)
+    _check_seed(seed)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
 
@@ -173,8 +207,8 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
 def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None):
     """Torch reference of :func:`attention`: HF-style eager math in the inputs' dtype.
 
-    Padded keys get the most negative finite score (as transformers does), so a sequence with no
-    valid key averages all values instead of producing NaN.
+    Padded keys get the most negative finite score (as transformers does); a sequence with no valid
+    key gets zeros (the fused kernel's rule, and SDPA's), where transformers would average all values.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))            # (B, H, T, D)
@@ -184,12 +218,15 @@ def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_s
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p, training=True)
-    return torch.matmul(probs, vh).transpose(1, 2)                  # (B, Tq, H, D)
+    out = torch.matmul(probs, vh).transpose(1, 2)                   # (B, Tq, H, D)
+    if key_padding_mask is not None:                                # no valid key: zeros
+        out = out * key_padding_mask.any(-1)[:, None, None, None].to(out.dtype)
+    return out
 
 
-def _check_attention_args(q, k, v, key_padding_mask, dropout_p):
+def _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     """Checks of :func:`attention`'s arguments; returns the key-padding mask as bool (or None)."""
-    _check_qkv_layout(q, k, v, "batch, seqlen, nheads, headdim")
+    _check_qkv_layout(q, k, v, "batch, seqlen, nheads, headdim", softmax_scale)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -222,12 +259,13 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
     the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
     head sizes and float64 run the reference.
     """
-    key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p)
+    key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     if _attention_kernel_takes(q, backend, "attention"):
         from .kernels.attention import flash_attention
 
         return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                softmax_scale=softmax_scale, seed=seed)
+    _check_seed(seed)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
 
 
@@ -249,9 +287,9 @@ def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, s
     return attention_reference(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale)[seq, pos]
 
 
-def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p) -> None:
+def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale) -> None:
     """Checks of :func:`attention_varlen`'s arguments."""
-    _check_qkv_layout(q, k, v, "total, nheads, headdim")
+    _check_qkv_layout(q, k, v, "total, nheads, headdim", softmax_scale)
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape (self-attention over the same tokens), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -288,12 +326,13 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
     cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
     """
-    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     if _attention_kernel_takes(q, backend, "attention_varlen"):
         from .kernels.attention import flash_attention_varlen
 
         return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                       softmax_scale=softmax_scale, seed=seed)
+    _check_seed(seed)
     return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
 
@@ -318,14 +357,15 @@ def attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale
     if varlen:
         if key_padding_mask is not None:
             raise ValueError("with cu_seqlens (packed sequences) key_padding_mask must be None")
-        _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+        _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     else:
-        key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p)
+        key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale)
     if _attention_kernel_takes(q, backend, "attention_varlen" if varlen else "attention"):
         from .kernels.attention import flash_attention_qkvpacked
 
         return flash_attention_qkvpacked(qkv, key_padding_mask, dropout_p, softmax_scale, seed=seed,
                                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    _check_seed(seed)
     if varlen:
         return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
@@ -364,7 +404,7 @@ def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature
     return result + (torch.logsumexp(x, dim=-1),) if return_lse else result
 
 
-def _check_replace_args(logits, input_ids, masked_positions, temperature) -> None:
+def _check_replace_args(logits, input_ids, masked_positions, temperature, offset) -> None:
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (num_masked, vocab_size), got shape {tuple(logits.shape)}")
@@ -383,12 +423,16 @@ def _check_replace_args(logits, input_ids, masked_positions, temperature) -> Non
         raise ValueError("logits has an empty vocabulary dimension")
     if not 0.0 <= temperature < math.inf:  # false for NaN too; unlike math.isfinite, traceable for a SymFloat
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, torch.SymInt)) or not 0 <= offset < 2**63:
+        raise ValueError(f"offset must be an int in [0, 2**63), got {offset!r}")
     _check_same_device(logits=logits, input_ids=input_ids, masked_positions=masked_positions)
     # Data checks: on CPU only (a sync on GPU, where the _C kernel flags bad rows with sampled = -1)
     # and not while torch.compile traces (data-dependent branches; the _C CPU op checks the same).
     if input_ids.device.type == "cpu" and input_ids.numel() > 0 and not torch.compiler.is_compiling():
         if masked_positions.numel() and (masked_positions.min() < 0 or masked_positions.max() >= input_ids.numel()):
             raise ValueError(f"masked_positions must lie in [0, {input_ids.numel()}) (flat indices into input_ids)")
+        if masked_positions.unique().numel() != masked_positions.numel():
+            raise ValueError("masked_positions must be distinct (two rows would write one position)")
         if input_ids.min() < 0 or input_ids.max() >= logits.shape[1]:
             raise ValueError(f"input_ids must lie in [0, vocab_size={logits.shape[1]})")
 
@@ -406,9 +450,10 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
 
     The fused op (csrc/) draws its noise from Philox4x32-10 keyed on (seed, offset, element), so
     CPU and CUDA give identical samples for the same logits, seed and offset; the eager reference
-    samples the same distribution with other draws. Positions should be distinct and logits
-    contiguous. On CUDA, index ranges are checked inside the kernel without a host sync: a row
-    whose position or original id is out of range writes nothing and reports ``sampled = -1``.
+    samples the same distribution with other draws; float64 logits always take it. Positions must be
+    distinct and logits contiguous. On CUDA, index ranges are checked inside the kernel without a
+    host sync (a row whose position or original id is out of range writes nothing and reports
+    ``sampled = -1``), and distinct positions are the caller's promise; on CPU both are checked.
 
     ``seed``: None, an int, or a one-element integer tensor. The fused op takes it as an int64 (1,)
     tensor on the logits' device that its kernel reads from memory (see fastelectra.rng): None
@@ -416,9 +461,9 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     no host sync and every replay of a captured CUDA graph samples afresh. An int and a tensor of
     the same value give the same samples. For the eager path see :func:`replace_tokens_reference`.
     """
-    _check_replace_args(logits, input_ids, masked_positions, temperature)
+    _check_replace_args(logits, input_ids, masked_positions, temperature, offset)
     logits = logits.detach()
-    if _backend.use_extension(backend, "replace_tokens"):
+    if logits.dtype in KERNEL_DTYPES and _backend.use_extension(backend, "replace_tokens"):
         seed = _rng.seed_tensor(seed, logits.device)
         ids, labels, sampled, lse = torch.ops.fastelectra.replace_tokens(
             logits, input_ids, masked_positions, float(temperature), seed, int(offset), bool(return_lse))
@@ -452,7 +497,16 @@ def cross_entropy(logits, targets, *, lse=None, backend=None):
             or tuple(targets.shape) != tuple(logits.shape[:1])):
         raise TypeError(f"targets must be an int64 tensor of shape ({logits.shape[0]},), got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    if lse is not None and (not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32
+                            or tuple(lse.shape) != tuple(logits.shape[:1])):
+        raise TypeError(f"lse must be a float32 tensor of shape ({logits.shape[0]},), got "
+                        f"{getattr(lse, 'dtype', type(lse).__name__)} {tuple(getattr(lse, 'shape', ()))}")
     _check_same_device(logits=logits, targets=targets, lse=lse)
+    if (targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling()
+            and (targets.min() < 0 or targets.max() >= logits.shape[1])):   # (F.cross_entropy would ignore -100)
+        raise ValueError(f"targets must lie in [0, vocab_size={logits.shape[1]})")
     if lse is not None and cross_entropy_takes_lse(logits, backend):
         from .kernels.cross_entropy import cross_entropy_with_lse
 

@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import eager_function, use_eager
+from ..ops import _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
 from .layernorm import _on_device
 
@@ -1027,8 +1028,7 @@ def _check_dropout(dropout_p, *seqlens) -> float:
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    _check_softmax_scale(softmax_scale)
     return float(softmax_scale)
 
 
@@ -1062,6 +1062,10 @@ def _dense_args(q, k, v, key_padding_mask, key_lengths, dropout_p, softmax_scale
                              f"{tuple(getattr(key_lengths, 'shape', ()))}")
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
+        # values: checked on CPU only (on a GPU a host sync); the kernels clamp them to [0, seqlen_k]
+        if (key_lengths.device.type == "cpu" and batch and not torch.compiler.is_compiling()
+                and (key_lengths.min() < 0 or key_lengths.max() > k.shape[1])):
+            raise ValueError(f"key_lengths must lie in [0, seqlen_k={k.shape[1]}], got {key_lengths.tolist()}")
     return key_padding_mask, key_lengths, dropout_p, _scale(softmax_scale, q.shape[-1])
 
 
@@ -1096,7 +1100,8 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
     with a unit last stride (e.g. views into a fused QKV projection). headdim in 16/32/64/128;
     fp16/bf16 (fp32 runs a slower exact path).
     key_padding_mask: (batch, seqlen_k) bool/integer, True/1 = attend, honoured exactly.
-    key_lengths: (batch,) integer valid key counts, an alternative for prefix masks.
+    key_lengths: (batch,) integer valid key counts in [0, seqlen_k], an alternative for prefix masks
+    (checked for CPU tensors; on a GPU, where that would cost a host sync, the kernels clamp them).
     dropout_p: applied as given; ``seed`` (None | int | one-element integer tensor) keys the
     in-kernel Philox, read on q's device (None: drawn from torch's generator of q's device, so
     torch.manual_seed reproduces; no host sync). Unused when dropout_p == 0. A sequence without a

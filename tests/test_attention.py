@@ -178,6 +178,10 @@ def test_sequence_without_valid_keys_gives_zeros():
     keep = dropout_mask(1, 2, 2, 17, 17, 0.1, DEVICE)
     ref = reference(q[:1].double(), k[:1].double(), v[:1].double(), mask[:1], keep[:1], 0.1)
     assert max_err(out[:1], ref) < 2e-3
+    # the torch reference that eager and CPU calls run follows the same rule
+    eager, fused = ops.attention(q, k, v, mask, backend="eager"), flash_attention(q, k, v, mask)
+    assert (eager[1] == 0).all() and (fused[1] == 0).all()
+    assert max_err(eager[:1], fused[:1]) < 2e-3
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -420,6 +424,13 @@ def test_bad_inputs_raise_clear_errors():
         flash_attention(q.to(torch.int32), q.to(torch.int32), q.to(torch.int32))
     with pytest.raises(ValueError, match="dropout_p"):
         flash_attention(q, q, q, dropout_p=1.0)
+    for scale in (float("nan"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match="softmax_scale"):
+            flash_attention(q, q, q, softmax_scale=scale)
+    if DEVICE == "cpu":
+        for lengths in ([-1], [9]):
+            with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, seqlen_k=8\]"):
+                flash_attention(q, q, q, key_lengths=torch.tensor(lengths))
     with pytest.raises(ValueError, match="key_padding_mask"):
         flash_attention(q, q, q, torch.ones(1, 7, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="key_padding_mask"):

@@ -75,3 +75,9 @@ def test_fused_self_attention_uses_dropout_only_in_training(monkeypatch):
     m.train()(x)
     m.eval()(x)
     assert seen == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("hidden,heads,p", [(8, 0, 0.0), (8, 3, 0.0), (0, 2, 0.0), (8, 2, 1.0)])
+def test_fused_self_attention_constructor_names_bad_arguments(hidden, heads, p):
+    with pytest.raises(ValueError, match="num_heads|dropout_p"):
+        FusedSelfAttention(hidden, heads, p)

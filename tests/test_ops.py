@@ -120,6 +120,31 @@ def test_replace_reference_lse_and_determinism():
     (lambda: ops.layer_norm(torch.randn(4, 8), None, None, residual=torch.randn(4, 9)), ValueError, "residual"),
     (lambda: ops.layer_norm(torch.randn(4, 8).long(), None, None), TypeError, "x must be a float tensor"),
     (lambda: ops.layer_norm(torch.randn(4, 8), None, None, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(8).long(), None), TypeError, "weight must be a float"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, [0.0] * 8), TypeError, "bias must be a torch.Tensor"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, float("nan")), ValueError, "eps must be a finite"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, -1.0), ValueError, "eps must be a finite"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, dropout_p=0.1, seed="abc"), TypeError, "seed must be"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8)] * 3, softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8)] * 3, softmax_scale=0.0), ValueError, "softmax_scale"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 0)] * 3), ValueError, "headdim >= 1"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8)] * 3, seed=1.5), TypeError, "seed must be"),
+    (lambda: ops.attention_varlen(*[torch.randn(5, 2, 8)] * 3, torch.tensor([0, 5], dtype=torch.int32), 5,
+                                  softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (lambda: ops.linear(torch.randn(6, 4), torch.randn(5, 4), torch.randn(3)), ValueError, r"bias must have shape \(5,\)"),
+    (lambda: ops.linear(torch.randn(6, 4).double(), torch.randn(5, 4), None), TypeError, "share one dtype"),
+    (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
+                                seed=1, offset=1.5), ValueError, "offset must be an int"),
+    (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
+                                seed=1, offset=-1), ValueError, "offset must be an int"),
+    (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long),
+                                torch.tensor([0, 2, 0])), ValueError, "masked_positions must be distinct"),
+    (lambda: ops.cross_entropy(torch.randn(3, 10), torch.tensor([1, -100, 2])), ValueError,
+     r"targets must lie in \[0, vocab_size=10\)"),
+    (lambda: ops.cross_entropy(torch.randn(3, 10), torch.tensor([1, 10, 2])), ValueError, "targets must lie"),
+    (lambda: ops.cross_entropy(torch.randn(3, 10), torch.tensor([1, 0, 2]), lse=torch.zeros(2)), TypeError,
+     r"lse must be a float32 tensor of shape \(3,\)"),
+    (lambda: ops.cross_entropy(torch.randn(3, 0), torch.tensor([1, 0, 2])), ValueError, "empty vocabulary"),
 ])
 def test_bad_arguments_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -161,3 +186,36 @@ def test_fused_without_extension_is_a_clear_error(monkeypatch):
         ops.replace_tokens(torch.randn(2, 5), torch.zeros(1, 3, dtype=torch.long), torch.arange(2), backend="fused")
     assert math.isfinite(ops.replace_tokens(torch.randn(2, 5), torch.zeros(1, 3, dtype=torch.long),
                                             torch.arange(2), backend="eager")[2].sum().item())
+
+
+def test_reference_paths_take_the_inputs_the_kernels_take():
+    """What the fused paths accept, the references compute too (and right): mixed layer-norm parameter
+    dtypes, float64 logits for replace_tokens under the default backend, K = 0 in linear."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 8), 1 + 0.1 * torch.randn(8), 0.1 * torch.randn(8)
+    expect = F.layer_norm(x.double(), (8,), w.double(), b.double(), 1e-5)
+    for xd, wd in [(torch.float32, torch.float64), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                   (torch.float64, torch.float32)]:
+        y = ops.layer_norm(x.to(xd), w.to(wd), b.to(wd), 1e-5, residual=torch.zeros(4, 8, dtype=torch.float64))
+        assert y.dtype == xd
+        torch.testing.assert_close(y.double(), expect, atol=0.05 if torch.bfloat16 in (xd, wd) else 1e-5, rtol=0)
+    ids = torch.randint(0, 10, (2, 3))
+    out = ops.replace_tokens(torch.randn(3, 10, dtype=torch.float64), ids, torch.tensor([0, 2, 5]), temperature=0.0)
+    assert out[2].dtype == torch.int64 and out[0].shape == (2, 3)
+    y = ops.linear(torch.randn(3, 0), torch.randn(5, 0), b[:5])
+    torch.testing.assert_close(y, b[:5].expand(3, 5))
+
+
+def test_attention_without_a_valid_key_gives_zeros_on_every_path():
+    """A sequence whose keys are all padding: the reference returns zeros, as the kernel does (and SDPA),
+    and gets no gradient from those rows."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 2, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    out = ops.attention(q, k, v, mask, backend="eager")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[:1], ops.attention(q[:1], k[:1], v[:1], mask[:1], backend="eager"))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
