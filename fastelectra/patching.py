@@ -19,11 +19,20 @@ state dict keeps its keys and an optimizer built before patching keeps working):
     (ElectraIntermediate)               whose backward fuses the activation's with the bias sum
                                         (transformers' gelu, gelu_new, relu, silu activations)
 
-Left untouched: cross-attention (ElectraCrossAttention) and causal (decoder) self-attention, which
-need masks other than key padding; the report lists them. Patched attention does not return attention
-weights (HF's ``output_attentions`` gets None). The attention mask HF builds for the configured
+Left untouched, and listed in the report: cross-attention (ElectraCrossAttention) and causal (decoder)
+self-attention, which need masks other than key padding; modules with an instance-level ``forward``
+(accelerate's device hooks, for instance); Linear and LayerNorm layers whose weight or bias is not a
+registered Parameter (``nn.utils.weight_norm``, pruning, parametrizations compute it from others).
+Hooks registered on a replaced module stay registered and keep firing: the replacement shares the
+original's hook dictionaries (a LayerNorm with forward pre-hooks keeps its unfused post-LN tail, since
+the fused tail would hand those hooks a different input).
+
+Patched attention never materialises the attention weights, so it does not return them: with
+``output_attentions=True`` transformers 5 gives an empty ``attentions`` tuple (4.x: None per layer);
+unpatch the model to inspect them. The attention mask HF builds for the configured
 ``attn_implementation`` (eager: additive float, sdpa: bool, both (B, 1, Tq, Tk); or None) is turned
-back into the (B, Tk) key-padding mask; any other mask (causal, per-query, a bias) is a clear error.
+back into the (B, Tk) key-padding mask; any other mask (causal, per-query, a bias, flex attention's
+BlockMask) is a clear error.
 """
 from __future__ import annotations
 
@@ -47,7 +56,11 @@ INTERMEDIATE_CLASSES = {"ElectraIntermediate"}
 HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_new", "ReLU": "relu", "SiLU": "silu",
                   "SiLUActivation": "silu"}
 MASKED_BELOW = -1e4                   # additive-mask entries at or below this are "do not attend" (HF uses finfo.min)
-_mask_cache = None                    # (weakref to the last HF mask, its key-padding mask): shared by all layers
+# (weakref to the last HF mask, its version counter, batch, seqlen_k, its key-padding mask): shared by all layers
+_mask_cache = None
+# the hook dictionaries of an nn.Module that a replacement shares with the module it replaces
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
 @dataclass
@@ -89,6 +102,10 @@ def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: in
     """
     if mask is None:
         return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"patched attention takes the eager or sdpa attention mask (a tensor), got a "
+                         f"{type(mask).__name__} (attn_implementation='flex_attention'?); use attn_implementation="
+                         "'sdpa' or 'eager', or unpatch the model (fastelectra.unpatch)")
     if mask.dim() == 2:
         if mask.shape != (batch, seqlen_k):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not match (batch, seqlen) = "
@@ -136,14 +153,17 @@ class PatchedSelfAttention(nn.Module):
 
     @staticmethod
     def key_padding_mask(mask, batch, seqlen_k):
-        # every layer receives the same mask tensor: convert (and check, one host sync on CUDA) once per forward
+        # every layer receives the same mask tensor: convert (and check, one host sync on CUDA) once per forward.
+        # The key is the tensor, its version counter (a buffer refilled in place is a new mask) and the shape
+        # it is read at (a (1, 1, T, T) mask broadcasts over any batch size).
         global _mask_cache
         if mask is None:
             return None
-        if _mask_cache is not None and _mask_cache[0]() is mask:
-            return _mask_cache[1]
+        key = getattr(mask, "_version", None), batch, seqlen_k
+        if _mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1] == key:
+            return _mask_cache[2]
         kpm = key_padding_mask_from_hf(mask, batch, seqlen_k)
-        _mask_cache = (weakref.ref(mask), kpm)
+        _mask_cache = (weakref.ref(mask), key, kpm)
         return kpm
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
@@ -197,6 +217,27 @@ class FusedIntermediate(nn.Module):
 
 
 # ----------------------------------------------------------------------------- patch / unpatch
+def _why_not_replaceable(m: nn.Module) -> str | None:
+    """Why a module of a patchable kind must stay as it is, or None."""
+    if "forward" in m.__dict__:
+        return "it has an instance-level forward (e.g. accelerate's hooks)"
+    for name in ("weight", "bias"):
+        if isinstance(m, (nn.Linear, nn.LayerNorm)) and getattr(m, name, None) is not None and name not in m._parameters:
+            return f"its {name} is not a registered Parameter (weight_norm, pruning or another reparametrization)"
+    return None
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in HOOK_DICTS)
+
+
+def _share_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Hooks registered on ``old`` (before or after patching) fire on ``new`` too: the dictionaries are shared."""
+    for name in HOOK_DICTS:
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
+
+
 def _layer_norm_replacement(m: nn.Module, backend, report: PatchReport, path: str):
     if isinstance(m, FusedLayerNorm) or not isinstance(m, nn.LayerNorm):
         return None
@@ -224,9 +265,16 @@ def _attention_replacement(m: nn.Module, backend, report: PatchReport, path: str
 def _linear_replacement(m: nn.Module, backend, report: PatchReport, path: str):
     if _is_transformers(m, INTERMEDIATE_CLASSES):
         act = HF_ACTIVATIONS.get(_class_name(m.intermediate_act_fn))
-        if act is None or not isinstance(m.dense, nn.Linear) or m.dense.bias is None:
-            report.skipped.append((path, f"activation {_class_name(m.intermediate_act_fn)} is not one fastelectra "
-                                         "fuses" if act is None else "its dense layer is not a Linear with a bias"))
+        if act is None:
+            why = f"activation {_class_name(m.intermediate_act_fn)} is not one fastelectra fuses"
+        elif not isinstance(m.dense, nn.Linear) or m.dense.bias is None:
+            why = "its dense layer is not a Linear with a bias"
+        elif _has_hooks(m.dense) or _has_hooks(m.intermediate_act_fn):   # the fused call runs neither module
+            why = "its dense layer or activation has hooks"
+        else:
+            why = _why_not_replaceable(m.dense)
+        if why is not None:
+            report.skipped.append((path, why))
             return None
         return FusedIntermediate(m, act, backend=backend)
     if isinstance(m, FusedLinear) or not isinstance(m, nn.Linear):
@@ -265,6 +313,12 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
 
     def replacement(m: nn.Module, path: str) -> nn.Module | None:
         new = None
+        if (isinstance(m, (nn.LayerNorm, nn.Linear)) and not isinstance(m, (FusedLayerNorm, FusedLinear))
+                or _is_transformers(m, ATTENTION_CLASSES | INTERMEDIATE_CLASSES)):
+            why = _why_not_replaceable(m)
+            if why is not None:
+                report.skipped.append((path, why))
+                return None
         if layer_norm:
             new = _layer_norm_replacement(m, backend, report, path)
         if new is None and attention:
@@ -285,6 +339,7 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
                 continue
             new = replacement(child, path)
             if new is not None:
+                _share_hooks(new, child)
                 object.__setattr__(new, ORIGINAL, child)
                 new.train(child.training)
                 new_for[id(child)] = new
@@ -295,7 +350,14 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
             visit(child, path + ".", seen)
             # post-LN tails: fused once their LayerNorm is (the LayerNorm swap above ran in visit)
             if layer_norm and _is_transformers(child, TAIL_CLASSES) and isinstance(child.LayerNorm, FusedLayerNorm):
+                why = _why_not_replaceable(child) or (
+                    "its LayerNorm has forward pre-hooks, which the fused tail would give another input"
+                    if child.LayerNorm._forward_pre_hooks or child.LayerNorm._forward_pre_hooks_with_kwargs else None)
+                if why is not None:
+                    report.skipped.append((path, why))
+                    continue
                 tail = FusedPostLNOutput(child)
+                _share_hooks(tail, child)
                 object.__setattr__(tail, ORIGINAL, child)
                 tail.train(child.training)
                 new_for[id(child)] = tail

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import fastelectra
@@ -240,11 +241,80 @@ def test_masks_that_are_not_key_padding_are_rejected():
     with pytest.raises(ValueError, match="expects a"):
         key_padding_mask_from_hf(torch.ones(b, t, t), b, t)
 
+    with pytest.raises(ValueError, match="got a BlockMask"):
+        key_padding_mask_from_hf(type("BlockMask", (), {})(), b, t)      # flex attention's mask object
+
     _, model = make_pair("ElectraModel")
     fastelectra.patch(model)
     ids = torch.randint(1, 211, (b, t))
     with pytest.raises(ValueError, match="key-padding masks only"):
         model(input_ids=ids, attention_mask=causal)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_a_mask_buffer_refilled_in_place_or_broadcast_over_batches_is_read_afresh(impl):
+    """The layers share one converted key-padding mask per HF mask tensor; a 4-D mask that the caller
+    refills in place, or a (1, 1, T, T) mask broadcast over batches of other sizes, is converted again."""
+    ref, model = make_pair("ElectraModel", attn_implementation=impl)
+    fastelectra.patch(model)
+    t = 6
+    ids = torch.randint(1, 211, (3, t))
+
+    def hf_mask(valid):                                   # what transformers passes to attention for `impl`
+        bool4d = valid[:, None, None, :].expand(valid.shape[0], 1, t, t)
+        if impl == "sdpa":
+            return bool4d.clone()
+        return torch.zeros(bool4d.shape).masked_fill(~bool4d, torch.finfo(torch.float32).min)
+
+    buffer = hf_mask(torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]).bool())
+    with torch.no_grad():
+        for valid in ([[1, 1, 1, 0, 0, 0], [1] * 6], [[1] * 6, [1, 1, 0, 0, 0, 0]]):
+            buffer.copy_(hf_mask(torch.tensor(valid).bool()))
+            torch.testing.assert_close(model(ids[:2], attention_mask=buffer).last_hidden_state,
+                                       ref(ids[:2], attention_mask=buffer).last_hidden_state, atol=1e-5, rtol=1e-5)
+        shared = hf_mask(torch.tensor([[1, 1, 1, 1, 0, 0]]).bool())      # batch 1: broadcast
+        for batch in (2, 3):
+            torch.testing.assert_close(model(ids[:batch], attention_mask=shared).last_hidden_state,
+                                       ref(ids[:batch], attention_mask=shared).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_keep_firing_and_reparametrized_layers_are_left_alone():
+    """A replaced module keeps the hooks registered on it (the dictionaries are shared, so hooks added
+    later or removed by handle work too); a Linear under weight norm or pruning, whose weight is computed
+    from other parameters, and a module with an instance-level forward are not replaced."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    ref = copy.deepcopy(net)
+    for m in (net, ref):
+        nn.utils.parametrizations.weight_norm(m[2])
+        prune.l1_unstructured(m[3], "weight", amount=0.5)
+    net[4].forward = ref[4].forward = lambda x: x
+    for m in (net, ref):
+        m[1].register_forward_hook(lambda mod, args, out: out * 0 + 1)
+    seen = []
+    handle = net[0].register_forward_pre_hook(lambda mod, args: seen.append(type(mod).__name__))
+    keys = list(net.state_dict())
+
+    report = fastelectra.patch(net)
+    assert report.counts() == {"Linear -> FusedLinear": 1, "LayerNorm -> FusedLayerNorm": 1}
+    skipped = dict(report.skipped)
+    assert "weight is not a registered Parameter" in skipped["2"] and "weight is not" in skipped["3"]
+    assert "instance-level forward" in skipped["4"]
+    assert list(net.state_dict()) == keys
+    x = torch.randn(3, 8)
+    out, expected = net(x), ref(x)
+    torch.testing.assert_close(out, expected)
+    assert seen == ["FusedLinear"]                        # the pre-hook fired on the replacement
+    out.sum().backward()
+    expected.sum().backward()
+    assert net[2].parametrizations.weight.original0.grad is not None and net[3].weight_orig.grad is not None
+    net[1].register_forward_hook(lambda mod, args, out: out + 1)     # added after patching: runs on both
+    assert (net[1](x) == 2).all()
+    handle.remove()
+    net(x)
+    assert seen == ["FusedLinear"]
+    fastelectra.unpatch(net)
+    assert (net[1](x) == 2).all()                         # the original module has the hook added meanwhile
 
 
 @pytest.mark.gpu
