@@ -144,6 +144,10 @@ class ElectraConfig:
         extra = {k: v for k, v in d.items() if k not in names and k not in ("model_type",)}
         if d.get("model_type", "electra") != "electra":
             raise ValueError(f"config model_type is {d.get('model_type')!r}, expected 'electra'")
+        for key in ("is_decoder", "add_cross_attention"):
+            if d.get(key):
+                raise ValueError(f"config has {key}=true (a causal or encoder-decoder checkpoint, e.g. "
+                                 "ElectraForCausalLM); fastelectra's ELECTRA is a bidirectional encoder")
         if known.get("pad_token_id") is None:
             known.pop("pad_token_id", None)
         return cls(**known, extra=extra)

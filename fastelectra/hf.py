@@ -19,6 +19,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # keys transformers may store that carry no parameters of ours (old checkpoints saved buffers)
 IGNORED_KEYS = ("electra.embeddings.position_ids", "electra.embeddings.token_type_ids")
 TIED_KEYS = ("generator_lm_head.weight",)
+EMBEDDING_KEY = "electra.embeddings.word_embeddings.weight"   # what TIED_KEYS are tied to
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -67,6 +68,12 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
         if v.shape != own[k].shape:
             raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)} but the config gives "
                              f"{tuple(own[k].shape)}")
+    tied = [k for k in TIED_KEYS if k in own]
+    if tied and (config.extra.get("tie_word_embeddings") is False or any(
+            k in state and not torch.equal(state[k], state.get(EMBEDDING_KEY, state[k])) for k in tied)):
+        raise ValueError(f"checkpoint {path} has an LM head untied from the word embeddings (tie_word_embeddings="
+                         f"{config.extra.get('tie_word_embeddings')}); fastelectra's generator ties them, as ELECTRA "
+                         "does, and would silently replace one with the other")
     model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -115,6 +115,18 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
         ElectraDiscriminator.from_pretrained(str(tmp_path))
 
 
+def test_untied_lm_head_and_decoder_checkpoints_are_rejected(tmp_path):
+    """fastelectra's generator ties its LM head to the word embeddings and its encoder is bidirectional:
+    a checkpoint with an untied head, or a causal-LM one, would load as a different model."""
+    torch.manual_seed(0)
+    transformers.ElectraForMaskedLM(hf_config(tie_word_embeddings=False)).save_pretrained(tmp_path / "untied")
+    with pytest.raises(ValueError, match="untied from the word embeddings"):
+        ElectraGenerator.from_pretrained(str(tmp_path / "untied"))
+    transformers.ElectraForCausalLM(hf_config(is_decoder=True)).save_pretrained(tmp_path / "causal")
+    with pytest.raises(ValueError, match="is_decoder=true"):
+        ElectraGenerator.from_pretrained(str(tmp_path / "causal"))
+
+
 @pytest.fixture
 def tiny():
     cfg = ElectraConfig(vocab_size=100, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
