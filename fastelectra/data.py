@@ -209,10 +209,13 @@ def train_tokenizer(corpus: Corpus, vocab_size: int, min_frequency: int = 2):
     return _bert_pipeline(tok)  # again: the template needs the ids of [CLS]/[SEP], known only now
 
 
-def get_tokenizer(path: str | None, corpus: Corpus, vocab_size: int, cache_dir: str, train: bool = True):
+def get_tokenizer(path: str | None, corpus: Corpus, vocab_size: int, cache_dir: str, train: bool = True,
+                  saved: dict | None = None):
     """(tokenizer, source): load ``path``, or (path None) the WordPiece vocab trained on ``corpus`` and
     cached in ``cache_dir/wordpiece-<hash>/``; with ``train=False`` a missing cache entry is an error
-    (other ranks wait for rank 0 to train it)."""
+    (other ranks wait for rank 0 to train it). ``saved`` ({"folder": name, "json": tokenizer JSON}, as a
+    checkpoint keeps it) refills a missing cache entry of that name instead of training anew, which
+    would not reproduce the vocab exactly (see :func:`train_tokenizer`)."""
     if path is not None:
         return load_tokenizer(path), os.path.abspath(path)
     key = hashlib.blake2b(f"{corpus.fingerprint()}:{vocab_size}".encode(), digest_size=8).hexdigest()
@@ -221,7 +224,12 @@ def get_tokenizer(path: str | None, corpus: Corpus, vocab_size: int, cache_dir: 
     if not os.path.isfile(file):
         if not train:
             raise FastElectraError(f"trained tokenizer missing from the cache: {file}")
-        tok = train_tokenizer(corpus, vocab_size)
+        if saved is not None and saved.get("folder") == os.path.basename(folder):
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(saved["json"])
+        else:
+            tok = train_tokenizer(corpus, vocab_size)
         os.makedirs(cache_dir, exist_ok=True)
         tmp = folder + f".tmp{os.getpid()}"
         save_tokenizer_files(tok, tmp)

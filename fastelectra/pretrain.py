@@ -13,7 +13,9 @@ One optimizer step (global batch B = world · grad_accum · micro-batch):
 Rank 0 alone writes: metrics.jsonl (one JSON line per log step), checkpoint.pt (atomically: temp file
 in the same folder, fsync, os.replace), the HF exports out/discriminator and out/generator (with the
 tokenizer files), and summary.json. ``--resume`` restores model, optimizer, scheduler, RNG states, data
-position and the metrics window, so an interrupted run continues exactly as if it had not stopped.
+position and the metrics window, so an interrupted run continues exactly as if it had not stopped. It
+keeps the run's optimization options (SCHEDULE_KEYS: a different value given is an error) and its trained
+vocab (kept in the checkpoint too); a larger --steps extends the run, the linear decay ending at the new total.
 
 Multi-GPU: ``torchrun --nproc_per_node N -m fastelectra pretrain ...`` (nccl on CUDA, gloo on CPU);
 each rank reads its own micro-batches of every global batch.
@@ -63,6 +65,9 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 # run settings a resumed run must share with its checkpoint (else the data order or model differ)
 RESUME_KEYS = ("seq_len", "batch_size", "seed", "corpus", "tokenizer")
+# options that shape the optimization: a resumed run keeps the checkpoint's (lr and warmup_steps default to
+# them; a different value given is an error). --steps may grow: the linear decay then ends at the new total.
+SCHEDULE_KEYS = ("lr", "warmup_steps", "weight_decay", "max_grad_norm")
 
 
 @dataclass
@@ -329,11 +334,12 @@ def save_checkpoint(state: dict, path: str) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """The checkpoint's contents; ``mmap``: memory-mapped, for a look at its options without reading it all."""
     if not os.path.isfile(path):
         raise FastElectraError(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise FastElectraError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
@@ -341,8 +347,8 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def check_resume(ckpt: dict, path: str, mcfg: ElectraConfig, run: dict) -> None:
-    """A checkpoint from another model config, corpus, tokenizer or data setting is an error."""
+def check_resume(ckpt: dict, path: str, mcfg: ElectraConfig, run: dict, c: PretrainConfig) -> None:
+    """A checkpoint from another model config, corpus, tokenizer, data setting or optimization is an error."""
     saved = dict(ckpt["model_config"])
     here = mcfg.to_dict()
     runtime = ("backend", "unpad")   # how the math runs, not what it computes: may change on resume
@@ -350,8 +356,31 @@ def check_resume(ckpt: dict, path: str, mcfg: ElectraConfig, run: dict) -> None:
              if k not in runtime and saved.get(k) != here.get(k)]
     diffs += [f"{k}={ckpt['run'].get(k)!r} there, {run[k]!r} here" for k in RESUME_KEYS
               if ckpt["run"].get(k) != run[k]]
+    if "tokenizer" in [k for k in RESUME_KEYS if ckpt["run"].get(k) != run[k]] and c.tokenizer is None:
+        diffs.append("(the vocab trained for this run is kept in OUT/cache/ and, since this version, in the "
+                     "checkpoint; a cache trained anew differs)")
+    saved_options = ckpt.get("options", {})
+    diffs += [f"--{k.replace('_', '-')}={saved_options[k]!r} there, {getattr(c, k)!r} here" for k in SCHEDULE_KEYS
+              if k in saved_options and saved_options[k] != getattr(c, k)]
     if diffs:
-        raise FastElectraError(f"checkpoint {path} was written for another configuration: " + "; ".join(diffs))
+        raise FastElectraError(f"checkpoint {path} was written for another configuration: " + "; ".join(diffs)
+                               + " (resume with the run's options, or start a new run in another --out)")
+
+
+def continue_schedule(c: PretrainConfig, given: PretrainConfig) -> PretrainConfig:
+    """For --resume: the options the user left unset (``given``) whose defaults could differ from the
+    checkpoint's (lr; warmup_steps, which follows --steps) take the checkpoint's values; --steps must go
+    beyond the checkpoint's step."""
+    ckpt = load_checkpoint(os.path.join(os.path.abspath(c.out), CHECKPOINT), mmap=True)
+    saved, step = ckpt.get("options", {}), ckpt["data"]["step"]
+    del ckpt
+    if c.steps <= step:
+        raise FastElectraError(f"--resume: the checkpoint is at step {step} and --steps is {c.steps}: nothing to "
+                               f"train; pass --steps above {step} to continue the run")
+    for k in ("lr", "warmup_steps"):
+        if getattr(given, k) is None and k in saved:
+            setattr(c, k, saved[k])
+    return c
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -368,6 +397,8 @@ def truncate_metrics(path: str, last_step: int) -> None:
 def pretrain(config: PretrainConfig) -> dict:
     """Run ELECTRA pretraining; returns the summary (also written to out/summary.json on rank 0)."""
     c = resolve_options(config)
+    if c.resume:
+        c = continue_schedule(c, config)
     rank, world, device = setup_distributed(c.device)
     try:
         return _pretrain(c, rank, world, device)
@@ -384,8 +415,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     out = os.path.abspath(c.out)
     cache = os.path.join(out, "cache")
     ckpt_path = os.path.join(out, CHECKPOINT)
-    if c.resume and not os.path.isfile(ckpt_path):       # fail before the tokenizer work
-        raise FastElectraError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path) if c.resume else None   # before the tokenizer work, which may need it
     if master:
         try:
             os.makedirs(cache, exist_ok=True)
@@ -397,7 +427,8 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     vocab = c.vocab_size or PRESET_DEFAULTS[c.preset]["vocab_size"]
     if master:
         try:
-            tok, tok_source = data.get_tokenizer(c.tokenizer, corpus, vocab, cache)
+            tok, tok_source = data.get_tokenizer(c.tokenizer, corpus, vocab, cache,
+                                                 saved=ckpt.get("tokenizer_cache") if ckpt else None)
             token_file = data.tokenize_corpus(corpus, tok, cache)
         except OSError as e:
             raise FastElectraError(f"cannot write the tokenizer / token cache in {cache}: {e}") from e
@@ -412,6 +443,9 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
                                    mcfg.sep_token_id, mcfg.pad_token_id)
     run = {"seq_len": c.seq_len, "batch_size": c.batch_size, "seed": c.seed, "preset": c.preset,
            "corpus": corpus.fingerprint(), "tokenizer": data.tokenizer_fingerprint(tok)}
+    # a trained vocab goes into every checkpoint too: retraining it would not reproduce it exactly
+    tokenizer_cache = ({"folder": os.path.basename(tok_source), "json": tok.to_str()} if c.tokenizer is None
+                       else None)
 
     # model, optimizer, schedule
     from .model import ElectraPretrainingModel
@@ -432,11 +466,14 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     window = torch.zeros(len(METRICS) + 1, dtype=torch.float64)   # metric sums + micro-batch count
     start_step = 0
     if c.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume(ckpt, ckpt_path, mcfg, run)
+        check_resume(ckpt, ckpt_path, mcfg, run, c)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # the lr of the next step from this run's schedule: the same value for an exact resume, the
+        # re-stretched decay when --steps grew (the saved lr of a finished run is 0)
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
         set_rng_states(ckpt["rng"])
         start_step = ckpt["data"]["step"]
         if master:
@@ -560,6 +597,7 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
                     "model_config": mcfg.to_dict(),
                     "run": run,
                     "options": dataclasses.asdict(c),
+                    "tokenizer_cache": tokenizer_cache,
                 }, ckpt_path)
             if world > 1:
                 window.copy_(global_window if master else torch.zeros_like(window))

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -303,10 +304,31 @@ def test_resume_rejects_another_config(corpus, tok, tmp_path):
     with pytest.raises(FastElectraError, match=r"another configuration: .*seq_len=32 there, 16 here"):
         pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=out, steps=4, resume=True,
                                 **{**SMALL, "seq_len": 16}))
+    with pytest.raises(FastElectraError, match=r"another configuration: --lr=0.002 there, 0.05 here"):
+        pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=out, steps=4, resume=True, lr=0.05, **SMALL))
+    with pytest.raises(FastElectraError, match=r"--weight-decay=0.01 there, 0.1 here"):
+        pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=out, steps=4, resume=True, weight_decay=0.1,
+                                **SMALL))
+    for steps in (1, 2):
+        with pytest.raises(FastElectraError, match=r"checkpoint is at step 2 and --steps is %d: nothing to train" % steps):
+            pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=out, steps=steps, resume=True, **SMALL))
     with open(os.path.join(out, "checkpoint.pt"), "r+b") as f:
         f.truncate(100)
     with pytest.raises(FastElectraError, match="cannot read checkpoint .*checkpoint.pt"):
         pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=out, steps=4, resume=True, **SMALL))
+
+
+def test_resume_keeps_the_schedule_and_the_trained_vocab(corpus, tmp_path):
+    """A longer --steps on resume keeps the checkpoint's warmup (its default follows --steps) and lr; a
+    deleted OUT/cache gets the trained vocab back from the checkpoint (retraining would differ)."""
+    out = str(tmp_path / "run")
+    opts = {**SMALL, "log_every": 1}
+    pretrain(PretrainConfig(corpus=corpus, out=out, steps=10, vocab_size=300, **opts))   # warmup min(80, 10 // 10) = 1
+    shutil.rmtree(os.path.join(out, "cache"))
+    pretrain(PretrainConfig(corpus=corpus, out=out, steps=40, save_every=0, vocab_size=300, resume=True, **opts))
+    lr = rows(out)[10]["lr"]                                # step 11: the lr the step after 10 used
+    assert rows(out)[10]["step"] == 11
+    assert lr == pytest.approx(2e-3 * pt.lr_lambda(1, 40)(10), rel=1e-6)      # warmup 1 (40 // 10 would be 4)
 
 
 def test_vocab_mismatch_is_an_error(corpus, tok, tmp_path):
