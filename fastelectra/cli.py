@@ -41,7 +41,11 @@ def info_lines() -> list[str]:
                          f"compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs")
     else:
         lines.append("GPU: none visible to torch")
-    lines.append(f"backend in force: {backend.resolve()} (set with --backend or {backend.ENV_VAR})")
+    try:
+        in_force = backend.resolve()
+    except ValueError as e:          # a bad FASTELECTRA_BACKEND: this command is where to see it
+        in_force = f"none: {e}"
+    lines.append(f"backend in force: {in_force} (set with --backend or {backend.ENV_VAR})")
     t_ok, t_why = backend.triton_status()
     e_ok, e_why = backend.extension_status()
     lines.append(f"fused attention / layer norm (Triton): {'usable' if t_ok else 'unavailable'} - {t_why}")

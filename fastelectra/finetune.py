@@ -82,10 +82,18 @@ def _read_rows(path: str, role: str) -> tuple[list[dict], list[str]]:
     if os.path.getsize(path) == 0:
         raise FastElectraError(f"{role} file {path} is empty")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:     # -sig: a byte-order mark (Excel) is dropped
             if fmt in ("csv", "tsv"):
                 reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-                rows = list(reader)
+                rows = []
+                for row in reader:      # a row with more or fewer fields than the header is an error, not a shift
+                    if None in row or None in row.values():      # extra fields go under None; missing are None
+                        n = (len(reader.fieldnames) + len(row[None]) if None in row
+                             else sum(v is not None for v in row.values()))
+                        raise FastElectraError(f"{role} file {path}, line {reader.line_num}: {n} fields but the "
+                                               f"header has {len(reader.fieldnames)} (quote fields that contain "
+                                               f"{'a comma' if fmt == 'csv' else 'a tab'})")
+                    rows.append(row)
                 columns = list(reader.fieldnames or [])
             else:
                 rows, columns = [], []
@@ -277,6 +285,25 @@ def choose_device(name: str | None) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
+def stratified_split(labels: list[str], dev_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train rows, dev rows): about ``dev_fraction`` of each label's rows, chosen at random (``seed``), held
+    out for dev, but never a label's last row, so every label stays trainable; at least one row in all."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    by_label: dict[str, list[int]] = {}
+    for i in perm:
+        by_label.setdefault(labels[i], []).append(i)
+    held = set()
+    for rows in by_label.values():
+        held.update(rows[:min(len(rows) - 1, round(len(rows) * dev_fraction))])
+    if not held:
+        rows = max(by_label.values(), key=len)
+        if len(rows) < 2:
+            raise FastElectraError(f"no dev file and no label with 2 rows to spare one for a dev split; pass --dev "
+                                   f"(labels: {sorted(by_label)})")
+        held.add(rows[0])
+    return [i for i in perm if i not in held], [i for i in perm if i in held]
+
+
 def _check_options(**opts) -> None:
     for name, (value, low, integer) in opts.items():
         ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
@@ -322,10 +349,9 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
         if not 0.0 < dev_fraction < 1.0 or len(train) < 2:
             raise FastElectraError(f"no dev file: need 0 < dev_fraction < 1 and at least 2 training rows "
                                    f"(got {dev_fraction} and {len(train)})")
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_dev = max(1, int(len(train) * dev_fraction))
-        dev = _subset(train, perm[:n_dev], f"{train_file} (held out)")
-        train = _subset(train, perm[n_dev:], train_file)
+        train_rows, dev_rows = stratified_split(train.labels, dev_fraction, seed)
+        dev = _subset(train, dev_rows, f"{train_file} (held out)")
+        train = _subset(train, train_rows, train_file)
     label_set = sorted(set(train.labels))
     if len(label_set) < 2:
         raise FastElectraError(f"train file {train_file} has a single label {label_set}; classification needs at "

@@ -15,8 +15,9 @@ import sys
 
 from . import backend as _backend
 from .data import FastElectraError
-from .finetune import (_file_format, add_column_arguments, choose_device, encode, evaluate, format_metrics,
-                       load_classifier_tokenizer, make_batches, predict_logits, read_examples, resolve_checkpoint)
+from .finetune import (_check_options, _file_format, add_column_arguments, choose_device, encode, evaluate,
+                       format_metrics, load_classifier_tokenizer, make_batches, predict_logits, read_examples,
+                       resolve_checkpoint)
 from .model import ElectraForSequenceClassification
 
 __all__ = ["predict", "add_cli_arguments", "run_cli"]
@@ -49,8 +50,7 @@ def predict(model: str, input_file: str, output_file: str, *, tokenizer: str | N
             output_column: str = "predicted_label") -> dict:
     """Write ``input_file``'s rows with ``output_column`` and ``score`` to ``output_file``. Returns
     {"n", "output", "labels"} plus "metrics" when the input carries known labels."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise FastElectraError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    _check_options(batch_size=(batch_size, 1, True), max_seq_length=(max_seq_length, 3, True))
     if backend not in _backend.BACKENDS:
         raise FastElectraError(f"--backend must be one of {_backend.BACKENDS}, got {backend!r}")
     _file_format(output_file)                                     # an unknown output type fails before the work

@@ -126,7 +126,7 @@ def test_finetune_hf_checkpoint_with_text_pairs_and_held_out_dev(work, tmp_path)
     train = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "clf"
     s = finetune(str(hf_dir), train, str(out), tokenizer=str(work["dir"] / "vocab.txt"),
-                 **{**FAST, "max_seq_length": 40, "metric": "f1"})
+                 **{**FAST, "max_seq_length": 40, "metric": "f1", "patience": 8})   # it plateaus a few epochs first
     assert s["dev"]["n"] == 30 and s["dev"]["f1"] > 0.7
     hf = transformers.ElectraForSequenceClassification.from_pretrained(str(out))
     assert hf.config.label2id == {"mid": 0, "neg": 1, "pos": 2}
@@ -196,6 +196,14 @@ def test_bad_inputs_are_clear_errors(work, tmp_path, capsys):
         run(str(d / "missing.csv"))
     with pytest.raises(FastElectraError, match="single label"):
         run(write_csv(d / "one.csv", [{"text": "a", "label": "pos"}] * 4))
+    (d / "comma.csv").write_text("text,label\nfine,pos\nthe film, was great,pos\n")   # an unquoted comma
+    with pytest.raises(FastElectraError, match="comma.csv, line 3: 3 fields but the header has 2"):
+        run(str(d / "comma.csv"))
+    (d / "short.tsv").write_text("text\tlabel\nfine\tpos\nno label here\n")
+    with pytest.raises(FastElectraError, match="short.tsv, line 3: 1 fields but the header has 2"):
+        run(str(d / "short.tsv"))
+    with pytest.raises(FastElectraError, match="--max-seq-length must be an integer >= 3"):
+        predict(work["ours"], work["test"], str(d / "p.csv"), max_seq_length=1)
 
     other = d / "other"                                              # vocabulary of another size
     ElectraDiscriminator(tiny_config(vocab_size=len(VOCAB) + 7)).save_pretrained(str(other))
@@ -225,3 +233,22 @@ def test_new_head_loading(work):
     for k, v in disc.state_dict().items():
         if k.startswith("electra."):
             torch.testing.assert_close(clf.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_held_out_split_keeps_every_label_in_train_and_reads_excel_csv(tmp_path):
+    """Without --dev, each label gives about dev_fraction of its rows to dev but never its last one (a rare
+    label that landed only in dev used to crash); a CSV with a byte-order mark (Excel's) reads."""
+    from fastelectra.finetune import stratified_split
+
+    labels = ["a"] * 5 + ["b"] * 4 + ["c"] + ["d"] * 30
+    for seed in range(20):
+        train, dev = stratified_split(labels, 0.1, seed)
+        assert sorted(train + dev) == list(range(len(labels)))
+        assert {labels[i] for i in train} == {"a", "b", "c", "d"}
+        assert [labels[i] for i in dev] == ["d"] * 3     # 10% of 30; a, b: round(0.5) = round(0.4) = 0
+    assert stratified_split(["a", "b", "b"], 0.1, 0)[1] != []                 # at least one dev row
+    with pytest.raises(FastElectraError, match="no label with 2 rows"):
+        stratified_split(["a", "b"], 0.5, 0)
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftext,label\nfine,pos\n".encode("utf-8"))
+    assert read_examples(str(path)).texts == ["fine"]

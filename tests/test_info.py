@@ -17,3 +17,9 @@ def test_python_dash_m_runs_the_cli():
     r = subprocess.run([sys.executable, "-m", "fastelectra", "info"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "backend in force" in r.stdout
+
+
+def test_info_reports_a_bad_backend_variable_instead_of_failing(monkeypatch, capsys):
+    monkeypatch.setenv("FASTELECTRA_BACKEND", "bogus")
+    assert main(["info"]) == 0
+    assert "backend in force: none: " in capsys.readouterr().out
