@@ -12,8 +12,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-# hidden / layers / heads / FFN / embedding of the paper's discriminators (Clark et al. 2020, Table 6)
-# and the generator hidden size for each (1/4 of the discriminator for small/base; 256 for large).
+# hidden / layers / heads / FFN / embedding of the paper's discriminators (Clark et al. 2020, Table 6),
+# the generator hidden size for each (the paper's multipliers: 1/4, 1/3, 1/4 of the discriminator: 64, 256,
+# 256) and its mask percent (15, 15, 25).
 PRESETS = {
     "tiny":  dict(hidden_size=64,   num_hidden_layers=2,  num_attention_heads=2,  intermediate_size=256,
                   embedding_size=64,   max_position_embeddings=128, generator_hidden_size=32),
@@ -22,7 +23,7 @@ PRESETS = {
     "base":  dict(hidden_size=768,  num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                   embedding_size=768,  generator_hidden_size=256),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  embedding_size=1024, generator_hidden_size=256),
+                  embedding_size=1024, generator_hidden_size=256, mask_prob=0.25),
 }
 
 @dataclass
@@ -80,6 +81,9 @@ class ElectraConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0 and not (name == "mask_token_prob" and v == 1.0):
                 raise ValueError(f"ElectraConfig.{name} must be in [0, 1), got {v}")
+        if not 0.0 <= self.sampling_temperature < math.inf:   # false for NaN too
+            raise ValueError(f"ElectraConfig.sampling_temperature must be a finite number >= 0, got "
+                             f"{self.sampling_temperature}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"ElectraConfig.pad_token_id={self.pad_token_id} is outside the vocabulary "
                              f"[0, {self.vocab_size})")

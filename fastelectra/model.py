@@ -435,7 +435,8 @@ class ElectraPretrainingModel(nn.Module):
         ce = ops.cross_entropy(logits, targets, lse=lse, backend=cfg.backend)         # (B·K,) fp32
         mlm_loss = (ce * valid).sum() / n_valid.clamp(min=1)
         disc_logits = self.discriminator(disc_input, attention_mask, token_type_ids)   # (B, T)
-        valid_tokens = torch.ones_like(is_replaced) if attention_mask is None else attention_mask.bool()
+        # the tokens the RTD loss counts: the attention mask's, or without one every token but [PAD]
+        valid_tokens = input_ids != cfg.pad_token_id if attention_mask is None else attention_mask.bool()
         bce = F.binary_cross_entropy_with_logits(disc_logits.float(), is_replaced.float(), reduction="none")
         rtd_loss = (bce * valid_tokens).sum() / valid_tokens.sum().clamp(min=1)
         loss = cfg.mlm_weight * mlm_loss + cfg.rtd_weight * rtd_loss

@@ -7,14 +7,15 @@ from fastelectra.config import ElectraConfig
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("name,dims,gen_hidden", [
-    ("small", (256, 12, 4, 1024, 128), 64),
-    ("base", (768, 12, 12, 3072, 768), 256),
-    ("large", (1024, 24, 16, 4096, 1024), 256),
+@pytest.mark.parametrize("name,dims,gen_hidden,mask_prob", [       # Clark et al. 2020, Table 6
+    ("small", (256, 12, 4, 1024, 128), 64, 0.15),
+    ("base", (768, 12, 12, 3072, 768), 256, 0.15),
+    ("large", (1024, 24, 16, 4096, 1024), 256, 0.25),
 ])
-def test_presets_have_the_papers_sizes(name, dims, gen_hidden):
+def test_presets_have_the_papers_sizes(name, dims, gen_hidden, mask_prob):
     c = ElectraConfig.preset(name)
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.embedding_size) == dims
+    assert c.mask_prob == mask_prob
     g = c.generator()
     assert g.hidden_size == gen_hidden
     assert g.num_hidden_layers == c.num_hidden_layers
@@ -43,6 +44,8 @@ def test_unknown_preset_is_a_clear_error():
     (dict(mask_prob=1.5), "mask_prob"),
     (dict(pad_token_id=40000), "pad_token_id"),
     (dict(unpad="yes"), "unpad must be True or False"),
+    (dict(sampling_temperature=float("nan")), "sampling_temperature"),
+    (dict(sampling_temperature=-1.0), "sampling_temperature"),
 ])
 def test_invalid_configs_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -129,6 +129,24 @@ def test_loss_is_weighted_sum_and_metrics_are_consistent():
     torch.testing.assert_close(b.loss, 0.5 * a.mlm_loss + 7.0 * a.rtd_loss)
 
 
+def test_without_an_attention_mask_the_rtd_loss_leaves_out_pad_tokens():
+    """No attention mask: every token is attended (as transformers does), but [PAD] is neither masked nor
+    counted by the RTD loss and metrics, so padded ids give the loss of the same batch with its mask."""
+    torch.manual_seed(3)
+    model = ElectraPretrainingModel(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ids, mask = batch()
+    torch.manual_seed(4)
+    without = model(ids)
+    torch.manual_seed(4)
+    attend_all = model(ids, torch.ones_like(mask))
+    valid = ids != PAD
+    torch.testing.assert_close(without.rtd_accuracy, rtd_metrics(without.disc_logits, without.is_replaced, valid)[0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(without.disc_logits, without.is_replaced.float(),
+                                                               reduction="none")
+    torch.testing.assert_close(without.rtd_loss, bce[valid].mean())
+    assert not torch.equal(without.rtd_loss, attend_all.rtd_loss)      # an all-ones mask counts the pads
+
+
 def test_rtd_metrics_on_a_hand_made_case():
     logits = torch.tensor([[2.0, -1.0, 3.0, -2.0, 5.0]])   # predicted replaced: 0, 2, (4 is padding)
     labels = torch.tensor([[True, True, False, False, True]])
