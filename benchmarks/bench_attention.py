@@ -23,7 +23,8 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from .common import TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason, write_results
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
+                     until_interrupted, write_results)
 
 SHAPES = [(128, 4, 128, 64), (32, 12, 512, 64), (8, 16, 2048, 64)]   # (batch, nheads, seqlen, headdim)
 CASES = ("plain", "mask-full+dropout", "mask-padded+dropout")
@@ -102,8 +103,8 @@ def time_contender(fn, q, k, v, do, backward: bool, pack_mask=None) -> dict:
     return bench_ms(step)
 
 
-def run(shapes, cases, dtype, modes):
-    rows = []
+def run(shapes, cases, dtype, modes, results=None):
+    rows = [] if results is None else results
     for batch, nheads, seqlen, head_dim in shapes:
         for case in cases:
             q, k, v, do, mask, p = make_inputs(batch, nheads, seqlen, head_dim, case, dtype)
@@ -151,7 +152,7 @@ def main(argv=None):
     require_cuda("bench_attention")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
-    rows = run(shapes, args.cases, dtype, args.modes)
+    rows, truncated = until_interrupted(run, shapes, args.cases, dtype, args.modes)
     add_ratios(rows)
     table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}") for r in rows]
     table = rate_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer", "ms_call"],
@@ -165,8 +166,9 @@ def main(argv=None):
                    "date": datetime.date.today().isoformat()},
         "results": rows,
     }
-    write_results(args.out, payload, table)
+    write_results(args.out, payload, table, truncated)
+    return 1 if truncated else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

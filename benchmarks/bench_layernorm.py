@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
-                     write_results)
+                     until_interrupted, write_results)
 
 ROWS = 65536
 HIDDEN = (256, 768, 1024, 4096)
@@ -103,8 +103,8 @@ def time_copy(x) -> dict:
     return bench_ms(lambda: out.copy_(x))
 
 
-def run(rows, hidden, cases, modes, dtype):
-    results = []
+def run(rows, hidden, cases, modes, dtype, results=None):
+    results = [] if results is None else results
     elem = torch.empty((), dtype=dtype).element_size()
     for n in hidden:
         x, residual, dy, weight, bias = make_inputs(rows, n, dtype)
@@ -165,12 +165,12 @@ SWEEP = {
 }
 
 
-def sweep(rows, hidden, dtype):
+def sweep(rows, hidden, dtype, results=None):
     """Time the fused kernels under each launch shape in SWEEP, one constant varied at a time from the
     shipped values (fwd for FWD_*, fwd+bwd for BWD_*): what to change to reach the targets."""
     from fastelectra.kernels import layernorm
 
-    results = []
+    results = [] if results is None else results
     shipped = {name: getattr(layernorm, name) for name in SWEEP}
     elem = torch.empty((), dtype=dtype).element_size()
     fused = contenders("ln")["fastelectra"]
@@ -216,14 +216,14 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     if args.sweep:
-        results = sweep(args.rows, args.hidden, dtype)
+        results, truncated = until_interrupted(sweep, args.rows, args.hidden, dtype)
         table = rate_table(results, ["n", "mode", "constant", "value", "shipped", "ms", "GB/s", "ms_call"],
                            "gbps", "GB/s")
         write_results(args.out, {"benchmark": "layernorm_sweep", "config": {"dtype": args.dtype, "rows": args.rows,
                                                                             "hidden": args.hidden, "sweep": SWEEP},
-                                 "results": results}, table)
-        return
-    results = run(args.rows, args.hidden, args.cases, args.modes, dtype)
+                                 "results": results}, table, truncated)
+        return 1 if truncated else 0
+    results, truncated = until_interrupted(run, args.rows, args.hidden, args.cases, args.modes, dtype)
     add_ratios(results)
     targets = check_targets(results)
     table = rate_table(results, ["n", "case", "mode", "contender", "ms", "GB/s", "vs_eager", "vs_compile", "ms_call"],
@@ -237,8 +237,9 @@ def main(argv=None):
         "targets": targets,
         "results": results,
     }
-    write_results(args.out, payload, table + f"\n\ntargets: {targets}")
+    write_results(args.out, payload, table + f"\n\ntargets: {targets}", truncated)
+    return 1 if truncated else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -30,7 +30,7 @@ import datetime
 import torch
 
 from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
-                     write_results)
+                     until_interrupted, write_results)
 
 ROWS = 16384
 WIDTHS = (256, 768, 1024, 2304, 3072)
@@ -44,8 +44,8 @@ def colsum_contenders():
     return {"fastelectra": column_sums, "torch-sum": lambda t: t.sum(0), "torch-compile": compiled}
 
 
-def run_colsum(rows, widths):
-    results = []
+def run_colsum(rows, widths, results=None):
+    results = [] if results is None else results
     fns = colsum_contenders()
     for n in widths:
         dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
@@ -64,11 +64,11 @@ def run_colsum(rows, widths):
     return results
 
 
-def run_layers(rows, layers):
+def run_layers(rows, layers, results=None):
     from fastelectra import ops
     from fastelectra.nn import FusedLinear
 
-    results = []
+    results = [] if results is None else results
     for k, n, act in layers:
         torch.manual_seed(0)
         ref = torch.nn.Linear(k, n).cuda()
@@ -119,8 +119,10 @@ def main(argv=None):
     if args.rows < 1 or min(args.widths) < 1:
         parser.error("--rows and --widths must be positive")
     require_cuda("bench_linear")
-    colsum_rows = run_colsum(args.rows, args.widths)
-    layer_rows = [] if args.no_layers else run_layers(args.rows, LAYERS)
+    colsum_rows, truncated = until_interrupted(run_colsum, args.rows, args.widths)
+    layer_rows = []
+    if not args.no_layers and not truncated:
+        layer_rows, truncated = until_interrupted(run_layers, args.rows, LAYERS)
     results = colsum_rows + layer_rows
     add_ratios(results)
     colsum = rate_table(colsum_rows, ["m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"],
@@ -134,8 +136,9 @@ def main(argv=None):
                           "timing": f"ms: {TIMING}", "date": datetime.date.today().isoformat()},
                "results": results}
     write_results(args.out, payload, "## bias-gradient column sums\n\n" + colsum
-                  + "\n\n## linear fwd+bwd, bf16 autocast\n\n" + layers)
+                  + "\n\n## linear fwd+bwd, bf16 autocast\n\n" + layers, truncated)
+    return 1 if truncated else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

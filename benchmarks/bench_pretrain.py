@@ -202,55 +202,58 @@ def main(argv=None) -> int:
     except ImportError:
         have_hf, hf_note = False, "transformers is not installed: HF peers skipped"
     variants = [False] if args.no_compile or device.type == "cpu" else [False, True]
-    rows = []
-    for preset in args.presets:
-        cfg = ElectraConfig.preset(preset)
-        b, t = SHAPES[preset]
-        for padding in args.padding:
-            group = []
-            for compile_ in variants:
-                if compile_ and padding == "padded" and not args.compile_padded:
-                    continue
-                suffix = "+compile" if compile_ else ""
-                builders = {
-                    "fastelectra-fused": lambda c=compile_: fastelectra_step(cfg, "fused", c, device),
-                    "fastelectra-eager": lambda c=compile_: fastelectra_step(cfg, "eager", c, device),
-                }
-                if padding == "padded" and not compile_:
-                    builders["fastelectra-fused-unpad"] = lambda: fastelectra_step(cfg, "fused", False, device,
-                                                                                   unpad=True)
-                if have_hf:
-                    builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
-                    builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)
-                runs = [(name + suffix, build, False) for name, build in builders.items()]
-                if not compile_ and device.type == "cuda":   # sync-free steps: whole step as one CUDA graph
-                    runs += [(name + "+graph", builders[name], True)
-                             for name in ("fastelectra-fused", "fastelectra-eager")]
-                for full_name, build, graph in runs:
-                    if args.contenders and full_name not in args.contenders:
+    rows, truncated = [], False
+    try:  # a SIGINT (a time cap) ends the measurements, not the results file
+        for preset in args.presets:
+            cfg = ElectraConfig.preset(preset)
+            b, t = SHAPES[preset]
+            for padding in args.padding:
+                for compile_ in variants:
+                    if compile_ and padding == "padded" and not args.compile_padded:
                         continue
-                    try:
-                        r = measure(full_name, build, cfg, b, t, padding == "padded", device,
-                                    args.steps, args.warmup, dtype, graph=graph)
-                    except Exception as e:   # one contender failing (e.g. out of memory) must not hide the others
-                        r = {"contender": full_name, "error": f"{type(e).__name__}: {e}"[:300]}
-                    r.update(preset=preset, batch=b, seqlen=t, padding=padding)
-                    group.append(r)
-                    print(r, flush=True)
-            by_name = {r["contender"]: r.get("seq_per_s") for r in group}
-            for r in group:
-                for peer in PEERS:
-                    if r.get("seq_per_s") and by_name.get(peer):
-                        r[f"x_vs_{peer}"] = r["seq_per_s"] / by_name[peer]
-            rows += group
+                    suffix = "+compile" if compile_ else ""
+                    builders = {
+                        "fastelectra-fused": lambda c=compile_: fastelectra_step(cfg, "fused", c, device),
+                        "fastelectra-eager": lambda c=compile_: fastelectra_step(cfg, "eager", c, device),
+                    }
+                    if padding == "padded" and not compile_:
+                        builders["fastelectra-fused-unpad"] = lambda: fastelectra_step(cfg, "fused", False, device,
+                                                                                       unpad=True)
+                    if have_hf:
+                        builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
+                        builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)
+                    runs = [(name + suffix, build, False) for name, build in builders.items()]
+                    if not compile_ and device.type == "cuda":   # sync-free steps: whole step as one CUDA graph
+                        runs += [(name + "+graph", builders[name], True)
+                                 for name in ("fastelectra-fused", "fastelectra-eager")]
+                    for full_name, build, graph in runs:
+                        if args.contenders and full_name not in args.contenders:
+                            continue
+                        try:
+                            r = measure(full_name, build, cfg, b, t, padding == "padded", device,
+                                        args.steps, args.warmup, dtype, graph=graph)
+                        except Exception as e:   # one contender failing (e.g. out of memory) hides no other
+                            r = {"contender": full_name, "error": f"{type(e).__name__}: {e}"[:300]}
+                        r.update(preset=preset, batch=b, seqlen=t, padding=padding)
+                        rows.append(r)
+                        print(r, flush=True)
+    except KeyboardInterrupt:
+        truncated = True
+        print(f"interrupted (a time cap?): writing the {len(rows)} rows measured so far", flush=True)
+    for r in rows:                                   # ratios against the peers of the same (preset, padding)
+        by_name = {p["contender"]: p.get("seq_per_s") for p in rows
+                   if (p["preset"], p["padding"]) == (r["preset"], r["padding"])}
+        for peer in PEERS:
+            if r.get("seq_per_s") and by_name.get(peer):
+                r[f"x_vs_{peer}"] = r["seq_per_s"] / by_name[peer]
     cols = ["preset", "batch", "seqlen", "padding", "contender", "seq_per_s", "ms_per_step", "mfu", "peak_mem_gib",
             *(f"x_vs_{peer}" for peer in PEERS if any(f"x_vs_{peer}" in r for r in rows)), "error"]
     table = markdown_table(rows, cols)
     write_results(args.out, {"benchmark": "pretrain_step", "dtype": str(dtype), "steps": args.steps,
-                             "warmup": args.warmup, "note": hf_note, "rows": rows}, table)
+                             "warmup": args.warmup, "note": hf_note, "rows": rows}, table, truncated)
     if args.out:
         chart(rows, args.out.rsplit(".", 1)[0] + ".png")
-    return 0
+    return 1 if truncated else 0
 
 
 def chart(rows: list[dict], path: str, env: dict | None = None) -> None:

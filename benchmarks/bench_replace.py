@@ -32,7 +32,7 @@ import math
 import torch
 
 from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
-                     write_results)
+                     until_interrupted, write_results)
 
 SIZES = ("2500x30522", "40000x30522")
 DTYPES = ("bf16", "fp32")
@@ -117,8 +117,8 @@ def _timed(row, fn, nbytes):
     return row
 
 
-def run(sizes, dtypes, names, temperature):
-    results = []
+def run(sizes, dtypes, names, temperature, results=None):
+    results = [] if results is None else results
     fns = contenders(temperature)
     for n, vocab in sizes:
         for dname in dtypes:
@@ -140,11 +140,11 @@ def _case(r):
     return r["n"], r["vocab"], r["dtype"]
 
 
-def run_loss(sizes, dtypes):
+def run_loss(sizes, dtypes, results=None):
     """fwd+bwd of the per-row MLM cross-entropy: fastelectra (given the lse) vs F.cross_entropy."""
     from fastelectra import ops
 
-    results = []
+    results = [] if results is None else results
     for n, vocab in sizes:
         for dname in dtypes:
             logits, _, _ = make_inputs(n, vocab, DTYPE_OF[dname])
@@ -204,12 +204,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     require_cuda("bench_replace")
-    results = run(args.sizes, args.dtypes, args.contenders, args.temperature)
+    results, truncated = until_interrupted(run, args.sizes, args.dtypes, args.contenders, args.temperature)
     add_ratios(results)
     targets = check_targets(results)
     table = rate_table(results, ["n", "vocab", "dtype", "contender", "ms", "GB/s of logits", "vs_eager",
                                  "vs_multinomial", "ms_call"], "gbps", "GB/s of logits")
-    loss = [] if args.no_loss else run_loss(args.sizes, args.dtypes)
+    loss = []
+    if not args.no_loss and not truncated:
+        loss, truncated = until_interrupted(run_loss, args.sizes, args.dtypes)
     if loss:
         table += "\n\n## MLM loss, forward + backward\n\n" + rate_table(
             loss, ["n", "vocab", "dtype", "contender", "ms", "GB/s", "vs_torch_loss", "ms_call"], "gbps", "GB/s")
@@ -225,8 +227,9 @@ def main(argv=None):
         "results": results,
         "mlm_loss": loss,
     }
-    write_results(args.out, payload, table + f"\n\ntargets: {targets}")
+    write_results(args.out, payload, table + f"\n\ntargets: {targets}", truncated)
+    return 1 if truncated else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

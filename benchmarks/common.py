@@ -121,8 +121,24 @@ def cuda_events_ms(fn, steps: int, warmup: int) -> float:
     return start.elapsed_time(end) / steps
 
 
-def write_results(path: str | None, payload: dict, table: str) -> None:
-    """Print the markdown table; write ``payload`` (with env_info) as JSON and the table as .md."""
+def until_interrupted(fn, *args, **kwargs) -> tuple[list, bool]:
+    """(rows, truncated): ``fn(*args, results=rows, **kwargs)`` appends its rows to ``rows``; a SIGINT (the
+    time cap of benchmarks/run_gpu.sh sends one) ends it early instead of losing what it measured."""
+    rows: list = []
+    try:
+        fn(*args, results=rows, **kwargs)
+    except KeyboardInterrupt:
+        print(f"interrupted (a time cap?): writing the {len(rows)} rows measured so far", flush=True)
+        return rows, True
+    return rows, False
+
+
+def write_results(path: str | None, payload: dict, table: str, truncated: bool = False) -> None:
+    """Print the markdown table; write ``payload`` (with env_info) as JSON and the table as .md. A
+    ``truncated`` run (interrupted before its last row) is marked in both."""
+    if truncated:
+        payload = {**payload, "truncated": True}
+        table = "**truncated: the run was interrupted before its last row**\n\n" + table
     print(table)
     if not path:
         return

@@ -177,22 +177,26 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fastelectra-convergence-") as tmp:
         work = args.work_dir or tmp
-        results = []
-        for preset in args.presets:
-            tokenizer = args.tokenizer
-            if tokenizer is None:   # one vocab for all three runs: two trainings can break ties differently
-                vocab = PRESET_DEFAULTS[preset]["vocab_size"]
-                tokenizer = data.get_tokenizer(None, data.resolve_corpus(args.corpus), vocab,
-                                               os.path.join(work, "tokenizers"))[1]
-            results.append(run_preset(args, preset, work, tokenizer))
-            r = results[-1]
-            print(f"convergence: {preset} " + ", ".join(
-                f"{m} gap {r['checks'][m]['gap']:.4g} vs tolerance {r['checks'][m]['tolerance']:.4g}" for m in TESTED)
-                + (" -> pass" if r["passed"] else " -> FAIL"), flush=True)
+        results, truncated = [], False
+        try:  # a SIGINT (a time cap) ends the runs, not the results file
+            for preset in args.presets:
+                tokenizer = args.tokenizer
+                if tokenizer is None:   # one vocab for all three runs: two trainings can break ties differently
+                    vocab = PRESET_DEFAULTS[preset]["vocab_size"]
+                    tokenizer = data.get_tokenizer(None, data.resolve_corpus(args.corpus), vocab,
+                                                   os.path.join(work, "tokenizers"))[1]
+                results.append(run_preset(args, preset, work, tokenizer))
+                r = results[-1]
+                print(f"convergence: {preset} " + ", ".join(
+                    f"{m} gap {r['checks'][m]['gap']:.4g} vs tolerance {r['checks'][m]['tolerance']:.4g}"
+                    for m in TESTED) + (" -> pass" if r["passed"] else " -> FAIL"), flush=True)
+        except KeyboardInterrupt:
+            truncated = True
+            print(f"interrupted (a time cap?): writing the {len(results)} presets compared so far", flush=True)
 
     cols = ["preset", "steps", "batch", "window", "loss", "final fused", "final eager", "final eager-seed",
             "rms gap fused-eager", "rms noise eager-seed", "tolerance", "passed"]
-    passed = all(r["passed"] for r in results)
+    passed = bool(results) and not truncated and all(r["passed"] for r in results)
     table = markdown_table(table_rows(results), cols) + (
         f"\n\ncriterion: RMS over windows of (fused - eager) <= {K:g} x RMS of (eager - eager-seed) "
         f"+ {FLOOR:g} x loss level, for {' and '.join(TESTED)}: " + ("pass" if passed else "FAIL"))
@@ -204,8 +208,8 @@ def main(argv=None) -> int:
                              "rule": "rms_windows(fused - eager) <= k * rms_windows(eager - eager-seed) "
                                      "+ floor * mean(eager)"},
                "passed": passed, "results": results}
-    write_results(args.out, payload, table)
-    if args.out:
+    write_results(args.out, payload, table, truncated)
+    if args.out and results:
         chart(results, os.path.splitext(args.out)[0] + ".png")
     return 0 if passed else 1
 

@@ -47,3 +47,25 @@ def test_smoke_run_on_cpu(tmp_path):
     header = (tmp_path / "pretrain.md").read_text().splitlines()[0]
     assert "x_vs_hf-eager" in header and "x_vs_fastelectra-eager" in header   # a column per peer measured
     assert "x_vs_hf-sdpa" not in header
+
+
+def test_an_interrupted_run_still_writes_what_it_measured(tmp_path, monkeypatch):
+    """run_gpu.sh caps each benchmark with `timeout -s INT`: the rows measured before the SIGINT are written,
+    marked truncated, and the exit status says so."""
+    import benchmarks.bench_pretrain as bp
+
+    real, calls = bp.measure, []
+
+    def measure_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bp, "measure", measure_then_interrupt)
+    out = tmp_path / "pretrain.json"
+    assert main(["--device", "cpu", "--presets", "tiny", "--padding", "full", "--steps", "1", "--warmup", "1",
+                 "--contenders", "fastelectra-eager", "fastelectra-fused", "--out", str(out)]) == 1
+    payload = json.loads(out.read_text())
+    assert payload["truncated"] is True and [r["contender"] for r in payload["rows"]] == ["fastelectra-fused"]
+    assert (tmp_path / "pretrain.md").read_text().startswith("**truncated")

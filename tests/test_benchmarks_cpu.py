@@ -110,3 +110,16 @@ def test_profile_counts_kernels_not_the_device_spans_of_annotations():
             torch.ones(3).add_(1)
     assert any(e.key == "step" for e in prof.key_averages() if getattr(e, "is_user_annotation", False)), \
         "torch no longer flags record_function ranges: kernel_events would count their device spans"
+
+
+def test_until_interrupted_keeps_the_rows_measured_before_a_sigint():
+    from benchmarks.common import until_interrupted
+
+    def run(n, results):
+        for i in range(n):
+            if i == 2:
+                raise KeyboardInterrupt
+            results.append(i)
+
+    assert until_interrupted(run, 5) == ([0, 1], True)
+    assert until_interrupted(run, 2) == ([0, 1], False)
