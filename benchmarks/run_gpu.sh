@@ -2,8 +2,10 @@
 # Everything the GPU machine must check: build the extension, run the `gpu`-marked tests, every
 # speed benchmark, a profiler pass over the training step, and the fused-vs-eager convergence check.
 # Logs and results are written to $RES (default gpu_results/) and, when $OUT is set (the device
-# tool's return folder: at most 8 files), packed into $OUT/results.tgz. A failing step is logged
-# and the script goes on; the exit status is non-zero if any step failed.
+# tool's return folder: at most 8 files), packed into $OUT/results.tgz after every step, so a call cut
+# short still returns what ran. A failing step is logged and the script goes on; the exit status is
+# non-zero if any step failed. Every step is capped so that the whole script ends by $DEADLINE seconds
+# (default 570: the device tool stops a command at 600 s); steps that no longer fit are skipped.
 #
 #   bash benchmarks/run_gpu.sh                        # all stages: build tests bench prof conv
 #   STAGES="build tests" bash benchmarks/run_gpu.sh   # one stage set per call where calls are time-limited
@@ -12,14 +14,15 @@
 #   STAGES="build quick" bash benchmarks/run_gpu.sh   # the figures the open targets hinge on, in minutes: the
 #                         graphed training step (Small, Base), attention with mask + dropout, the
 #                         layer-norm launch-shape sweep at N = 768, and the README's main job
-# Knobs: T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK (caps in s; T_bench_<name> for one benchmark),
+# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK (caps in s; T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
 RES=${RES:-gpu_results}
 STAGES=${STAGES:-"build tests bench prof conv"}
 PY=${PYTHON:-python3}
 # wall-clock caps (s) per stage, so that a hung or slow step cannot eat a time-limited call whole
-T_TESTS=${T_TESTS:-360}
+DEADLINE=${DEADLINE:-570}
+T_TESTS=${T_TESTS:-500}
 T_BENCH=${T_BENCH:-150}
 T_CONV=${T_CONV:-400}
 mkdir -p "$RES"
@@ -28,13 +31,35 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
 date=$(date -u +%Y%m%d)
 status=0
+last_rc=0
 
-# run_module LOG CAP MODULE [ARGS...]: python -m MODULE ARGS, at most CAP seconds, output in $RES/LOG.log;
-# a failure is reported and remembered in the exit status, and the script goes on
+# pack: what $RES holds so far goes to $OUT (cheap: logs and small JSON)
+pack() {
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+    cp "$RES"/gpu_tests.txt "$OUT"/ 2>/dev/null
+  fi
+  return 0
+}
+
+# run_module LOG CAP MODULE [ARGS...]: python -m MODULE ARGS, at most CAP seconds and never past the
+# deadline, output in $RES/LOG.log, exit status in $last_rc; a failure, a cut (SIGINT at the cap: the
+# benchmarks then write what they measured, marked truncated) or a skip is reported and remembered in
+# the exit status, and the script goes on
 run_module() {
   local log=$1 cap=$2
   shift 2
-  timeout -s INT -k 20 "$cap" $PY -m "$@" >"$RES/$log.log" 2>&1 || { echo "$log failed (see $log.log)"; status=1; }
+  local left=$((DEADLINE - SECONDS - 25))          # 25 s: the -k grace and the packing
+  if [ "$left" -lt 20 ]; then
+    echo "$log skipped: too close to the ${DEADLINE} s deadline" | tee "$RES/$log.log"
+    status=1 last_rc=124
+    return
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
+  timeout -s INT -k 20 "$cap" $PY -m "$@" >"$RES/$log.log" 2>&1
+  last_rc=$?
+  [ "$last_rc" -eq 0 ] || { echo "$log failed or was cut at ${cap} s (exit $last_rc, see $log.log)"; status=1; }
+  pack
 }
 
 # fastelectra.kernels and fastelectra.benchmarks exist only in an installed package (package-dir
@@ -48,12 +73,17 @@ if [[ " $STAGES " == *" build "* ]]; then
   $PY setup.py build_ext --inplace >"$RES/build.log" 2>&1 || { echo "build failed (see build.log)"; status=1; }
   tail -3 "$RES/build.log"
   $PY -m fastelectra info | tee -a "$RES/gpu.txt"
+  pack
 fi
 if [[ " $STAGES " == *" tests "* ]]; then
   run_module gpu_tests "$T_TESTS" pytest -q -m gpu -p no:cacheprovider -rfEs \
     $($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=240) --durations=15 --junitxml="$RES/gpu_tests.xml" \
     ${PYTEST_ARGS:-}
-  grep -E "^(FAILED|ERROR)|passed|failed" "$RES/gpu_tests.log" | tail -40 | tee "$RES/gpu_tests.txt"
+  # (an interrupted pytest still ends with "N passed": the exit status and the banner say it was cut)
+  { grep -E "^(FAILED|ERROR)|passed|failed| in [0-9.]+s|Interrupted|KeyboardInterrupt|Timeout" "$RES/gpu_tests.log" | tail -40
+    echo "pytest exit status: $last_rc (0: all passed; 1: failures; 2 or 124+: interrupted or cut)"; } \
+    | tee "$RES/gpu_tests.txt"
+  pack
 fi
 if [[ " $STAGES " =~ " "(bench|quick|prof|conv)" " ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
@@ -81,7 +111,7 @@ if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is
   # the README's main job (tiny preset, embedded corpus) as a user runs it: CUDA graphs by default
   run_module main_job "${T_QUICK:-300}" fastelectra pretrain --steps 300 --log-every 100 --no-progress \
     --out /tmp/fastelectra_main_job          # checkpoints and token cache stay out of the results
-  cp /tmp/fastelectra_main_job/summary.json "$RES/main_job_summary.json" 2>/dev/null
+  cp /tmp/fastelectra_main_job/summary.json "$RES/main_job_summary.json" 2>/dev/null && pack
   tail -6 "$RES/main_job.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
@@ -93,7 +123,5 @@ if [[ " $STAGES " == *" conv "* ]]; then   # 300 steps x (fused, eager, eager wi
   run_module convergence "$T_CONV" benchmarks.convergence --out "$RES/convergence_${slug}_${date}.json"
   tail -12 "$RES/convergence.log"
 fi
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/results.tgz" -C "$RES" . && cp "$RES"/gpu_tests.txt "$OUT"/ 2>/dev/null
-fi
+pack
 exit $status
