@@ -43,6 +43,8 @@ def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
         before_capture()
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads may make CUDA calls meanwhile (the DataLoader's pin-memory thread
+    # allocates pinned host memory), which the default "global" mode turns into a failed capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out

@@ -285,6 +285,9 @@ def test_gpu_column_sums_at_electra_shapes(n):
     dy = torch.randn(16384 if n < 30522 else 2560, n, device="cuda", dtype=torch.bfloat16)
     got = column_sums(dy)
     assert_accurate(got, dy.sum(0), dy.double().sum(0), torch.bfloat16, f"16384x{n}")
+    # the fp32 accumulators themselves (no bf16 rounding of the result): a lost or doubled row, which
+    # moves a sum by ~1, cannot hide under the bf16 result's floor
+    torch.testing.assert_close(column_sums(dy, torch.float32).double(), dy.double().sum(0), rtol=0, atol=2e-3)
 
 
 @pytest.mark.gpu
