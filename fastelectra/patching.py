@@ -32,7 +32,8 @@ Patched attention never materialises the attention weights, so it does not retur
 unpatch the model to inspect them. The attention mask HF builds for the configured
 ``attn_implementation`` (eager: additive float, sdpa: bool, both (B, 1, Tq, Tk); or None) is turned
 back into the (B, Tk) key-padding mask; any other mask (causal, per-query, a bias, flex attention's
-BlockMask) is a clear error.
+BlockMask) is a clear error. A sequence whose keys are all padding gets zeros (as SDPA gives), where
+transformers' eager math averages the values: only the hidden states of such all-padding rows differ.
 """
 from __future__ import annotations
 
