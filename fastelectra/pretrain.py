@@ -334,12 +334,11 @@ def save_checkpoint(state: dict, path: str) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str, mmap: bool = False) -> dict:
-    """The checkpoint's contents; ``mmap``: memory-mapped, for a look at its options without reading it all."""
+def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FastElectraError(f"--resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise FastElectraError(f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
@@ -356,7 +355,7 @@ def check_resume(ckpt: dict, path: str, mcfg: ElectraConfig, run: dict, c: Pretr
              if k not in runtime and saved.get(k) != here.get(k)]
     diffs += [f"{k}={ckpt['run'].get(k)!r} there, {run[k]!r} here" for k in RESUME_KEYS
               if ckpt["run"].get(k) != run[k]]
-    if "tokenizer" in [k for k in RESUME_KEYS if ckpt["run"].get(k) != run[k]] and c.tokenizer is None:
+    if ckpt["run"].get("tokenizer") != run["tokenizer"] and c.tokenizer is None:
         diffs.append("(the vocab trained for this run is kept in OUT/cache/ and, since this version, in the "
                      "checkpoint; a cache trained anew differs)")
     saved_options = ckpt.get("options", {})
@@ -367,13 +366,11 @@ def check_resume(ckpt: dict, path: str, mcfg: ElectraConfig, run: dict, c: Pretr
                                + " (resume with the run's options, or start a new run in another --out)")
 
 
-def continue_schedule(c: PretrainConfig, given: PretrainConfig) -> PretrainConfig:
-    """For --resume: the options the user left unset (``given``) whose defaults could differ from the
-    checkpoint's (lr; warmup_steps, which follows --steps) take the checkpoint's values; --steps must go
-    beyond the checkpoint's step."""
-    ckpt = load_checkpoint(os.path.join(os.path.abspath(c.out), CHECKPOINT), mmap=True)
+def continue_schedule(c: PretrainConfig, given: PretrainConfig, ckpt: dict) -> PretrainConfig:
+    """For --resume from ``ckpt``: the options the user left unset (``given``) whose defaults could differ
+    from the checkpoint's (lr; warmup_steps, which follows --steps) take the checkpoint's values; --steps
+    must go beyond the checkpoint's step."""
     saved, step = ckpt.get("options", {}), ckpt["data"]["step"]
-    del ckpt
     if c.steps <= step:
         raise FastElectraError(f"--resume: the checkpoint is at step {step} and --steps is {c.steps}: nothing to "
                                f"train; pass --steps above {step} to continue the run")
@@ -397,17 +394,16 @@ def truncate_metrics(path: str, last_step: int) -> None:
 def pretrain(config: PretrainConfig) -> dict:
     """Run ELECTRA pretraining; returns the summary (also written to out/summary.json on rank 0)."""
     c = resolve_options(config)
-    if c.resume:
-        c = continue_schedule(c, config)
     rank, world, device = setup_distributed(c.device)
     try:
-        return _pretrain(c, rank, world, device)
+        return _pretrain(c, config, rank, world, device)
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) -> dict:
+def _pretrain(c: PretrainConfig, given: PretrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    """The run of the resolved options ``c``; ``given`` are the options as passed (None: unset)."""
     t_start = time.perf_counter()
     master = rank == 0
     check_backend(c.backend, device)
@@ -415,7 +411,10 @@ def _pretrain(c: PretrainConfig, rank: int, world: int, device: torch.device) ->
     out = os.path.abspath(c.out)
     cache = os.path.join(out, "cache")
     ckpt_path = os.path.join(out, CHECKPOINT)
-    ckpt = load_checkpoint(ckpt_path) if c.resume else None   # before the tokenizer work, which may need it
+    ckpt = None
+    if c.resume:   # read once, before the tokenizer work (which may need the vocab it keeps)
+        ckpt = load_checkpoint(ckpt_path)
+        c = continue_schedule(c, given, ckpt)
     if master:
         try:
             os.makedirs(cache, exist_ok=True)
