@@ -68,6 +68,11 @@ def _check_dropout_p(dropout_p: float) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _check_eps(eps) -> None:
+    if not 0.0 <= eps < math.inf:  # false for NaN too
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+
+
 def _check_seed(seed) -> None:
     """Validates a seed where the reference runs, which ignores it (the fused paths validate their own)."""
     if seed is not None:
@@ -186,8 +191,7 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
             _check_float(name, p)
             if tuple(p.shape) != (n,):
                 raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
-    if not 0.0 <= eps < math.inf:  # false for NaN too
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    _check_eps(eps)
     if residual is not None:
         _check_float("residual", residual)
         if residual.shape != x.shape:

@@ -40,7 +40,6 @@ References: Triton tutorial 05 (layer norm), Apex/flash-attention fused dropout-
 """
 import contextlib
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -48,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import eager_function, use_eager
+from ..ops import _check_dropout_p, _check_eps
 from ..rng import check_seed_tensor, seed_tensor
 
 __all__ = ["fused_layer_norm", "dropout_mask", "MAX_N"]
@@ -460,10 +460,8 @@ def _check_inputs(x, weight, bias, residual, eps, dropout_p) -> int:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not 0.0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_eps(eps)
+    _check_dropout_p(dropout_p)
     return n
 
 
