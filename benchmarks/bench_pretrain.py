@@ -31,7 +31,7 @@ from fastelectra.config import ElectraConfig
 from fastelectra.model import ElectraPretrainingModel
 from fastelectra.pretrain import clip_and_step, decays
 
-from .common import cuda_events_ms, env_info, markdown_table, pyplot, write_results
+from .common import cuda_events_ms, env_info, markdown_table, pyplot, until_interrupted, write_results
 
 SHAPES = {"tiny": (8, 64), "small": (128, 128), "base": (32, 512), "large": (8, 512)}
 DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # vendor datasheet, dense
@@ -175,6 +175,43 @@ def measure(name, build, cfg, b, t, padded, device, steps, warmup, dtype, graph=
             "mfu": flops / (ms / 1e3) / peak_flops if peak_flops else None, "peak_mem_gib": peak}
 
 
+def run(args, variants, have_hf: bool, device, dtype, results: list) -> None:
+    """Measure every (preset, padding, contender) that ``args`` asks for, appending a row each to ``results``."""
+    for preset in args.presets:
+        cfg = ElectraConfig.preset(preset)
+        b, t = SHAPES[preset]
+        for padding in args.padding:
+            for compile_ in variants:
+                if compile_ and padding == "padded" and not args.compile_padded:
+                    continue
+                suffix = "+compile" if compile_ else ""
+                builders = {
+                    "fastelectra-fused": lambda c=compile_: fastelectra_step(cfg, "fused", c, device),
+                    "fastelectra-eager": lambda c=compile_: fastelectra_step(cfg, "eager", c, device),
+                }
+                if padding == "padded" and not compile_:
+                    builders["fastelectra-fused-unpad"] = lambda: fastelectra_step(cfg, "fused", False, device,
+                                                                                   unpad=True)
+                if have_hf:
+                    builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
+                    builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)
+                runs = [(name + suffix, build, False) for name, build in builders.items()]
+                if not compile_ and device.type == "cuda":   # sync-free steps: whole step as one CUDA graph
+                    runs += [(name + "+graph", builders[name], True)
+                             for name in ("fastelectra-fused", "fastelectra-eager")]
+                for full_name, build, graph in runs:
+                    if args.contenders and full_name not in args.contenders:
+                        continue
+                    try:
+                        r = measure(full_name, build, cfg, b, t, padding == "padded", device,
+                                    args.steps, args.warmup, dtype, graph=graph)
+                    except Exception as e:   # one contender failing (e.g. out of memory) hides no other
+                        r = {"contender": full_name, "error": f"{type(e).__name__}: {e}"[:300]}
+                    r.update(preset=preset, batch=b, seqlen=t, padding=padding)
+                    results.append(r)
+                    print(r, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "base"], choices=sorted(SHAPES))
@@ -202,44 +239,7 @@ def main(argv=None) -> int:
     except ImportError:
         have_hf, hf_note = False, "transformers is not installed: HF peers skipped"
     variants = [False] if args.no_compile or device.type == "cpu" else [False, True]
-    rows, truncated = [], False
-    try:  # a SIGINT (a time cap) ends the measurements, not the results file
-        for preset in args.presets:
-            cfg = ElectraConfig.preset(preset)
-            b, t = SHAPES[preset]
-            for padding in args.padding:
-                for compile_ in variants:
-                    if compile_ and padding == "padded" and not args.compile_padded:
-                        continue
-                    suffix = "+compile" if compile_ else ""
-                    builders = {
-                        "fastelectra-fused": lambda c=compile_: fastelectra_step(cfg, "fused", c, device),
-                        "fastelectra-eager": lambda c=compile_: fastelectra_step(cfg, "eager", c, device),
-                    }
-                    if padding == "padded" and not compile_:
-                        builders["fastelectra-fused-unpad"] = lambda: fastelectra_step(cfg, "fused", False, device,
-                                                                                       unpad=True)
-                    if have_hf:
-                        builders["hf-eager"] = lambda c=compile_: hf_step(cfg, "eager", c, device)
-                        builders["hf-sdpa"] = lambda c=compile_: hf_step(cfg, "sdpa", c, device)
-                    runs = [(name + suffix, build, False) for name, build in builders.items()]
-                    if not compile_ and device.type == "cuda":   # sync-free steps: whole step as one CUDA graph
-                        runs += [(name + "+graph", builders[name], True)
-                                 for name in ("fastelectra-fused", "fastelectra-eager")]
-                    for full_name, build, graph in runs:
-                        if args.contenders and full_name not in args.contenders:
-                            continue
-                        try:
-                            r = measure(full_name, build, cfg, b, t, padding == "padded", device,
-                                        args.steps, args.warmup, dtype, graph=graph)
-                        except Exception as e:   # one contender failing (e.g. out of memory) hides no other
-                            r = {"contender": full_name, "error": f"{type(e).__name__}: {e}"[:300]}
-                        r.update(preset=preset, batch=b, seqlen=t, padding=padding)
-                        rows.append(r)
-                        print(r, flush=True)
-    except KeyboardInterrupt:
-        truncated = True
-        print(f"interrupted (a time cap?): writing the {len(rows)} rows measured so far", flush=True)
+    rows, truncated = until_interrupted(run, args, variants, have_hf, device, dtype)
     for r in rows:                                   # ratios against the peers of the same (preset, padding)
         by_name = {p["contender"]: p.get("seq_per_s") for p in rows
                    if (p["preset"], p["padding"]) == (r["preset"], r["padding"])}

@@ -43,7 +43,7 @@ import torch
 from fastelectra import data
 from fastelectra.pretrain import PRESET_DEFAULTS, PretrainConfig, pretrain
 
-from .common import env_info, gpu_slug, markdown_table, pyplot, require_cuda, write_results
+from .common import env_info, gpu_slug, markdown_table, pyplot, require_cuda, until_interrupted, write_results
 
 PRESETS = ("tiny", "small")
 STEPS = 300
@@ -156,6 +156,21 @@ def chart(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_presets(args, work: str, results: list) -> None:
+    """The three runs of each preset in ``args.presets``, compared; one result per preset appended to ``results``."""
+    for preset in args.presets:
+        tokenizer = args.tokenizer
+        if tokenizer is None:   # one vocab for all three runs: two trainings can break ties differently
+            vocab = PRESET_DEFAULTS[preset]["vocab_size"]
+            tokenizer = data.get_tokenizer(None, data.resolve_corpus(args.corpus), vocab,
+                                           os.path.join(work, "tokenizers"))[1]
+        results.append(run_preset(args, preset, work, tokenizer))
+        r = results[-1]
+        print(f"convergence: {preset} " + ", ".join(
+            f"{m} gap {r['checks'][m]['gap']:.4g} vs tolerance {r['checks'][m]['tolerance']:.4g}" for m in TESTED)
+            + (" -> pass" if r["passed"] else " -> FAIL"), flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESET_DEFAULTS))
@@ -177,22 +192,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fastelectra-convergence-") as tmp:
         work = args.work_dir or tmp
-        results, truncated = [], False
-        try:  # a SIGINT (a time cap) ends the runs, not the results file
-            for preset in args.presets:
-                tokenizer = args.tokenizer
-                if tokenizer is None:   # one vocab for all three runs: two trainings can break ties differently
-                    vocab = PRESET_DEFAULTS[preset]["vocab_size"]
-                    tokenizer = data.get_tokenizer(None, data.resolve_corpus(args.corpus), vocab,
-                                                   os.path.join(work, "tokenizers"))[1]
-                results.append(run_preset(args, preset, work, tokenizer))
-                r = results[-1]
-                print(f"convergence: {preset} " + ", ".join(
-                    f"{m} gap {r['checks'][m]['gap']:.4g} vs tolerance {r['checks'][m]['tolerance']:.4g}"
-                    for m in TESTED) + (" -> pass" if r["passed"] else " -> FAIL"), flush=True)
-        except KeyboardInterrupt:
-            truncated = True
-            print(f"interrupted (a time cap?): writing the {len(results)} presets compared so far", flush=True)
+        results, truncated = until_interrupted(run_presets, args, work)
 
     cols = ["preset", "steps", "batch", "window", "loss", "final fused", "final eager", "final eager-seed",
             "rms gap fused-eager", "rms noise eager-seed", "tolerance", "passed"]
