@@ -223,7 +223,8 @@ def _why_not_replaceable(m: nn.Module) -> str | None:
     if "forward" in m.__dict__:
         return "it has an instance-level forward (e.g. accelerate's hooks)"
     for name in ("weight", "bias"):
-        if isinstance(m, (nn.Linear, nn.LayerNorm)) and getattr(m, name, None) is not None and name not in m._parameters:
+        if (isinstance(m, (nn.Linear, nn.LayerNorm)) and getattr(m, name, None) is not None
+                and name not in m._parameters):
             return f"its {name} is not a registered Parameter (weight_norm, pruning or another reparametrization)"
     return None
 
@@ -314,7 +315,7 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
 
     def replacement(m: nn.Module, path: str) -> nn.Module | None:
         new = None
-        if (isinstance(m, (nn.LayerNorm, nn.Linear)) and not isinstance(m, (FusedLayerNorm, FusedLinear))
+        if ((isinstance(m, (nn.LayerNorm, nn.Linear)) and not isinstance(m, (FusedLayerNorm, FusedLinear)))
                 or _is_transformers(m, ATTENTION_CLASSES | INTERMEDIATE_CLASSES)):
             why = _why_not_replaceable(m)
             if why is not None:
