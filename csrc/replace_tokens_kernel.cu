@@ -33,6 +33,9 @@
 // outside [0, V), writes nothing into ids/labels and reports sampled[row] = -1 (a valid sample is
 // never negative). Nothing is read or written out of bounds.
 //
+// Tested on the CPU too: without nvcc's __CUDACC__ the launches go to fe_host::launch, which
+// tests/cuda_host/ provides to run these kernels on emulated warps (g++, in CI, no GPU needed).
+//
 // Limits: V < 2^31; rows are spread one per warp, so below ~1000 rows the GPU is under-filled.
 // NaN logits never win (a row of NaN samples column 0); their lse is NaN.
 // References: Gumbel-max trick (Gumbel 1954; Maddison et al. 2014, "A* sampling"); online softmax
@@ -352,9 +355,17 @@ cudaError_t launch_typed(const ReplaceTokensLaunch& a, cudaStream_t stream) {
   const int64_t blocks = (a.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   const bool aligned = reinterpret_cast<uintptr_t>(a.logits) % kVectorBytes == 0;
+#if defined(__CUDACC__)
   replace_tokens_kernel<T, kNoise, kLse, kUnitTau><<<(unsigned)blocks, kRowsPerBlock * kWarpSize, 0, stream>>>(
       static_cast<const T*>(a.logits), a.n_rows, a.vocab, aligned, a.input_ids, a.numel_ids, a.positions, a.out_ids,
       a.labels, a.sampled, a.lse, a.inv_tau, a.seed, a.offset);
+#else  // the host build of the tests (tests/cuda_host/): the same kernel on emulated warps
+  (void)stream;
+  fe_host::launch(replace_tokens_kernel<T, kNoise, kLse, kUnitTau>, dim3((unsigned)blocks),
+                  dim3(kRowsPerBlock * kWarpSize), static_cast<const T*>(a.logits), a.n_rows, a.vocab, aligned,
+                  a.input_ids, a.numel_ids, a.positions, a.out_ids, a.labels, a.sampled, a.lse, a.inv_tau, a.seed,
+                  a.offset);
+#endif
   return cudaGetLastError();
 }
 
@@ -387,8 +398,13 @@ cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, const
   const int threads = 256;
   const int64_t groups = (total + 3) / 4;
   const int64_t blocks = (groups + threads - 1) / threads;
-  gumbel_noise_kernel<<<(unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16), threads, 0, stream>>>(
-      out, total, seed, offset);
+  const unsigned grid = (unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16);
+#if defined(__CUDACC__)
+  gumbel_noise_kernel<<<grid, threads, 0, stream>>>(out, total, seed, offset);
+#else  // the host build of the tests (tests/cuda_host/)
+  (void)stream;
+  fe_host::launch(gumbel_noise_kernel, dim3(grid), dim3(threads), out, total, seed, offset);
+#endif
   return cudaGetLastError();
 }
 

@@ -5,8 +5,10 @@ An independent numpy re-implementation of the counter layout, Philox4x32-10 and 
 bit-for-bit reference of the CPU op; `gpu` tests check CPU == CUDA.
 The op's seed is an int64 (1,) tensor on the logits' device; the helpers below turn an int into one.
 """
+import ctypes
 import math
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -458,6 +460,152 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "warning" not in res.stderr.lower(), res.stderr
+
+
+# ----------------------------------------------------------------------------- CUDA kernel on the host
+# csrc/replace_tokens_kernel.cu compiled by g++ with tests/cuda_host/ standing in for CUDA's headers:
+# the kernels run on the CPU, each warp's 32 lanes as fibers with real shuffle semantics, so the
+# kernel's own logic (vector loop and row edges, Philox counters per vector, noise filter with lane
+# and warp thresholds, warp reductions, invalid rows) is checked here against the CPU op, without a
+# GPU. Lanes that diverge at a shuffle, a 16-byte load that is misaligned or outside the logits, fail
+# the launch. Timing, registers and the device's exp2 are not modelled: the `gpu` tests below are.
+CUDA_HOST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host")
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # replace_tokens_cuda.h's LogitsDtype
+_GUARD = 8  # elements of canary before and after every output the kernel writes
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA kernel for the host")
+    lib_path = str(tmp_path_factory.mktemp("cuda_host") / "replace_tokens_host.so")
+    # -ffp-contract=off as for the CPU op (csrc/philox.h); the kernel's fp16 unpack type-puns
+    cmd = [cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
+           "-Wno-unknown-pragmas", "-I", CUDA_HOST, "-I", CSRC, os.path.join(CUDA_HOST, "replace_tokens_host.cpp"),
+           "-o", lib_path]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(lib_path)
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.fe_host_replace_tokens.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
+                                           ctypes.c_float, ctypes.c_int, ptr, ctypes.c_uint64, ctypes.c_char_p,
+                                           ctypes.c_int]
+    lib.fe_host_gumbel_noise.argtypes = [ptr, i64, i64, ptr, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int]
+    return lib
+
+
+def _guarded(like, fill):
+    """(buffer, interior view): `like`'s shape and dtype inside _GUARD canary elements on each side."""
+    buf = torch.full((like.numel() + 2 * _GUARD,), fill, dtype=like.dtype)
+    inner = buf[_GUARD:_GUARD + like.numel()]
+    return buf, inner
+
+
+def _canaries_intact(buf, fill):
+    return bool((buf[:_GUARD] == fill).all() and (buf[-_GUARD:] == fill).all())
+
+
+def host_op(lib, logits, input_ids, masked_positions, temperature, seed, offset, return_lse):
+    """What the CUDA binding does around the kernel (outputs prepared, 1/tau as inverse_temperature),
+    with the host-built kernel; the outputs of op(), and every canary checked."""
+    n, vocab = logits.shape
+    # inputs inside canaries too: ids of 0 just outside input_ids (a valid id: a read there would be
+    # used), positions that point into it
+    _, ids_in = _guarded(input_ids, 0)
+    ids_in.copy_(input_ids.reshape(-1))
+    _, positions = _guarded(masked_positions, 0)
+    positions.copy_(masked_positions)
+    inv = np.float32(1.0 / temperature) if temperature > 0 else np.float32(np.inf)
+    noise_on = bool(temperature > 0 and np.isfinite(inv))
+    ids_buf, out_ids = _guarded(input_ids, -7)
+    out_ids.copy_(input_ids.reshape(-1))
+    labels_buf, labels = _guarded(input_ids.to(torch.bool), True)
+    labels.fill_(False)
+    sampled_buf, sampled = _guarded(torch.empty(n, dtype=torch.long), -7)
+    lse_buf, lse = _guarded(torch.empty(n if return_lse else 0), -7.0)
+    seed_t = torch.tensor([seed], dtype=torch.long)
+    err = ctypes.create_string_buffer(512)
+    rc = lib.fe_host_replace_tokens(logits.data_ptr(), _DTYPE_CODES[logits.dtype], n, vocab, ids_in.data_ptr(),
+                                    input_ids.numel(), positions.data_ptr(), out_ids.data_ptr(),
+                                    labels.data_ptr(), sampled.data_ptr(), lse.data_ptr() if return_lse else None,
+                                    float(inv) if noise_on else 1.0, int(noise_on), seed_t.data_ptr(), offset % 2**64,
+                                    err, len(err))
+    assert rc == 0, err.value.decode()
+    for buf, fill in ((ids_buf, -7), (labels_buf, True), (sampled_buf, -7), (lse_buf, -7.0)):
+        assert _canaries_intact(buf, fill), "the kernel wrote outside an output"
+    return out_ids.view(input_ids.shape), labels.view(input_ids.shape), sampled, lse
+
+
+def _assert_same(host, cpu):
+    """ids, labels and samples bit for bit; the lse to the host exp2's error (philox.h's fast_exp2 fit,
+    3e-6 relative, which the host build sums where the device sums MUFU.EX2's results)."""
+    for name, h, c in zip(("ids", "labels", "sampled"), host[:3], cpu[:3]):
+        assert torch.equal(h, c), name
+    torch.testing.assert_close(host[3], cpu[3], rtol=2e-6, atol=5e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,vocab,temperature,return_lse", [
+    (37, 7, 0.5, True), (64, 1, 1.0, True), (33, 129, 2.0, False), (30, 30522, 0.0, True), (9, 30522, 0.0, False),
+    (5, 8193, 1.0, True), (97, 30522, 1.0, True), (13, 30522, 1.0, False), (6, 4099, 0.7, True)])
+def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n, vocab, temperature, return_lse):
+    """Every kernel variant (dtype, noise, lse, tau = 1): rows shorter than a vector, rows whose vectors
+    start mid-row (odd V: head and tail elements), several steps per row, several blocks."""
+    g = torch.Generator().manual_seed(vocab + n)
+    logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
+    ids = torch.randint(0, vocab, (n, 4), generator=g)
+    pos = torch.randperm(4 * n, generator=g)[:n]
+    _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 2**62 - 3, 11, return_lse),
+                 op(logits, ids, pos, temperature, 2**62 - 3, 11, return_lse))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale,shift,temperature", [(0.01, 0.0, 1.0), (30.0, 0.0, 1.0), (30.0, 0.0, 0.5),
+                                                     (1.0, 2.0**13, 1.0), (1.0, -(2.0**14), 1.0),
+                                                     (0.0, 2.0**14, 1.0), (1.0, 1e6, 1.0), (0.0, 1e30, 1.0)])
+def test_cuda_kernel_on_the_host_exact_at_every_logit_scale(host_kernels, dtype, scale, shift, temperature):
+    """The kernel's filter (lane and warp thresholds) changes no sample, against the numpy reference."""
+    g = torch.Generator().manual_seed(7)
+    logits = (shift + scale * torch.randn(12, 3001, generator=g, dtype=torch.float64)).to(dtype)
+    logits[::7, ::3] = -float("inf")
+    ids, pos = torch.zeros(2, 6, dtype=torch.long), torch.arange(12)
+    _, _, sampled, _ = host_op(host_kernels, logits, ids, pos, temperature, 123, 4, False)
+    np.testing.assert_array_equal(sampled.numpy(), samples_ref(logits, temperature, 123, 4))
+
+
+@pytest.mark.parametrize("dtype,shift", [(torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 1)])
+def test_cuda_kernel_on_the_host_unaligned_logits(host_kernels, dtype, shift):
+    """Logits that do not start on 16 bytes take the element path for every row."""
+    base = (3 * torch.randn(7 * 1001 + shift, generator=torch.Generator().manual_seed(shift))).to(dtype)
+    logits = base[shift:].view(7, 1001)
+    assert logits.data_ptr() % 16 != 0
+    ids, pos = torch.randint(0, 1001, (3, 3), generator=torch.Generator().manual_seed(1)), torch.arange(7)
+    _assert_same(host_op(host_kernels, logits, ids, pos, 1.0, 5, 0, True), op(logits, ids, pos, 1.0, 5, 0, True))
+
+
+def test_cuda_kernel_on_the_host_flags_invalid_rows_and_matches_special_values(host_kernels):
+    logits = torch.randn(3, 10)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    ids[0, 1] = 10  # original id >= V at position 1
+    out, labels, sampled, _ = host_op(host_kernels, logits, ids, torch.tensor([1, 99, 6]), 1.0, 0, 0, False)
+    assert sampled[:2].tolist() == [-1, -1] and sampled[2].item() >= 0
+    assert out.view(-1)[1].item() == 10 and not labels.view(-1)[:6].any()
+    assert torch.equal(out.view(-1)[:6], ids.view(-1)[:6])
+    out, labels, sampled, _ = host_op(host_kernels, logits, ids, torch.tensor([-1, 3, 2]), 1.0, 0, 0, False)
+    assert sampled[0].item() == -1 and sampled[1:].ge(0).all()
+    special, ids, pos = special_logits(), torch.zeros(2, 3, dtype=torch.long), torch.arange(6)
+    _assert_same(host_op(host_kernels, special, ids, pos, 1.0, 0, 0, True), op(special, ids, pos, 1.0, 0, 0, True))
+
+
+def test_cuda_noise_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels):
+    for shape, seed, offset in (((7, 30522), 2**62 - 1, 3), ((3, 5), 1, 2**40 + 1)):
+        out = torch.empty(shape)
+        seed_t = torch.tensor([seed])
+        err = ctypes.create_string_buffer(256)
+        assert host_kernels.fe_host_gumbel_noise(out.data_ptr(), *shape, seed_t.data_ptr(), offset, err, 256) == 0, \
+            err.value.decode()
+        assert torch.equal(out.view(torch.int32), noise(torch.empty(shape), seed, offset).view(torch.int32))
 
 
 # ----------------------------------------------------------------------------- GPU
