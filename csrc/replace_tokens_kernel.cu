@@ -16,13 +16,14 @@
 // pointer that is not 16-byte aligned takes that path for the whole row.
 //
 // Per element the hot path is the Philox share (the calls of a step run interleaved), a
-// conversion, the running max, one exp2 (MUFU) and a multiply-add + compare: the exp2 term
-// q = exp(logit/tau - M) is both the log-sum-exp's summand (tau = 1) and the noise filter's input
-// (philox.h: an element with 1 + v > 1 + q c cannot beat the best exact key T, c = exp(M - T + margin)),
-// so the exact noise (two logarithms, out of line) runs only for the few elements that may still
-// win. That changes no result: the winner is the lexicographic max of (exact key, -column), which
-// does not depend on the order elements are visited, so CPU and CUDA agree bit for bit. The warp
-// shares its best key after every step (a tighter T for every lane).
+// conversion, the running max, a share of a 3-way integer min and, with the lse, one exp2 (MUFU) and
+// an add. The noise filter (philox.h: an element with 1 + v > 1 + q c, q = exp(logit/tau - M), cannot
+// beat the best exact key T, c = exp(M - T + margin)) runs once per 16-byte vector, on the vector's
+// smallest random word and largest logit, which bound every element's test; so the exact noise (two
+// logarithms, out of line) runs only for the few vectors whose elements may still win, and there the
+// per-element test picks them. That changes no result: the winner is the lexicographic max of (exact
+// key, -column), which does not depend on the order elements are visited, so CPU and CUDA agree bit
+// for bit. The warp shares its best key after every step (a tighter T for every lane).
 //
 // Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
 // tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
@@ -167,20 +168,23 @@ __device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32
     if (kNoise && !kUnitTau) st.y_shift = scaled<false>(group_max, inv_tau) * kLog2e;
     if (kNoise) update_scale<kUnitTau>(st, inv_tau, threshold);
   }
-  float q[N];  // exp(logit - max)
+  if (kLse) {
 #pragma unroll
-  for (int e = 0; e < N; ++e) {
-    q[e] = (kLse || (kNoise && kUnitTau)) ? fast_exp2(fmaf(x[e], kLog2e, -st.shift)) : 0.0f;
-    if (kLse) st.sum += q[e];
+    for (int e = 0; e < N; ++e) st.sum += fast_exp2(fmaf(x[e], kLog2e, -st.shift));  // exp(logit - max)
   }
   if (kNoise) {
-    // One predicate chain over the group (a compare per element); the rare survivors are found
-    // again inside the branch, so no per-element flag is kept on the hot path.
-    bool all_lose = true;
+    // The filter of the whole group at once: an element can win only if v <= exp(y - M) c
+    // (philox.h), and both sides are monotone, in the random word and in the logit. So the group's
+    // smallest word against its largest logit bounds every element's test: one integer min per
+    // element on the hot path. (MUFU.EX2 is monotone to within a few ulps, far inside the filter's
+    // margin.) The rare groups that pass take the exact per-element test and noise, out of line.
+    uint32_t r_min = r[0];
 #pragma unroll
-    for (int e = 0; e < N; ++e)
-      all_lose &= !filter_may_win(r[e], filter_q<kUnitTau>(x[e], q[e], inv_tau, st), st.scale);
-    if (!all_lose) st = fold_survivors<N, kUnitTau>(st, Group<N>(x, r), col0, inv_tau, threshold);  // rare
+    for (int e = 1; e < N; ++e) r_min = r[e] < r_min ? r[e] : r_min;
+    const float q_max = kUnitTau ? fast_exp2(fmaf(group_max, kLog2e, -st.shift))
+                                 : filter_q<false>(group_max, 0.0f, inv_tau, st);
+    if (filter_may_win(r_min, q_max, st.scale))
+      st = fold_survivors<N, kUnitTau>(st, Group<N>(x, r), col0, inv_tau, threshold);  // rare
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -239,7 +243,9 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   LaneState st{-kInf, (int)vocab, -kInf, 0.0f, 0.0f, 0.0f, kInf};
   float threshold = -kInf;  // best exact key of the warp at the last step
   // The row's vectors, indexed from 0 with 32-bit indices (a row has fewer than 2^31 elements).
-  const uint4* __restrict__ RowVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin;
+  // This lane's vectors: step + k * 32 + lane; the pointer moves by a step, so each load is an
+  // immediate offset from it.
+  const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
   const int n_vectors = (int)(vec_end - vec_begin);
   const uint64_t group_begin = (uint64_t)vec_begin * kGroupsPerVector;  // Philox group of vector 0
 
@@ -247,14 +253,14 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
 #pragma unroll
   for (int k = 0; k < kVectorsPerLane; ++k) {
     const int i = k * kWarpSize + lane;
-    if (i < n_vectors) raw[k] = __ldcs(RowVectors + i);  // streamed once
+    if (i < n_vectors) raw[k] = __ldcs(LaneVectors + k * kWarpSize);  // streamed once
   }
   for (int step = 0; step < n_vectors; step += kStepVectors) {  // warp-uniform
     uint4 next[kVectorsPerLane];  // the next step's loads, in flight while this step computes
 #pragma unroll
     for (int k = 0; k < kVectorsPerLane; ++k) {
       const int i = step + kStepVectors + k * kWarpSize + lane;
-      if (i < n_vectors) next[k] = __ldcs(RowVectors + i);
+      if (i < n_vectors) next[k] = __ldcs(LaneVectors + kStepVectors + k * kWarpSize);
     }
     PhiloxWords words[kCalls];
     if (kNoise) {
@@ -289,6 +295,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     }
 #pragma unroll
     for (int k = 0; k < kVectorsPerLane; ++k) raw[k] = next[k];
+    LaneVectors += kStepVectors;
   }
   fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row_begin, lane, inv_tau, seed, offset,
                                            threshold, st);
