@@ -19,9 +19,10 @@
 //   the (N, V) fp32 noise g that replace_tokens adds for these logits' shape, seed and offset
 //   (only the shape and device of `logits` are used). For tests and debugging.
 //
-// The CPU version runs rows in parallel (at::parallel_for) with the same noise, the same
-// candidate order and the same cheap filter as the CUDA kernel (replace_tokens_kernel.cu), so
-// both return identical samples for the same logits, seed and offset. It raises on every invalid
+// The CPU version runs rows in parallel (at::parallel_for) with the same noise and the same
+// candidate order as the CUDA kernel (replace_tokens_kernel.cu), and philox.h's filter per element
+// (the kernel tests whole vectors first; the filter only skips losers, so either way nothing
+// changes): both return identical samples for the same logits, seed and offset. It raises on every invalid
 // input, including masked positions outside input_ids and ids outside [0, V).
 #include <Python.h>
 
