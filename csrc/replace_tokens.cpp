@@ -19,10 +19,10 @@
 //   the (N, V) fp32 noise g that replace_tokens adds for these logits' shape, seed and offset
 //   (only the shape and device of `logits` are used). For tests and debugging.
 //
-// The CPU version runs rows in parallel (at::parallel_for) with the same noise and the same
-// candidate order as the CUDA kernel (replace_tokens_kernel.cu), and philox.h's filter per element
-// (the kernel tests whole vectors first; the filter only skips losers, so either way nothing
-// changes): both return identical samples for the same logits, seed and offset. It raises on every invalid
+// The CPU version runs rows in parallel (at::parallel_for) with the same noise, the same
+// candidate order and philox.h's filter as the CUDA kernel (replace_tokens_kernel.cu), which both
+// apply to blocks before elements (the filter only skips losers, so the blocks' sizes change
+// nothing): both return identical samples for the same logits, seed and offset. It raises on every invalid
 // input, including masked positions outside input_ids and ids outside [0, V).
 #include <Python.h>
 
@@ -107,8 +107,10 @@ void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& lo
 
 namespace {
 
-// The sample of one row (see better_candidate in philox.h for the order). Elements that the filter
-// of philox.h proves to lose skip the exact noise, as in the CUDA kernel.
+// The sample of one row (see better_candidate in philox.h for the order). The row goes in blocks of
+// up to 16 flat indices (4 Philox groups, computed together); philox.h's filter first tests a block
+// on its smallest random word and largest y, which bound every element's test, and only a block that
+// passes takes the per-element test and, for the elements that pass that too, the exact noise.
 template <typename scalar_t, bool kNoise>
 int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau, uint64_t seed,
                    uint64_t offset) {
@@ -116,31 +118,47 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
   float best_key = -kInf;
   int64_t best_col = vocab;  // none yet
   if (kNoise) {
+    constexpr int kBlockGroups = 4, kBlock = 4 * kBlockGroups;
     float m = -kInf;     // running max of y = logit / tau
     float shift = 0.0f;  // m * log2(e) once m > -inf
     float c = kInf;      // filter_scale(m, best_key)
     const uint64_t row_begin = (uint64_t)row * (uint64_t)vocab;
     int64_t col = 0;
-    while (col < vocab) {  // one Philox call per group of 4 flat indices
+    while (col < vocab) {
       const uint64_t flat = row_begin + (uint64_t)col;
-      const PhiloxWords r = philox_group(flat >> 2, seed, offset);
-      const int first = (int)(flat & 3);
-      const int count = (int)std::min<int64_t>(4 - first, vocab - col);
-      for (int j = 0; j < count; ++j, ++col) {
-        const float y = fe_mul(static_cast<float>(x[col]), inv_tau);
-        if (y > m) {
-          m = y;
-          shift = m * kLog2e;
-          c = filter_scale(m, best_key);
-        }
-        if (!filter_may_win(r.w[first + j], fast_exp2(y * kLog2e - shift), c)) continue;
-        const float key = fe_add(y, gumbel_from_word(r.w[first + j]));
-        if (better_candidate(key, col, best_key, best_col)) {
-          best_key = key;
-          best_col = col;
-          c = filter_scale(m, best_key);
+      const int first = (int)(flat % kBlock);  // the block: [first, first + count) of an aligned 16
+      const int count = (int)std::min<int64_t>(kBlock - first, vocab - col);
+      uint64_t groups[kBlockGroups];
+      for (int g = 0; g < kBlockGroups; ++g) groups[g] = (flat / kBlock) * kBlockGroups + (uint64_t)g;
+      PhiloxWords words[kBlockGroups];
+      philox_groups<kBlockGroups>(groups, seed, offset, words);
+      float y[kBlock];
+      uint32_t r[kBlock];
+      float y_max = -kInf;
+      uint32_t r_min = 0xffffffffu;
+      for (int j = 0; j < count; ++j) {
+        y[j] = fe_mul(static_cast<float>(x[col + j]), inv_tau);
+        r[j] = words[(first + j) / 4].w[(first + j) % 4];
+        if (y[j] > y_max) y_max = y[j];  // NaN skipped: it never wins
+        if (r[j] < r_min) r_min = r[j];
+      }
+      if (y_max > m) {
+        m = y_max;
+        shift = m * kLog2e;
+        c = filter_scale(m, best_key);
+      }
+      if (filter_may_win(r_min, fast_exp2(y_max * kLog2e - shift), c)) {
+        for (int j = 0; j < count; ++j) {
+          if (!filter_may_win(r[j], fast_exp2(y[j] * kLog2e - shift), c)) continue;
+          const float key = fe_add(y[j], gumbel_from_word(r[j]));
+          if (better_candidate(key, col + j, best_key, best_col)) {
+            best_key = key;
+            best_col = col + j;
+            c = filter_scale(m, best_key);
+          }
         }
       }
+      col += count;
     }
   } else {
     for (int64_t col = 0; col < vocab; ++col) {
