@@ -115,10 +115,11 @@ __device__ __forceinline__ void update_scale(LaneState& st, float inv_tau, float
   st.scale = filter_scale(scaled<kUnitTau>(st.max, inv_tau), fmaxf(threshold, st.best_key));
 }
 
-// The filter's q = exp(y - M) of one element (philox.h): for tau = 1 the log-sum-exp term itself.
+// The filter's q = exp(y - M) of a logit x (philox.h), y = x / tau, M the running max of y.
 template <bool kUnitTau>
-__device__ __forceinline__ float filter_q(float x, float q_lse, float inv_tau, const LaneState& st) {
-  return kUnitTau ? q_lse : fast_exp2(fmaf(scaled<false>(x, inv_tau), kLog2e, -st.y_shift));
+__device__ __forceinline__ float filter_q(float x, float inv_tau, const LaneState& st) {
+  return kUnitTau ? fast_exp2(fmaf(x, kLog2e, -st.shift))
+                  : fast_exp2(fmaf(scaled<false>(x, inv_tau), kLog2e, -st.y_shift));
 }
 
 // N logits and their random words, passed by value to the out-of-line survivor path.
@@ -142,8 +143,7 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g,
                                                  float threshold) {
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    const float q = fast_exp2(fmaf(g.x[e], kLog2e, -st.shift));
-    if (!filter_may_win(g.r[e], filter_q<kUnitTau>(g.x[e], q, inv_tau, st), st.scale)) continue;
+    if (!filter_may_win(g.r[e], filter_q<kUnitTau>(g.x[e], inv_tau, st), st.scale)) continue;
     const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), g.r[e]);
     if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
       st.best_key = key;
@@ -181,9 +181,7 @@ __device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32
     uint32_t r_min = r[0];
 #pragma unroll
     for (int e = 1; e < N; ++e) r_min = r[e] < r_min ? r[e] : r_min;
-    const float q_max = kUnitTau ? fast_exp2(fmaf(group_max, kLog2e, -st.shift))
-                                 : filter_q<false>(group_max, 0.0f, inv_tau, st);
-    if (filter_may_win(r_min, q_max, st.scale))
+    if (filter_may_win(r_min, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale))
       st = fold_survivors<N, kUnitTau>(st, Group<N>(x, r), col0, inv_tau, threshold);  // rare
   } else {
 #pragma unroll
