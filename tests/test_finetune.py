@@ -183,25 +183,21 @@ def test_bad_inputs_are_clear_errors(work, tmp_path, capsys):
         run(write_jsonl(d / "gap.jsonl", [rows[0], {"label": "pos"}] + rows[2:]))
     with pytest.raises(FastElectraError, match="has a 'text_pair' column but .*train.csv does not"):
         run(work["train"], write_csv(d / "pairs.csv", [{**r, "text_pair": "x"} for r in rows]))
-    (d / "empty.csv").write_text("")
-    with pytest.raises(FastElectraError, match="train file .*empty.csv is empty"):
-        run(str(d / "empty.csv"))
-    (d / "header.csv").write_text("text,label\n")
-    with pytest.raises(FastElectraError, match="header.csv has no rows"):
-        run(str(d / "header.csv"))
-    (d / "bad.jsonl").write_text('{"text": "a", "label": "pos"}\nnot json\n')
-    with pytest.raises(FastElectraError, match="bad.jsonl, line 2: not valid JSON"):
-        run(str(d / "bad.jsonl"))
+    for name, text, message in [                                     # train files written as they are
+            ("empty.csv", "", "train file .*empty.csv is empty"),
+            ("header.csv", "text,label\n", "header.csv has no rows"),
+            ("bad.jsonl", '{"text": "a", "label": "pos"}\nnot json\n', "bad.jsonl, line 2: not valid JSON"),
+            ("comma.csv", "text,label\nfine,pos\nthe film, was great,pos\n",  # an unquoted comma
+             "comma.csv, line 3: 3 fields but the header has 2"),
+            ("short.tsv", "text\tlabel\nfine\tpos\nno label here\n",
+             "short.tsv, line 3: 1 fields but the header has 2")]:
+        (d / name).write_text(text)
+        with pytest.raises(FastElectraError, match=message):
+            run(str(d / name))
     with pytest.raises(FastElectraError, match="train file not found"):
         run(str(d / "missing.csv"))
     with pytest.raises(FastElectraError, match="single label"):
         run(write_csv(d / "one.csv", [{"text": "a", "label": "pos"}] * 4))
-    (d / "comma.csv").write_text("text,label\nfine,pos\nthe film, was great,pos\n")   # an unquoted comma
-    with pytest.raises(FastElectraError, match="comma.csv, line 3: 3 fields but the header has 2"):
-        run(str(d / "comma.csv"))
-    (d / "short.tsv").write_text("text\tlabel\nfine\tpos\nno label here\n")
-    with pytest.raises(FastElectraError, match="short.tsv, line 3: 1 fields but the header has 2"):
-        run(str(d / "short.tsv"))
     with pytest.raises(FastElectraError, match="--max-seq-length must be an integer >= 3"):
         predict(work["ours"], work["test"], str(d / "p.csv"), max_seq_length=1)
 
