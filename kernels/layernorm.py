@@ -56,7 +56,8 @@ MAX_N = 8192            # largest hidden size: one row must fit in one block
 MIN_BLOCK_N = 16        # smallest block: four Philox outputs per call need BLOCK_N % 4 == 0
 MAX_ROWS = 64           # cap on rows per program for tiny N
 # Block shapes, checked against ptxas register counts for sm_90 (bf16, N = 256 .. 8192: no spills).
-FWD_TILE = 4096         # elements per forward program (several rows when N is small)
+FWD_TILE = 2048         # elements per forward program (several rows when N is small); H100 sweep
+                        # at N = 768 (2026-11-23): 2048 -> 2867 GB/s, 4096 -> 2477, 1024 -> 2701
 FWD_ELEMS_PER_THREAD = 16   # two 16-byte bf16 vectors per thread and tensor
 BWD_TILE = 1024         # elements per backward loop step (about 3x more values live than forward)
 BWD_ELEMS_PER_THREAD = 8    # ~60 registers at N = 768: eight 4-warp programs resident per SM
