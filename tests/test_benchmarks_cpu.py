@@ -123,3 +123,36 @@ def test_until_interrupted_keeps_the_rows_measured_before_a_sigint():
 
     assert until_interrupted(run, 5) == ([0, 1], True)
     assert until_interrupted(run, 2) == ([0, 1], False)
+
+
+def test_host_profile_splits_a_steps_own_time_by_where_the_code_lives():
+    import os
+
+    import torch.nn.functional as F
+
+    from benchmarks.profile_step import host_group, host_profile, report
+
+    assert host_group(os.path.join("", "x", "site-packages", "triton", "runtime", "jit.py")) == "triton"
+    assert host_group(os.path.join("", "repo", "kernels", "layernorm.py")) == "fastelectra"
+    assert host_group(os.path.join("", "x", "site-packages", "torch", "nn", "functional.py")) == "torch"
+    assert host_group("~") == "other"
+    x = torch.randn(256)
+
+    def busy_python():   # own time that cProfile must attribute to this file
+        return sum(i * i for i in range(2000))
+
+    def step():
+        busy_python()
+        F.relu(x)
+
+    h = host_profile(step, steps=4)
+    assert h["issue_ms"] > 0
+    assert abs(sum(h["groups_ms"].values()) - h["profiled_ms"]) < 1e-9
+    assert h["groups_ms"]["torch"] > 0
+    mine = [f for f in h["top_functions"] if f["function"].endswith("(busy_python)")]
+    assert len(mine) == 1 and mine[0]["calls_per_step"] == 1 and mine[0]["group"] == "other"
+    assert mine[0]["cum_ms"] >= mine[0]["own_ms"] >= 0
+    r = {"preset": "tiny", "batch": 2, "seqlen": 8, "backend": "fused", "steps": 4, "wall_ms": 1.0,
+         "gpu_busy_ms": 0.5, "seq_per_s": 2000.0, "families_ms": {"GEMM": 0.5}, "top_kernels": [], "host": h}
+    md = report(r)
+    assert "| torch |" in md and "(busy_python)" in md
