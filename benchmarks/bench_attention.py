@@ -14,10 +14,16 @@ FLOPs are counted densely for every contender: 4·B·H·T²·D forward, 3.5x tha
 case is recorded with its reason.
 
     python -m benchmarks.bench_attention --out benchmarks/results/attention_<gpu>_<date>.json
+
+--sweep instead times the fused kernels one autotuning candidate at a time (SWEEP: a wider net than
+the three shipped per kernel in kernels/attention.py), the other kernels autotuned as usual, at
+32,12,512,64 without and with mask + dropout unless --shapes / --cases say otherwise: the data to
+choose the shipped candidates from.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 
 import torch
@@ -35,6 +41,22 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "M
 def attention_flops(batch, nheads, seqlen, head_dim, backward: bool) -> float:
     forward = 4.0 * batch * nheads * seqlen * seqlen * head_dim
     return forward * (3.5 if backward else 1.0)
+
+
+# --sweep candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: the shipped ones, more warps
+# per tile, other stage counts, and tiles on either side of the H100 winners of 2026-11-23 (mask +
+# dropout at 32,12,512,64: fwd 128x64/4w, dkdv 64x64/4w, dq 64x32/4w). Every block size is a power of
+# two >= 16 (tl.dot, and the dropout draws' 2 x 2 blocks).
+SWEEP = {
+    "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+            (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 4, 4)],
+    "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 8, 3),
+             (128, 64, 8, 3), (32, 32, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3),
+           (32, 32, 4, 3), (64, 16, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4)],
+}
+SWEEP_SHAPE = (32, 12, 512, 64)
+SWEEP_CASES = ("plain", "mask-full+dropout")
 
 
 def make_inputs(batch, nheads, seqlen, head_dim, case, dtype, seed=0):
@@ -126,6 +148,56 @@ def run(shapes, cases, dtype, modes, results=None):
     return rows
 
 
+@contextlib.contextmanager
+def pinned(tuner, config):
+    """Within: the triton.autotune kernel ``tuner`` launches ``config`` alone, untuned (an autotuner
+    with one config runs it); after: its own configs and tuning cache are back."""
+    configs, cache = tuner.configs, dict(tuner.cache)
+    tuner.configs = [config]
+    try:
+        yield
+    finally:
+        tuner.configs = configs
+        tuner.cache.clear()
+        tuner.cache.update(cache)
+
+
+def sweep(shapes, cases, dtype, results=None):
+    """Time fastelectra's attention with each kernel pinned, in turn, to each SWEEP candidate: fwd
+    candidates in the forward alone, dK/dV and dQ candidates in forward+backward (the other kernels
+    autotuned, so rows of one kernel differ by that kernel alone)."""
+    import triton
+
+    from fastelectra.kernels import attention
+
+    tuners = {"fwd": attention._attn_fwd, "dkdv": attention._attn_bwd_dkdv, "dq": attention._attn_bwd_dq}
+    shipped = {"fwd": attention._FWD_SHAPES, "dkdv": attention._DKDV_SHAPES, "dq": attention._DQ_SHAPES}
+    rows = [] if results is None else results
+    for batch, nheads, seqlen, head_dim in shapes:
+        for case in cases:
+            q, k, v, do, mask, p = make_inputs(batch, nheads, seqlen, head_dim, case, dtype)
+            fn = contenders(q, k, v, mask, p)["fastelectra"]
+            for kernel, candidates in SWEEP.items():
+                mode = "fwd" if kernel == "fwd" else "fwd+bwd"
+                for bm, bn, warps, stages in candidates:
+                    row = dict(batch=batch, nheads=nheads, seqlen=seqlen, head_dim=head_dim, case=case,
+                               kernel=kernel, mode=mode, config=f"{bm}x{bn} {warps}w {stages}s",
+                               shipped=(bm, bn, warps, stages) in shipped[kernel])
+                    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                    try:
+                        with pinned(tuners[kernel], config):
+                            row.update(time_contender(fn, q, k, v, do, mode == "fwd+bwd"))
+                        row["tflops"] = attention_flops(batch, nheads, seqlen, head_dim, mode == "fwd+bwd") / row["ms"] / 1e9
+                    except Exception as err:   # e.g. a tile that overflows shared memory: record, go on
+                        row.update(skipped=skip_reason(err))
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(f"{case:20s} {kernel:5s} {row['config']:14s} {'shipped' if row['shipped'] else '':8s}"
+                          + (f"{row['ms']:8.4f} ms {row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["skipped"]),
+                          flush=True)
+    return rows
+
+
 def add_ratios(rows):
     """Each fastelectra row gets fastelectra TFLOP/s / peer TFLOP/s for every timed peer (= peer ms /
     its ms: one case has one FLOP count) and the ratio to the best of them."""
@@ -142,24 +214,43 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path (a .md table is written beside it)")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--shapes", nargs="+", metavar="B,H,T,D",
-                        help="shapes to run (default: " + " ".join(",".join(map(str, s)) for s in SHAPES) + ")")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+                        help="shapes to run (default: " + " ".join(",".join(map(str, s)) for s in SHAPES)
+                        + "; with --sweep: " + ",".join(map(str, SWEEP_SHAPE)) + ")")
+    parser.add_argument("--cases", nargs="+", choices=CASES,
+                        help=f"cases to run (default: all; with --sweep: {' '.join(SWEEP_CASES)})")
     parser.add_argument("--modes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: time each kernel under each autotuning candidate in SWEEP")
     args = parser.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else \
+        ([SWEEP_SHAPE] if args.sweep else SHAPES)
     if any(len(s) != 4 for s in shapes):
         parser.error("--shapes takes B,H,T,D quadruples")
     require_cuda("bench_attention")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
-    rows, truncated = until_interrupted(run, shapes, args.cases, dtype, args.modes)
+    if args.sweep:
+        cases = args.cases or list(SWEEP_CASES)
+        rows, truncated = until_interrupted(sweep, shapes, cases, dtype)
+        table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}") for r in rows]
+        table = rate_table(table_rows, ["shape", "case", "kernel", "mode", "config", "shipped", "ms", "TFLOP/s", "ms_call"],
+                           "tflops", "TFLOP/s", digits=1)
+        write_results(args.out, {"benchmark": "attention_sweep",
+                                 "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": cases,
+                                            "sweep": SWEEP, "gpu_slug": gpu_slug(), "timing": f"ms, TFLOP/s: {TIMING}",
+                                            "date": datetime.date.today().isoformat()},
+                                 "results": rows}, table, truncated)
+        return 1 if truncated else 0
+
+    cases = args.cases or list(CASES)
+    rows, truncated = until_interrupted(run, shapes, cases, dtype, args.modes)
     add_ratios(rows)
     table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}") for r in rows]
     table = rate_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer", "ms_call"],
                        "tflops", "result", digits=1)
     payload = {
         "benchmark": "attention",
-        "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": args.cases,
+        "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": cases,
                    "modes": args.modes, "flops": "4*B*H*T^2*D forward, x3.5 forward+backward, dense",
                    "gpu_slug": gpu_slug(),
                    "timing": f"ms, TFLOP/s: {TIMING}",

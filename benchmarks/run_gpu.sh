@@ -14,7 +14,9 @@
 #   STAGES="build quick" bash benchmarks/run_gpu.sh   # the figures the open targets hinge on, in minutes: the
 #                         graphed training step (Small, Base), attention with mask + dropout, the
 #                         layer-norm launch-shape sweep at N = 768, and the README's main job
-# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK (caps in s; T_bench_<name> for one benchmark),
+#   STAGES=sweep bash benchmarks/run_gpu.sh            # the attention kernels under each autotuning candidate
+#                         (bench_attention --sweep): the data to choose the shipped candidates from
+# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_SWEEP (caps in s; T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
 RES=${RES:-gpu_results}
@@ -85,7 +87,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
     | tee "$RES/gpu_tests.txt"
   pack
 fi
-if [[ " $STAGES " =~ " "(bench|quick|prof|conv)" " ]]; then
+if [[ " $STAGES " =~ " "(bench|quick|sweep|prof|conv)" " ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
@@ -113,6 +115,11 @@ if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is
     --out /tmp/fastelectra_main_job          # checkpoints and token cache stay out of the results
   cp /tmp/fastelectra_main_job/summary.json "$RES/main_job_summary.json" 2>/dev/null && pack
   tail -6 "$RES/main_job.log"
+fi
+if [[ " $STAGES " == *" sweep "* ]]; then   # one autotuning candidate at a time, fwd alone and fwd+bwd
+  run_module attention_sweep "${T_SWEEP:-400}" benchmarks.bench_attention --sweep \
+    --out "$RES/attention_sweep_${slug}_${date}.json"
+  tail -60 "$RES/attention_sweep.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
   run_module profile "${T_PROF:-$T_BENCH}" benchmarks.profile_step ${ARGS_profile_step:-} \

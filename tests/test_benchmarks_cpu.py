@@ -156,3 +156,28 @@ def test_host_profile_splits_a_steps_own_time_by_where_the_code_lives():
          "gpu_busy_ms": 0.5, "seq_per_s": 2000.0, "families_ms": {"GEMM": 0.5}, "top_kernels": [], "host": h}
     md = report(r)
     assert "| torch |" in md and "(busy_python)" in md
+
+
+def test_attention_sweep_pins_one_config_and_gives_the_tuner_back():
+    import triton
+
+    from benchmarks.bench_attention import SWEEP, pinned
+    from fastelectra.kernels import attention
+    from fastelectra.ops import attention_reference
+
+    for kernel, candidates in SWEEP.items():   # what the kernels and the dropout draws' 2 x 2 blocks take
+        for bm, bn, warps, stages in candidates:
+            assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0, (kernel, bm, bn)
+        assert len(set(candidates)) == len(candidates), kernel
+    tuner = attention._attn_fwd
+    configs, cache = list(tuner.configs), dict(tuner.cache)
+    config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)
+    q, k, v = (torch.randn(1, 37, 2, 16) for _ in range(3))
+    with pinned(tuner, config):
+        out = attention.flash_attention(q, k, v)
+        assert tuner.best_config is config            # the launch ran the pinned config
+    assert tuner.configs == configs and tuner.cache == cache
+    torch.testing.assert_close(out, attention_reference(q, k, v, None, 0.0), atol=2e-5, rtol=1e-4)
+    with pytest.raises(KeyboardInterrupt), pinned(tuner, config):   # given back on the way out of an error too
+        raise KeyboardInterrupt
+    assert tuner.configs == configs
