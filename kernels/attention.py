@@ -61,7 +61,7 @@ import triton.language as tl
 from ..autograd import eager_function, use_eager
 from ..ops import _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
-from .layernorm import _on_device
+from .layernorm import _cdiv, _next_power_of_2, _on_device
 
 __all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_qkvpacked", "dropout_mask",
            "SUPPORTED_HEAD_DIMS"]
@@ -817,13 +817,13 @@ def _seed_arg(seed, q, dropout_p):
 
 def _grid(seqlen, block, layout):
     """Launch grid: one program per ``block`` (the autotuned config's) rows of ``seqlen``, per (batch, head)."""
-    return lambda meta: (triton.cdiv(seqlen, meta[block]) * layout.batch * layout.nheads,)
+    return lambda meta: (_cdiv(seqlen, meta[block]) * layout.batch * layout.nheads,)
 
 
 def _common_args(layout, dropout_p, softmax_scale, seed, q):
     threshold, drop_scale = _dropout_args(dropout_p)
     return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), drop_threshold=threshold,
-                drop_scale=drop_scale, seq_bucket=triton.next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
+                drop_scale=drop_scale, seq_bucket=_next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
                 IS_DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 HEAD_DIM=layout.head_dim, VARLEN=layout.varlen)
 
@@ -1167,7 +1167,7 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     threshold, _ = _dropout_args(_check_dropout(p, seqlen_q, seqlen_k))
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
-    grid = (batch * nheads, triton.cdiv(seqlen_q, block_m), triton.cdiv(seqlen_k, block_n))
+    grid = (batch * nheads, _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n))
     with _on_device(keep):
         _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()

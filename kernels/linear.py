@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ..ops import ACTIVATIONS, _check_activation
-from .layernorm import _on_device, _sm_count, _sum_partials
+from .layernorm import _cdiv, _next_power_of_2, _on_device, _sm_count, _sum_partials
 
 __all__ = ["column_sums", "fused_linear", "activation_backward"]
 
@@ -133,13 +133,13 @@ def _column_partial_sums_kernel(
 def _plan(m: int, n: int, device: torch.device, tile: int = TILE) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, row chunks, rows per chunk) for column sums of an (m, n) tensor: about
     PROGRAMS_PER_SM programs per SM, each streaming whole BLOCK_M-row steps of ``tile`` elements."""
-    block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, triton.next_power_of_2(n)))
+    block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, _next_power_of_2(n)))
     block_m = max(1, tile // block_n)
-    column_blocks = triton.cdiv(n, block_n)
-    row_blocks = triton.cdiv(m, block_m)
-    chunks = max(1, min(row_blocks, triton.cdiv(_sm_count(device) * PROGRAMS_PER_SM, column_blocks)))
-    rows_per_chunk = triton.cdiv(row_blocks, chunks) * block_m
-    return block_m, block_n, triton.cdiv(m, rows_per_chunk), rows_per_chunk
+    column_blocks = _cdiv(n, block_n)
+    row_blocks = _cdiv(m, block_m)
+    chunks = max(1, min(row_blocks, _cdiv(_sm_count(device) * PROGRAMS_PER_SM, column_blocks)))
+    rows_per_chunk = _cdiv(row_blocks, chunks) * block_m
+    return block_m, block_n, _cdiv(m, rows_per_chunk), rows_per_chunk
 
 
 def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -162,7 +162,7 @@ def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device)
     part = torch.empty(chunks, n, dtype=torch.float32, device=x.device)
     with _on_device(x):
-        _column_partial_sums_kernel[(triton.cdiv(n, block_n), chunks)](
+        _column_partial_sums_kernel[(_cdiv(n, block_n), chunks)](
             x, x, x, part, m, n, x.stride(0), rows_per_chunk, ACTIVATION=0,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         _sum_partials(part[None], out)
@@ -186,7 +186,7 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     block_m, block_n, chunks, rows_per_chunk = _plan(m, n, h.device, ACT_TILE)
     part = torch.empty(chunks, n, dtype=torch.float32, device=h.device)
     with _on_device(h):
-        _column_partial_sums_kernel[(triton.cdiv(n, block_n), chunks)](
+        _column_partial_sums_kernel[(_cdiv(n, block_n), chunks)](
             dy, h, dh, part, m, n, n, rows_per_chunk, ACTIVATION=ACTIVATION_CODES[activation],
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         if db is not None:

@@ -367,3 +367,15 @@ def test_gpu_ops_layer_norm_dispatches_to_kernel():
         from_tensor = ops.layer_norm(x, w, b, 1e-12, residual=r, dropout_p=0.1, backend="fused",
                                      seed=torch.tensor([9], device="cuda"))
     assert torch.equal(got, want) and torch.equal(from_tensor, want)
+
+
+def test_host_cdiv_and_next_power_of_2_agree_with_triton():
+    """The launchers' own host-side helpers (triton's are constexpr_functions: slow to call from Python)."""
+    import triton
+
+    from fastelectra.kernels.layernorm import _cdiv, _next_power_of_2
+
+    for a in [0, 1, 2, 3, 15, 16, 17, 767, 768, 769, 65536, 2**31 + 5]:
+        assert _next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in [1, 2, 3, 16, 64, 1000]:
+            assert _cdiv(a, b) == triton.cdiv(a, b), (a, b)
