@@ -232,26 +232,20 @@ def main(argv=None):
     if args.sweep:
         cases = args.cases or list(SWEEP_CASES)
         rows, truncated = until_interrupted(sweep, shapes, cases, dtype)
-        table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}") for r in rows]
-        table = rate_table(table_rows, ["shape", "case", "kernel", "mode", "config", "shipped", "ms", "TFLOP/s", "ms_call"],
-                           "tflops", "TFLOP/s", digits=1)
-        write_results(args.out, {"benchmark": "attention_sweep",
-                                 "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": cases,
-                                            "sweep": SWEEP, "gpu_slug": gpu_slug(), "timing": f"ms, TFLOP/s: {TIMING}",
-                                            "date": datetime.date.today().isoformat()},
-                                 "results": rows}, table, truncated)
-        return 1 if truncated else 0
-
-    cases = args.cases or list(CASES)
-    rows, truncated = until_interrupted(run, shapes, cases, dtype, args.modes)
-    add_ratios(rows)
+        benchmark, header, extra = "attention_sweep", "TFLOP/s", {"sweep": SWEEP}
+        columns = ["shape", "case", "kernel", "mode", "config", "shipped", "ms", header, "ms_call"]
+    else:
+        cases = args.cases or list(CASES)
+        rows, truncated = until_interrupted(run, shapes, cases, dtype, args.modes)
+        add_ratios(rows)
+        benchmark, header = "attention", "result"
+        extra = {"modes": args.modes, "flops": "4*B*H*T^2*D forward, x3.5 forward+backward, dense"}
+        columns = ["shape", "case", "mode", "contender", "ms", header, "vs_best_peer", "ms_call"]
     table_rows = [dict(r, shape=f"{r['batch']},{r['nheads']},{r['seqlen']},{r['head_dim']}") for r in rows]
-    table = rate_table(table_rows, ["shape", "case", "mode", "contender", "ms", "result", "vs_best_peer", "ms_call"],
-                       "tflops", "result", digits=1)
+    table = rate_table(table_rows, columns, "tflops", header, digits=1)
     payload = {
-        "benchmark": "attention",
-        "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": cases,
-                   "modes": args.modes, "flops": "4*B*H*T^2*D forward, x3.5 forward+backward, dense",
+        "benchmark": benchmark,
+        "config": {"dtype": args.dtype, "dropout_p": DROPOUT, "shapes": shapes, "cases": cases, **extra,
                    "gpu_slug": gpu_slug(),
                    "timing": f"ms, TFLOP/s: {TIMING}",
                    "date": datetime.date.today().isoformat()},

@@ -240,9 +240,11 @@ def main(argv=None) -> int:
         have_hf, hf_note = False, "transformers is not installed: HF peers skipped"
     variants = [False] if args.no_compile or device.type == "cpu" else [False, True]
     rows, truncated = until_interrupted(run, args, variants, have_hf, device, dtype)
-    for r in rows:                                   # ratios against the peers of the same (preset, padding)
-        by_name = {p["contender"]: p.get("seq_per_s") for p in rows
-                   if (p["preset"], p["padding"]) == (r["preset"], r["padding"])}
+    rates: dict = {}                                 # ratios against the peers of the same (preset, padding)
+    for r in rows:
+        rates.setdefault((r["preset"], r["padding"]), {})[r["contender"]] = r.get("seq_per_s")
+    for r in rows:
+        by_name = rates[r["preset"], r["padding"]]
         for peer in PEERS:
             if r.get("seq_per_s") and by_name.get(peer):
                 r[f"x_vs_{peer}"] = r["seq_per_s"] / by_name[peer]

@@ -126,7 +126,7 @@ def kernel_cases() -> list[dict]:
                      "Rstd": "*fp32", "DX": "*" + x_t, "DRes": "*" + x_t, "DW": "*fp32", "DB": "*fp32",
                      "Seed": "*i64"}, ("scale",), div | {"rows_per_program"}, warps)
     for out_t in ("fp32", "bf16", "fp16"):
-        block_p = min(L.PARTIAL_TILE // L.PARTIAL_BLOCK_N, triton.next_power_of_2(1056))
+        block_p = min(L.PARTIAL_TILE // L.PARTIAL_BLOCK_N, L._next_power_of_2(1056))
         add("layer_norm / linear", L._sum_partials_kernel, f"out {out_t}",
             {"BLOCK_P": block_p, "BLOCK_N": L.PARTIAL_BLOCK_N},
             {"Part": "*fp32", "Out0": "*" + out_t, "Out1": "*" + out_t}, (), {"n"})

@@ -285,7 +285,7 @@ def _threshold(p: float) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints >= 0 and b > 0, as triton.cdiv, which is a constexpr_function since Triton 3.5:
-    from host code each call unwraps its arguments (~5 µs; a training step makes over a thousand)."""
+    from host code each call unwraps its arguments (1.5 µs against 0.07; a training step makes ~1400)."""
     return -(-a // b)
 
 
@@ -523,5 +523,5 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
         block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
         with _on_device(keep):
             _dropout_mask_kernel[(_cdiv(m, block_m),)](keep, m, n, _threshold(p), seed_t, BLOCK_M=block_m,
-                                                              BLOCK_N=block_n, num_warps=num_warps)
+                                                       BLOCK_N=block_n, num_warps=num_warps)
     return keep.view(shape).bool()
