@@ -33,7 +33,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "philox.h"
@@ -51,33 +53,54 @@ void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input
                                const at::Tensor& masked_positions, double temperature, const at::Tensor& seed,
                                c10::DeviceType device_type) {
   TORCH_CHECK(logits.dim() == 2, "replace_tokens: logits must be 2-D (num_masked, vocab_size), got shape ",
-              logits.sizes());
+              text(logits.sizes()));
   const auto dt = logits.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "replace_tokens: logits must be float32, float16 or bfloat16, got ", dt);
+              "replace_tokens: logits must be float32, float16 or bfloat16, got ", text(dt));
   TORCH_CHECK(logits.size(1) >= 1, "replace_tokens: logits has an empty vocabulary dimension");
   TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max(),
-              "replace_tokens: logits vocabulary size must be below 2^31, got ", logits.size(1));
+              "replace_tokens: logits vocabulary size must be below 2^31, got ", text(logits.size(1)));
   TORCH_CHECK(logits.is_contiguous(), "replace_tokens: logits must be contiguous (row-major (num_masked, "
-              "vocab_size)), got strides ", logits.strides(), "; call .contiguous() first");
+              "vocab_size)), got strides ", text(logits.strides()), "; call .contiguous() first");
   TORCH_CHECK(input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
               "replace_tokens: input_ids must be an int64 tensor of shape (batch, seqlen), got ",
-              input_ids.scalar_type(), " of shape ", input_ids.sizes());
+              text(input_ids.scalar_type()), " of shape ", text(input_ids.sizes()));
   TORCH_CHECK(masked_positions.scalar_type() == at::kLong && masked_positions.dim() == 1,
               "replace_tokens: masked_positions must be a 1-D int64 tensor of flat indices into input_ids, got ",
-              masked_positions.scalar_type(), " of shape ", masked_positions.sizes());
+              text(masked_positions.scalar_type()), " of shape ", text(masked_positions.sizes()));
   TORCH_CHECK(masked_positions.size(0) == logits.size(0), "replace_tokens: masked_positions has ",
-              masked_positions.size(0), " entries but logits has ", logits.size(0), " rows; they must match");
+              text(masked_positions.size(0)), " entries but logits has ", text(logits.size(0)),
+              " rows; they must match");
   TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0,
-              "replace_tokens: temperature must be a finite number >= 0, got ", temperature);
+              "replace_tokens: temperature must be a finite number >= 0, got ", text(temperature));
   TORCH_CHECK(logits.device() == input_ids.device() && logits.device() == masked_positions.device(),
               "replace_tokens: logits, input_ids and masked_positions must be on one device, got logits on ",
-              logits.device(), ", input_ids on ", input_ids.device(), ", masked_positions on ",
-              masked_positions.device());
-  TORCH_CHECK(logits.device().type() == device_type, "replace_tokens: the ", device_type,
-              " implementation got logits on ", logits.device());
+              text(logits.device()), ", input_ids on ", text(input_ids.device()), ", masked_positions on ",
+              text(masked_positions.device()));
+  TORCH_CHECK(logits.device().type() == device_type, "replace_tokens: the ", text(device_type),
+              " implementation got logits on ", text(logits.device()));
   check_seed_arg("replace_tokens", seed, logits);
 }
+
+std::string text(int64_t v) { return std::to_string(v); }
+
+std::string text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  return buf;
+}
+
+std::string text(c10::IntArrayRef v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
+std::string text(c10::ScalarType t) { return c10::toString(t); }
+
+std::string text(const c10::Device& d) { return d.str(); }
+
+std::string text(c10::DeviceType t) { return c10::DeviceTypeName(t, /*lower_case=*/true); }
 
 bool inverse_temperature(double temperature, float* inv_tau) {
   if (!(temperature > 0.0)) return false;
@@ -89,20 +112,20 @@ bool inverse_temperature(double temperature, float* inv_tau) {
 
 void check_gumbel_noise_args(const at::Tensor& logits, const at::Tensor& seed, c10::DeviceType device_type) {
   TORCH_CHECK(logits.dim() == 2, "gumbel_noise: logits must be 2-D (num_masked, vocab_size), got shape ",
-              logits.sizes());
+              text(logits.sizes()));
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "gumbel_noise: logits must be a floating tensor, got ",
-              logits.scalar_type());
-  TORCH_CHECK(logits.device().type() == device_type, "gumbel_noise: the ", device_type,
-              " implementation got logits on ", logits.device());
+              text(logits.scalar_type()));
+  TORCH_CHECK(logits.device().type() == device_type, "gumbel_noise: the ", text(device_type),
+              " implementation got logits on ", text(logits.device()));
   check_seed_arg("gumbel_noise", seed, logits);
 }
 
 void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& logits) {
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
               ": seed must be an int64 tensor with one element (e.g. torch.tensor([seed])), got ",
-              seed.scalar_type(), " of shape ", seed.sizes());
-  TORCH_CHECK(seed.device() == logits.device(), op, ": seed must be on the device of logits (", logits.device(),
-              "), got seed on ", seed.device());
+              text(seed.scalar_type()), " of shape ", text(seed.sizes()));
+  TORCH_CHECK(seed.device() == logits.device(), op, ": seed must be on the device of logits (",
+              text(logits.device()), "), got seed on ", text(seed.device()));
 }
 
 namespace {
@@ -197,11 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cpu(
   const int64_t* ids_p = ids.data_ptr<int64_t>();
   const int64_t* pos_p = positions.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(pos_p[i] >= 0 && pos_p[i] < numel, "replace_tokens: masked_positions[", i, "] = ", pos_p[i],
-                " is out of range for input_ids with ", numel, " elements");
+    TORCH_CHECK(pos_p[i] >= 0 && pos_p[i] < numel, "replace_tokens: masked_positions[", text(i), "] = ",
+                text(pos_p[i]), " is out of range for input_ids with ", text(numel), " elements");
   for (int64_t i = 0; i < numel; ++i)
-    TORCH_CHECK(ids_p[i] >= 0 && ids_p[i] < vocab, "replace_tokens: input_ids contains ", ids_p[i],
-                " (flat index ", i, "), outside [0, vocab_size=", vocab, ") of logits");
+    TORCH_CHECK(ids_p[i] >= 0 && ids_p[i] < vocab, "replace_tokens: input_ids contains ", text(ids_p[i]),
+                " (flat index ", text(i), "), outside [0, vocab_size=", text(vocab), ") of logits");
 
   at::Tensor out_ids = ids.clone();
   at::Tensor labels = at::zeros(ids.sizes(), ids.options().dtype(at::kBool));
@@ -254,8 +277,11 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& logits, const at::Tensor& seed, in
 }  // namespace
 
 TORCH_LIBRARY(fastelectra, m) {
+  // needs_contiguous_strides: torch.compile hands the op contiguous logits (inductor otherwise pads the
+  // rows of a matmul output, which the op rejects)
   m.def("replace_tokens(Tensor logits, Tensor input_ids, Tensor masked_positions, float temperature, "
-        "Tensor seed, int offset, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor seed, int offset, bool return_lse) -> (Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::needs_contiguous_strides});
   m.def("gumbel_noise(Tensor logits, Tensor seed, int offset) -> Tensor");
 }
 

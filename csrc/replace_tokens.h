@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 namespace fastelectra {
 
@@ -26,5 +27,17 @@ void check_gumbel_noise_args(const at::Tensor& logits, const at::Tensor& seed, c
 // read it from device memory, so a step needs no host sync and a CUDA-graph replay sees the value
 // the seed tensor holds at replay time.
 void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& logits);
+
+// Text of a number, a shape, a dtype or a device, for argument errors. TORCH_CHECK builds its
+// message with a std::ostream made inside this library, and where the toolchain linked its own
+// libstdc++ into the library (the H100 machine's /opt/gcc g++ did) that stream has no number facet:
+// formatting an integer through it crashed (a segfault instead of the error). Strings pass through
+// safely, so every message streams only strings and these.
+std::string text(int64_t v);
+std::string text(double v);
+std::string text(c10::IntArrayRef v);
+std::string text(c10::ScalarType t);
+std::string text(const c10::Device& d);
+std::string text(c10::DeviceType t);
 
 }  // namespace fastelectra

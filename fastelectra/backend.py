@@ -11,7 +11,6 @@ variable ``FASTELECTRA_BACKEND=eager|fused|auto``. Nothing here touches the GPU 
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -33,16 +32,26 @@ def resolve(requested: str | None = None) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once while tracing
 def triton_status() -> tuple[bool, str]:
-    """(usable, reason): whether the Triton kernels can run on CUDA tensors here."""
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return True, "TRITON_INTERPRET=1: kernels run in the Triton interpreter (CPU, slow)"
-        return False, "no CUDA GPU (Triton kernels need one, or TRITON_INTERPRET=1)"
-    return True, "ok"
+    """(usable, reason): whether the Triton kernels can run on CUDA tensors here. Computed once.
+    torch.compile must not trace into it: ``importlib.util.find_spec`` broke the graph at every op."""
+    known = _triton_status.get("status")
+    if known is None:
+        if importlib.util.find_spec("triton") is None:
+            known = False, "triton is not installed"
+        elif not torch.cuda.is_available():
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                known = True, "TRITON_INTERPRET=1: kernels run in the Triton interpreter (CPU, slow)"
+            else:
+                known = False, "no CUDA GPU (Triton kernels need one, or TRITON_INTERPRET=1)"
+        else:
+            known = True, "ok"
+        _triton_status["status"] = known
+    return known
+
+
+_triton_status: dict[str, tuple[bool, str]] = {}
 
 
 def extension_status() -> tuple[bool, str]:

@@ -132,6 +132,26 @@ def test_fused_step_compiles_as_one_graph(kernels_on_this_device, dynamic):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.gpu
+def test_fused_step_compiles_as_one_graph_with_inductor_on_cuda():
+    """The real dispatch on CUDA (no counting shim) under inductor, fullgraph: backend.triton_status's
+    importlib lookup broke the graph at every op, and inductor pads the rows of the 30522-wide
+    generator logits, which replace_tokens must get contiguous (padded rows crashed the step)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(config("fused", vocab_size=30522, hidden_dropout_prob=0.1,
+                                           attention_probs_dropout_prob=0.1)).to(DEVICE)
+    model.discriminator.electra.check_values = model.generator.electra.check_values = False
+    ids, mask = padded_batch(b=4, t=32)
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(ids, mask)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and out.is_replaced.shape == ids.shape
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def small_fused_model():
     cfg = config("fused", vocab_size=1000, embedding_size=128, hidden_size=256, num_attention_heads=4,
                  intermediate_size=1024, generator_hidden_size=64, max_position_embeddings=128,

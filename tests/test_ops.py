@@ -219,3 +219,16 @@ def test_attention_without_a_valid_key_gives_zeros_on_every_path():
     out.sum().backward()
     for t in (q, k, v):
         assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+
+
+def test_backend_status_is_a_constant_under_torch_compile():
+    """torch.compile takes the usability checks as constants instead of tracing into them
+    (importlib.util.find_spec in triton_status broke the graph at every fused op under torch 2.11 on
+    CUDA; torch 2.13 on the CPU traces it, so the CUDA test in test_fused_model is the one that saw it)."""
+    torch._dynamo.reset()
+
+    def f(x):
+        return x + 1 if backend.triton_status()[0] and backend.extension_status()[0] else x - 1
+
+    expected = 1.0 if backend.triton_status()[0] and backend.extension_status()[0] else -1.0
+    assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [expected] * 2

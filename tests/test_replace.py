@@ -427,26 +427,38 @@ def _args(**override):
     return tuple(args.values())
 
 
-@pytest.mark.parametrize("override,message", [
-    (dict(logits=torch.randn(3, 10).long()), "logits must be float32, float16 or bfloat16"),
-    (dict(logits=torch.randn(3, 10, 1)), "logits must be 2-D"),
-    (dict(logits=torch.randn(10, 3).t()), "logits must be contiguous"),
-    (dict(logits=torch.randn(3, 20)[:, ::2]), "logits must be contiguous"),
+# argument errors the op raises on every device (the messages carry the offending numbers and shapes)
+BAD_ARGS = [
+    (dict(logits=torch.randn(3, 10).long()), "logits must be float32, float16 or bfloat16, got Long"),
+    (dict(logits=torch.randn(3, 10, 1)), r"logits must be 2-D .*got shape \[3, 10, 1\]"),
+    (dict(logits=torch.randn(10, 3).t()), r"logits must be contiguous .*got strides \[1, 3\]"),
+    (dict(logits=torch.randn(3, 20)[:, ::2]), r"logits must be contiguous .*got strides \[20, 2\]"),
     (dict(logits=torch.randn(3, 0)), "empty vocabulary"),
-    (dict(input_ids=torch.zeros(2, 4, dtype=torch.int32)), "input_ids must be an int64 tensor"),
-    (dict(input_ids=torch.zeros(8, dtype=torch.long)), "input_ids must be an int64 tensor of shape"),
+    (dict(input_ids=torch.zeros(2, 4, dtype=torch.int32)),
+     r"input_ids must be an int64 tensor .*got Int of shape \[2, 4\]"),
+    (dict(input_ids=torch.zeros(8, dtype=torch.long)), r"input_ids must be an int64 tensor of shape .*\[8\]"),
     (dict(masked_positions=torch.tensor([0, 5, 7], dtype=torch.int32)), "masked_positions must be a 1-D int64"),
     (dict(masked_positions=torch.tensor([0, 5])), "masked_positions has 2 entries but logits has 3 rows"),
-    (dict(masked_positions=torch.tensor([0, 5, 8])), r"masked_positions\[2\] = 8 is out of range"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1$"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_ARGS + [   # and the data checks of the CPU op
+    (dict(masked_positions=torch.tensor([0, 5, 8])), r"masked_positions\[2\] = 8 is out of range .* 8 elements"),
     (dict(masked_positions=torch.tensor([0, -1, 7])), r"masked_positions\[1\] = -1 is out of range"),
-    (dict(input_ids=torch.full((2, 4), 10)), r"input_ids contains 10 .*outside \[0, vocab_size=10\)"),
+    (dict(input_ids=torch.full((2, 4), 10)),
+     r"input_ids contains 10 \(flat index 0\), outside \[0, vocab_size=10\)"),
     (dict(input_ids=torch.full((2, 4), -2)), "input_ids contains -2"),
-    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
-    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
 ])
 def test_bad_input_raises_a_clear_error(override, message):
     with pytest.raises(RuntimeError, match=message):
         op(*_args(**override))
+
+
+def test_torch_compile_gets_contiguous_logits():
+    """Inductor pads the rows of a wide matmul output; the tag makes it hand the op contiguous logits."""
+    assert torch.Tag.needs_contiguous_strides in torch.ops.fastelectra.replace_tokens.default.tags
 
 
 def test_device_mix_is_rejected_by_the_wrapper():
@@ -670,6 +682,18 @@ def test_cuda_flags_invalid_rows_without_crashing():
     assert sampled[:2].tolist() == [-1, -1] and sampled[2].item() >= 0
     assert out.view(-1)[1].item() == 10 and not labels.view(-1)[:6].any()
     torch.cuda.synchronize()  # the context is still healthy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("override,message", BAD_ARGS)
+def test_cuda_bad_input_raises_a_clear_error(override, message):
+    """The CUDA build formats the same messages: where the toolchain linked its own libstdc++ into
+    the extension, streaming a number into TORCH_CHECK's message crashed (a segfault, not an error)."""
+    # the same strides on the GPU (.cuda() would make a tensor with gaps contiguous)
+    args = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="cuda").copy_(a)
+            if isinstance(a, torch.Tensor) else a for a in _args(**override)]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args)
 
 
 @pytest.mark.gpu
