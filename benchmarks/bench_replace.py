@@ -7,9 +7,6 @@ Contenders (one process):
   fastelectra          ops.replace_tokens(..., backend="fused"): the CUDA op, one pass over the logits
   fastelectra+lse      the same, also returning the row log-sum-exp
   fastelectra-op       torch.ops.fastelectra.replace_tokens called directly (no Python checks)
-  fastelectra[+lse]-4warps   the same two with FASTELECTRA_REPLACE_WARPS_PER_ROW=4: the kernel's other
-                       layout, the 4 warps of a block reading one row (set around each call, so its
-                       ms_call carries an environment write; the graph-replay ms does not)
   torch-eager          ops.replace_tokens_reference (seed None, torch's CUDA generator): fp32 copy, torch.rand,
                        -log(-log u), argmax, scatter
   torch-multinomial    torch.multinomial(softmax(logits / tau)) + scatter + labels
@@ -31,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 
 import torch
 
@@ -40,9 +36,8 @@ from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, requi
 
 SIZES = ("2500x30522", "40000x30522")
 DTYPES = ("bf16", "fp32")
-CONTENDERS = ("fastelectra", "fastelectra+lse", "fastelectra-op", "fastelectra-4warps", "fastelectra+lse-4warps",
-              "torch-eager", "torch-multinomial", "torch-argmax")
-LAYOUT_ENV = "FASTELECTRA_REPLACE_WARPS_PER_ROW"   # read by the CUDA op at each launch (csrc/replace_tokens_cuda.cpp)
+CONTENDERS = ("fastelectra", "fastelectra+lse", "fastelectra-op", "torch-eager", "torch-multinomial",
+              "torch-argmax")
 MASK_FRACTION = 0.15  # masked positions per token: sets the (B, T) the rows come from
 SEQLEN = 128
 SEED = 1234
@@ -81,35 +76,16 @@ def multinomial_replace(logits, ids, positions, temperature):
     return out.view_as(ids), labels.view_as(ids), sampled
 
 
-def with_env(fn, name, value):
-    """fn with the environment variable ``name`` set to ``value`` during each call (restored after)."""
-    def call(*args):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn(*args)
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return call
-
-
 def contenders(temperature):
     """name -> fn(logits, ids, positions)."""
     from fastelectra import ops
 
     seed = torch.tensor([SEED], dtype=torch.int64, device="cuda")
-
-    def fused(x, i, p, return_lse=False):
-        return ops.replace_tokens(x, i, p, temperature=temperature, seed=seed, return_lse=return_lse, backend="fused")
-
     return {
-        "fastelectra": fused,
-        "fastelectra+lse": lambda x, i, p: fused(x, i, p, return_lse=True),
-        "fastelectra-4warps": with_env(fused, LAYOUT_ENV, "4"),
-        "fastelectra+lse-4warps": with_env(lambda x, i, p: fused(x, i, p, return_lse=True), LAYOUT_ENV, "4"),
+        "fastelectra": lambda x, i, p: ops.replace_tokens(x, i, p, temperature=temperature, seed=seed,
+                                                          backend="fused"),
+        "fastelectra+lse": lambda x, i, p: ops.replace_tokens(x, i, p, temperature=temperature, seed=seed,
+                                                              return_lse=True, backend="fused"),
         "fastelectra-op": lambda x, i, p: torch.ops.fastelectra.replace_tokens(x, i, p, temperature, seed, 0, False),
         "torch-eager": lambda x, i, p: ops.replace_tokens_reference(x, i, p, temperature=temperature),
         "torch-multinomial": lambda x, i, p: multinomial_replace(x, i, p, temperature),

@@ -16,8 +16,6 @@
 #include <c10/cuda/CUDAStream.h>  // the current stream (what at::cuda::getCurrentCUDAStream returns)
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <tuple>
 
 #include "replace_tokens.h"
@@ -25,18 +23,6 @@
 
 namespace fastelectra {
 namespace {
-
-// The kernel's layout, a benchmarking knob read at every launch (a CUDA graph keeps the one of its
-// capture): FASTELECTRA_REPLACE_WARPS_PER_ROW=4 has the 4 warps of a block read a row together, 1
-// (the default) gives each row one warp. Same samples either way (replace_tokens_kernel.cu).
-int warps_per_row() {
-  const char* value = std::getenv("FASTELECTRA_REPLACE_WARPS_PER_ROW");
-  if (value == nullptr || value[0] == '\0') return 1;
-  const std::string v(value);
-  TORCH_CHECK(v == "1" || v == "4", "FASTELECTRA_REPLACE_WARPS_PER_ROW must be 1 or 4 (warps that read one row "
-              "of logits), got '", v, "'");
-  return v == "4" ? 4 : 1;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cuda(
     const at::Tensor& logits, const at::Tensor& input_ids, const at::Tensor& masked_positions,
@@ -72,7 +58,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> replace_tokens_cuda(
   args.noise = inverse_temperature(temperature, &args.inv_tau);
   args.seed = seed.const_data_ptr<int64_t>();
   args.offset = (uint64_t)offset;
-  args.warps_per_row = warps_per_row();
   const cudaError_t err = launch_replace_tokens(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "replace_tokens: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {out_ids, labels, sampled, lse};

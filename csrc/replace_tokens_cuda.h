@@ -26,7 +26,6 @@ struct ReplaceTokensLaunch {
   bool noise;                // false: plain argmax (temperature 0)
   const int64_t* seed;       // (1,) Philox key on the device, read by the kernel (no host copy)
   uint64_t offset;
-  int warps_per_row;         // 4: the 4 warps of a block read a row together; anything else: one warp
 };
 
 // Enqueues the replacement kernel on `stream`; returns the launch error (no synchronisation).

@@ -7,11 +7,9 @@
 // own dtype (fp32/fp16/bf16), with 16-byte coalesced loads; nothing else of size N*V is touched.
 //
 // Layout: one warp per row (4 rows per 128-thread block, at most 96 registers so that 20 rows per
-// SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100), or, with warps_per_row =
-// 4, one row per block: each warp reads a contiguous quarter of the row's vectors and the four warp
-// results are merged through shared memory (same samples; the lse summed in another order). The
-// second layout gives the block scheduler 4x more, 4x shorter units of work, so a single wave of rows
-// ends with a shorter tail; which one is faster is for bench_replace to measure. The row's 16-byte
+// SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100). A block per row, its 4
+// warps each reading a quarter and merging through shared memory, was measured slower on an H100
+// (2026-11-23: 1019 against 1364 GB/s at 2500 x 30522 bf16) and removed. The row's 16-byte
 // vectors (aligned on the flat index row*V + col, the Philox counter layout of philox.h, so each
 // needs exactly 1 (fp32) or 2 (16-bit) Philox calls) are read two per lane per step: lane l takes
 // vectors l and l+32 of the step, and the loads of the next step are issued before the current
@@ -41,8 +39,7 @@
 // Tested on the CPU too: without nvcc's __CUDACC__ the launches go to fe_host::launch, which
 // tests/cuda_host/ provides to run these kernels on emulated warps (g++, in CI, no GPU needed).
 //
-// Limits: V < 2^31; rows are spread one per warp (or per block), so below ~1000 rows the GPU is
-// under-filled.
+// Limits: V < 2^31; rows are spread one per warp, so below ~1000 rows the GPU is under-filled.
 // NaN logits never win (a row of NaN samples column 0); their lse is NaN.
 // References: Gumbel-max trick (Gumbel 1954; Maddison et al. 2014, "A* sampling"); online softmax
 // normaliser (Milakov & Gimelshein 2018); ELECTRA (Clark et al. 2020) for the replacement step.
@@ -58,7 +55,7 @@ namespace fastelectra {
 namespace {
 
 constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 4;  // a row per warp (warps_per_row 1) or per block (warps_per_row 4)
+constexpr int kRowsPerBlock = 4;  // one warp per row
 constexpr int kMinBlocksPerSM = 5;  // caps registers at 96 (65536 / (5 * 128), in units of 8): no spills
 constexpr int kVectorBytes = 16;  // one 128-bit load per lane and vector
 constexpr int kVectorsPerLane = 2;  // per step: 32 bytes per lane in flight, 16 (16-bit) or 8 (fp32) elements
@@ -118,23 +115,6 @@ __device__ __forceinline__ float scaled(float x, float inv_tau) {
 template <bool kUnitTau>
 __device__ __forceinline__ void update_scale(LaneState& st, float inv_tau, float threshold) {
   st.scale = filter_scale(scaled<kUnitTau>(st.max, inv_tau), fmaxf(threshold, st.best_key));
-}
-
-// Merges another part's (max, sum of exp(logit - max)) into the lane's: the online-softmax rule.
-__device__ __forceinline__ void merge_lse(LaneState& st, float m, float s) {
-  const float new_max = fmaxf(st.max, m);
-  const float a = st.max == new_max ? 1.0f : fast_exp2((st.max - new_max) * kLog2e);
-  const float b = m == new_max ? 1.0f : fast_exp2((m - new_max) * kLog2e);
-  st.sum = st.sum * a + s * b;
-  st.max = new_max;
-}
-
-// Merges another part's best (key, column) into the lane's.
-__device__ __forceinline__ void merge_best(LaneState& st, float key, int col) {
-  if (better_candidate(key, col, st.best_key, st.best_col)) {
-    st.best_key = key;
-    st.best_col = col;
-  }
 }
 
 // The filter's q = exp(y - M) of a logit x (philox.h), y = x / tau, M the running max of y.
@@ -234,7 +214,7 @@ __device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int6
 }
 
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>
-__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kRowsPerBlock * kWarpSize, kMinBlocksPerSM)
 replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) contiguous
                       int64_t n_rows,
                       int64_t vocab,
@@ -248,17 +228,14 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
                       float* __restrict__ Lse,                // (n_rows,) when kLse
                       float inv_tau,
                       const int64_t* __restrict__ Seed,       // (1,) Philox key
-                      uint64_t offset,
-                      int warps_per_row) {                      // 1 or kWarpsPerBlock
+                      uint64_t offset) {
   constexpr int VEC = kVectorBytes / sizeof(T);  // 4 fp32 or 8 fp16/bf16 per vector
   constexpr int kGroupsPerVector = VEC / 4;      // Philox calls per vector
   constexpr int kCalls = kVectorsPerLane * kGroupsPerVector;  // per lane and step, run interleaved
   constexpr int kStepVectors = kVectorsPerLane * kWarpSize;  // vectors per warp and step
   const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int part = warp % warps_per_row;  // which slice of its row this warp reads
-  const int64_t row = (int64_t)blockIdx.x * (kWarpsPerBlock / warps_per_row) + warp / warps_per_row;
-  if (row >= n_rows) return;  // whole warp (a row per block: the grid has n_rows blocks, none returns)
+  const int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= n_rows) return;  // whole warp
   const uint64_t seed = kNoise ? (uint64_t)__ldg(Seed) : 0;  // argmax (tau = 0) needs no key
 
   // Flat range of the row; its whole vectors [vec_begin, vec_end) go through the vector loop.
@@ -267,27 +244,15 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   if (!vector_loads || vec_begin >= vec_end) vec_begin = vec_end = 0;  // no whole vector: all by element
   const int64_t head_end = vec_begin < vec_end ? vec_begin * VEC : row_end;
   const int64_t tail_begin = vec_begin < vec_end ? vec_end * VEC : row_end;
-  // This warp's slice: a contiguous share of the vectors; the head (or, without vectors, a share of the
-  // elements) goes to the first part and the tail to the last.
-  const int64_t n_all = vec_end - vec_begin;
-  const int64_t part_begin = vec_begin + n_all * part / warps_per_row;
-  const int64_t part_end = vec_begin + n_all * (part + 1) / warps_per_row;
-  int64_t head0 = part == 0 ? row_begin : head_end, head1 = head_end;
-  if (vec_begin >= vec_end) {
-    head0 = row_begin + vocab * part / warps_per_row;
-    head1 = row_begin + vocab * (part + 1) / warps_per_row;
-  }
-  const int64_t tail0 = part == warps_per_row - 1 ? tail_begin : row_end;
 
   LaneState st{-kInf, (int)vocab, -kInf, 0.0f, 0.0f, 0.0f, kInf};
   float threshold = -kInf;  // best exact key of the warp at the last step
   // The row's vectors, indexed from 0 with 32-bit indices (a row has fewer than 2^31 elements).
   // This lane's vectors: step + k * 32 + lane; the pointer moves by a step, so each load is an
   // immediate offset from it.
-  const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + part_begin + lane;
-  const int n_vectors = (int)(part_end - part_begin);
-  const uint64_t group_begin = (uint64_t)part_begin * kGroupsPerVector;  // Philox group of vector 0
-  const int col_begin = (int)(part_begin * VEC - row_begin);             // column of vector 0
+  const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
+  const int n_vectors = (int)(vec_end - vec_begin);
+  const uint64_t group_begin = (uint64_t)vec_begin * kGroupsPerVector;  // Philox group of vector 0
 
   uint4 raw[kVectorsPerLane];
 #pragma unroll
@@ -322,7 +287,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
       uint32_t r[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) r[e] = kNoise ? words[k * kGroupsPerVector + e / 4].w[e % 4] : 0u;
-      fold<VEC, kNoise, kLse, kUnitTau>(x, col_begin + i * VEC, r, inv_tau, threshold, st);
+      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, r, inv_tau, threshold, st);
     }
     if (kNoise) {  // share the best key so far: a tighter filter for the whole warp
       float t = st.best_key;
@@ -337,9 +302,9 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     for (int k = 0; k < kVectorsPerLane; ++k) raw[k] = next[k];
     LaneVectors += kStepVectors;
   }
-  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, head0, head1, row_begin, lane, inv_tau, seed, offset,
+  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row_begin, lane, inv_tau, seed, offset,
                                            threshold, st);
-  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, tail0, row_end, row_begin, lane, inv_tau, seed, offset,
+  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, tail_begin, row_end, row_begin, lane, inv_tau, seed, offset,
                                            threshold, st);
 
   // Warp reduction of (best key, column) and of the (max, sum) pairs; every lane ends with the result.
@@ -347,31 +312,21 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   for (int d = kWarpSize / 2; d > 0; d /= 2) {
     const float key = __shfl_xor_sync(kFullWarp, st.best_key, d);
     const int col = __shfl_xor_sync(kFullWarp, st.best_col, d);
-    merge_best(st, key, col);
+    if (better_candidate(key, col, st.best_key, st.best_col)) {
+      st.best_key = key;
+      st.best_col = col;
+    }
     if (kLse) {
       const float m = __shfl_xor_sync(kFullWarp, st.max, d);
       const float s = __shfl_xor_sync(kFullWarp, st.sum, d);
-      merge_lse(st, m, s);
+      const float new_max = fmaxf(st.max, m);
+      const float a = st.max == new_max ? 1.0f : fast_exp2((st.max - new_max) * kLog2e);
+      const float b = m == new_max ? 1.0f : fast_exp2((m - new_max) * kLog2e);
+      st.sum = st.sum * a + s * b;
+      st.max = new_max;
     }
   }
-  if (warps_per_row > 1) {  // a row per block (uniform): thread 0 merges the other warps' results
-    __shared__ float part_key[kWarpsPerBlock], part_max[kWarpsPerBlock], part_sum[kWarpsPerBlock];
-    __shared__ int part_col[kWarpsPerBlock];
-    if (lane == 0) {
-      part_key[warp] = st.best_key;
-      part_col[warp] = st.best_col;
-      part_max[warp] = st.max;
-      part_sum[warp] = st.sum;
-    }
-    __syncthreads();
-    if (threadIdx.x != 0) return;
-    for (int w = 1; w < kWarpsPerBlock; ++w) {
-      merge_best(st, part_key[w], part_col[w]);
-      if (kLse) merge_lse(st, part_max[w], part_sum[w]);
-    }
-  } else if (lane != 0) {
-    return;
-  }
+  if (lane != 0) return;
 
   if (kLse) {
     float out;
@@ -409,21 +364,19 @@ __global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (tota
 
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>
 cudaError_t launch_typed(const ReplaceTokensLaunch& a, cudaStream_t stream) {
-  const int warps_per_row = a.warps_per_row == kWarpsPerBlock ? kWarpsPerBlock : 1;
-  const int64_t rows_per_block = kWarpsPerBlock / warps_per_row;
-  const int64_t blocks = (a.n_rows + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = (a.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   const bool aligned = reinterpret_cast<uintptr_t>(a.logits) % kVectorBytes == 0;
 #if defined(__CUDACC__)
-  replace_tokens_kernel<T, kNoise, kLse, kUnitTau><<<(unsigned)blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
+  replace_tokens_kernel<T, kNoise, kLse, kUnitTau><<<(unsigned)blocks, kRowsPerBlock * kWarpSize, 0, stream>>>(
       static_cast<const T*>(a.logits), a.n_rows, a.vocab, aligned, a.input_ids, a.numel_ids, a.positions, a.out_ids,
-      a.labels, a.sampled, a.lse, a.inv_tau, a.seed, a.offset, warps_per_row);
+      a.labels, a.sampled, a.lse, a.inv_tau, a.seed, a.offset);
 #else  // the host build of the tests (tests/cuda_host/): the same kernel on emulated warps
   (void)stream;
   fe_host::launch(replace_tokens_kernel<T, kNoise, kLse, kUnitTau>, dim3((unsigned)blocks),
-                  dim3(kWarpsPerBlock * kWarpSize), static_cast<const T*>(a.logits), a.n_rows, a.vocab, aligned,
+                  dim3(kRowsPerBlock * kWarpSize), static_cast<const T*>(a.logits), a.n_rows, a.vocab, aligned,
                   a.input_ids, a.numel_ids, a.positions, a.out_ids, a.labels, a.sampled, a.lse, a.inv_tau, a.seed,
-                  a.offset, warps_per_row);
+                  a.offset);
 #endif
   return cudaGetLastError();
 }

@@ -181,18 +181,3 @@ def test_attention_sweep_pins_one_config_and_gives_the_tuner_back():
     with pytest.raises(KeyboardInterrupt), pinned(tuner, config):   # given back on the way out of an error too
         raise KeyboardInterrupt
     assert tuner.configs == configs
-
-
-def test_bench_replace_with_env_sets_the_layout_only_during_the_call(monkeypatch):
-    import os
-
-    from benchmarks.bench_replace import LAYOUT_ENV, with_env
-
-    monkeypatch.delenv(LAYOUT_ENV, raising=False)
-    seen = []
-    fn = with_env(lambda x: seen.append(os.environ.get(LAYOUT_ENV)) or x + 1, LAYOUT_ENV, "4")
-    assert fn(1) == 2 and seen == ["4"] and LAYOUT_ENV not in os.environ
-    monkeypatch.setenv(LAYOUT_ENV, "1")
-    with pytest.raises(ZeroDivisionError):
-        with_env(lambda: 1 / 0, LAYOUT_ENV, "4")()
-    assert os.environ[LAYOUT_ENV] == "1"

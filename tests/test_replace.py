@@ -506,8 +506,8 @@ def host_kernels(tmp_path_factory):
     lib = ctypes.CDLL(lib_path)
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.fe_host_replace_tokens.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
-                                           ctypes.c_float, ctypes.c_int, ptr, ctypes.c_uint64, ctypes.c_int,
-                                           ctypes.c_char_p, ctypes.c_int]
+                                           ctypes.c_float, ctypes.c_int, ptr, ctypes.c_uint64, ctypes.c_char_p,
+                                           ctypes.c_int]
     lib.fe_host_gumbel_noise.argtypes = [ptr, i64, i64, ptr, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int]
     return lib
 
@@ -523,10 +523,9 @@ def _canaries_intact(buf, fill):
     return bool((buf[:_GUARD] == fill).all() and (buf[-_GUARD:] == fill).all())
 
 
-def host_op(lib, logits, input_ids, masked_positions, temperature, seed, offset, return_lse, warps_per_row=1):
+def host_op(lib, logits, input_ids, masked_positions, temperature, seed, offset, return_lse):
     """What the CUDA binding does around the kernel (outputs prepared, 1/tau as inverse_temperature),
-    with the host-built kernel in the layout ``warps_per_row`` (1: a warp per row, 4: a block per
-    row); the outputs of op(), and every canary checked."""
+    with the host-built kernel; the outputs of op(), and every canary checked."""
     n, vocab = logits.shape
     # inputs inside canaries too: ids of 0 just outside input_ids (a valid id: a read there would be
     # used), positions that point into it
@@ -548,7 +547,7 @@ def host_op(lib, logits, input_ids, masked_positions, temperature, seed, offset,
                                     input_ids.numel(), positions.data_ptr(), out_ids.data_ptr(),
                                     labels.data_ptr(), sampled.data_ptr(), lse.data_ptr() if return_lse else None,
                                     float(inv) if noise_on else 1.0, int(noise_on), seed_t.data_ptr(), offset % 2**64,
-                                    warps_per_row, err, len(err))
+                                    err, len(err))
     assert rc == 0, err.value.decode()
     for buf, fill in ((ids_buf, -7), (labels_buf, True), (sampled_buf, -7), (lse_buf, -7.0)):
         assert _canaries_intact(buf, fill), "the kernel wrote outside an output"
@@ -563,52 +562,43 @@ def _assert_same(host, cpu):
     torch.testing.assert_close(host[3], cpu[3], rtol=2e-6, atol=5e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("warps_per_row", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,vocab,temperature,return_lse", [
     (37, 7, 0.5, True), (64, 1, 1.0, True), (33, 129, 2.0, False), (30, 30522, 0.0, True), (9, 30522, 0.0, False),
     (5, 8193, 1.0, True), (97, 30522, 1.0, True), (13, 30522, 1.0, False), (6, 4099, 0.7, True)])
-def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n, vocab, temperature, return_lse,
-                                                         warps_per_row):
-    """Every kernel variant (dtype, noise, lse, tau = 1) in both layouts: rows shorter than a vector,
-    rows whose vectors start mid-row (odd V: head and tail elements), rows with fewer vectors than
-    warps, several steps per row, several blocks."""
+def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n, vocab, temperature, return_lse):
+    """Every kernel variant (dtype, noise, lse, tau = 1): rows shorter than a vector, rows whose vectors
+    start mid-row (odd V: head and tail elements), several steps per row, several blocks."""
     g = torch.Generator().manual_seed(vocab + n)
     logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
     ids = torch.randint(0, vocab, (n, 4), generator=g)
     pos = torch.randperm(4 * n, generator=g)[:n]
-    _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 2**62 - 3, 11, return_lse, warps_per_row),
+    _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 2**62 - 3, 11, return_lse),
                  op(logits, ids, pos, temperature, 2**62 - 3, 11, return_lse))
 
 
-@pytest.mark.parametrize("warps_per_row", [1, 4])
 @pytest.mark.parametrize("dtype,shift", [(torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 1)])
-def test_cuda_kernel_on_the_host_unaligned_logits(host_kernels, dtype, shift, warps_per_row):
+def test_cuda_kernel_on_the_host_unaligned_logits(host_kernels, dtype, shift):
     """Logits that do not start on 16 bytes take the element path for every row."""
     base = (3 * torch.randn(7 * 1001 + shift, generator=torch.Generator().manual_seed(shift))).to(dtype)
     logits = base[shift:].view(7, 1001)
     assert logits.data_ptr() % 16 != 0
     ids, pos = torch.randint(0, 1001, (3, 3), generator=torch.Generator().manual_seed(1)), torch.arange(7)
-    _assert_same(host_op(host_kernels, logits, ids, pos, 1.0, 5, 0, True, warps_per_row),
-                 op(logits, ids, pos, 1.0, 5, 0, True))
+    _assert_same(host_op(host_kernels, logits, ids, pos, 1.0, 5, 0, True), op(logits, ids, pos, 1.0, 5, 0, True))
 
 
-@pytest.mark.parametrize("warps_per_row", [1, 4])
-def test_cuda_kernel_on_the_host_flags_invalid_rows_and_matches_special_values(host_kernels, warps_per_row):
+def test_cuda_kernel_on_the_host_flags_invalid_rows_and_matches_special_values(host_kernels):
     logits = torch.randn(3, 10)
     ids = torch.zeros(2, 4, dtype=torch.long)
     ids[0, 1] = 10  # original id >= V at position 1
-    out, labels, sampled, _ = host_op(host_kernels, logits, ids, torch.tensor([1, 99, 6]), 1.0, 0, 0, False,
-                                      warps_per_row)
+    out, labels, sampled, _ = host_op(host_kernels, logits, ids, torch.tensor([1, 99, 6]), 1.0, 0, 0, False)
     assert sampled[:2].tolist() == [-1, -1] and sampled[2].item() >= 0
     assert out.view(-1)[1].item() == 10 and not labels.view(-1)[:6].any()
     assert torch.equal(out.view(-1)[:6], ids.view(-1)[:6])
-    out, labels, sampled, _ = host_op(host_kernels, logits, ids, torch.tensor([-1, 3, 2]), 1.0, 0, 0, False,
-                                      warps_per_row)
+    out, labels, sampled, _ = host_op(host_kernels, logits, ids, torch.tensor([-1, 3, 2]), 1.0, 0, 0, False)
     assert sampled[0].item() == -1 and sampled[1:].ge(0).all()
     special, ids, pos = special_logits(), torch.zeros(2, 3, dtype=torch.long), torch.arange(6)
-    _assert_same(host_op(host_kernels, special, ids, pos, 1.0, 0, 0, True, warps_per_row),
-                 op(special, ids, pos, 1.0, 0, 0, True))
+    _assert_same(host_op(host_kernels, special, ids, pos, 1.0, 0, 0, True), op(special, ids, pos, 1.0, 0, 0, True))
 
 
 def test_cuda_noise_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels):
@@ -623,12 +613,10 @@ def test_cuda_noise_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels):
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps_per_row", ["1", "4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,vocab,temperature", [(2500, 30522, 1.0), (37, 7, 0.5), (64, 1, 1.0), (33, 129, 2.0),
                                                  (300, 30522, 0.0), (5, 8193, 1.0)])
-def test_cuda_matches_cpu_bit_for_bit(dtype, n, vocab, temperature, warps_per_row, monkeypatch):
-    monkeypatch.setenv("FASTELECTRA_REPLACE_WARPS_PER_ROW", warps_per_row)  # the kernel's layout (1 or 4)
+def test_cuda_matches_cpu_bit_for_bit(dtype, n, vocab, temperature):
     g = torch.Generator().manual_seed(vocab + n)
     logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
     ids = torch.randint(0, vocab, (n, 4), generator=g)
@@ -638,15 +626,6 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, n, vocab, temperature, warps_per_ro
     for name, c, d in zip(("ids", "labels", "sampled"), cpu[:3], gpu[:3]):
         assert torch.equal(c, d.cpu()), name
     torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=2e-6, atol=2e-6)
-
-
-@pytest.mark.gpu
-def test_cuda_layout_variable_must_be_1_or_4(monkeypatch):
-    logits, ids, pos = torch.randn(3, 10, device="cuda"), torch.zeros(2, 4, dtype=torch.long, device="cuda"), \
-        torch.arange(3, device="cuda")
-    monkeypatch.setenv("FASTELECTRA_REPLACE_WARPS_PER_ROW", "2")
-    with pytest.raises(RuntimeError, match="FASTELECTRA_REPLACE_WARPS_PER_ROW must be 1 or 4"):
-        op(logits, ids, pos, 1.0, 0, 0, False)
 
 
 @pytest.mark.gpu

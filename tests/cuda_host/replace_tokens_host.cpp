@@ -27,7 +27,7 @@ extern "C" {
 int fe_host_replace_tokens(const void* logits, int dtype, int64_t n_rows, int64_t vocab, const int64_t* input_ids,
                            int64_t numel_ids, const int64_t* positions, int64_t* out_ids, bool* labels,
                            int64_t* sampled, float* lse, float inv_tau, int noise, const int64_t* seed,
-                           uint64_t offset, int warps_per_row, char* err, int err_len) {
+                           uint64_t offset, char* err, int err_len) {
   static const int64_t kElementBytes[3] = {4, 2, 2};
   if (dtype < 0 || dtype > 2) return finish(cudaErrorInvalidValue, err, err_len);
   const char* begin = static_cast<const char*>(logits);
@@ -49,7 +49,6 @@ int fe_host_replace_tokens(const void* logits, int dtype, int64_t n_rows, int64_
   a.noise = noise != 0;
   a.seed = seed;
   a.offset = offset;
-  a.warps_per_row = warps_per_row;
   return finish(fastelectra::launch_replace_tokens(a, nullptr), err, err_len);
 }
 
