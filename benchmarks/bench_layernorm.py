@@ -23,7 +23,7 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, restored, skip_reason,
                      until_interrupted, write_results)
 
 ROWS = 65536
@@ -171,10 +171,9 @@ def sweep(rows, hidden, dtype, results=None):
     from fastelectra.kernels import layernorm
 
     results = [] if results is None else results
-    shipped = {name: getattr(layernorm, name) for name in SWEEP}
     elem = torch.empty((), dtype=dtype).element_size()
     fused = contenders("ln")["fastelectra"]
-    try:
+    with restored(layernorm, SWEEP) as shipped:
         for n in hidden:
             x, _, dy, weight, bias = make_inputs(rows, n, dtype)
             for name, values in SWEEP.items():
@@ -193,9 +192,6 @@ def sweep(rows, hidden, dtype, results=None):
                           + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),
                           flush=True)
                 setattr(layernorm, name, shipped[name])
-    finally:
-        for name, value in shipped.items():
-            setattr(layernorm, name, value)
     return results
 
 

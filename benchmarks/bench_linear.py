@@ -20,7 +20,12 @@ Cases, bf16, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
            torch-compile      torch.compile of the torch contender (inductor fuses the bias sum
                               and the GELU backward itself)
 
+--sweep instead times the column sums under each of the launch constants in SWEEP, one varied at a
+time from the shipped values: the data to choose them from (the 2026-11-23 H100 run had inductor's
+reduction 1.2-3x faster than ours).
+
     python -m benchmarks.bench_linear --out benchmarks/results/linear_<gpu>_<date>.json
+    python -m benchmarks.bench_linear --sweep --out benchmarks/results/linear_sweep_<gpu>_<date>.json
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import datetime
 
 import torch
 
-from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, skip_reason,
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, restored, skip_reason,
                      until_interrupted, write_results)
 
 ROWS = 16384
@@ -100,6 +105,49 @@ def run_layers(rows, layers, results=None):
     return results
 
 
+# Launch shapes to try with --sweep: the column sum's constants, read at each launch. Stage 1 is
+# kernels/linear.py's; stage 2 is kernels/layernorm.py's, which also finishes the layer norm's dW/dB.
+SWEEP = {
+    "linear": {"PROGRAMS_PER_SM": (2, 4, 8, 16), "MIN_STEPS": (1, 2, 4, 8), "TILE": (2048, 4096, 8192)},
+    "layernorm": {"PARTIAL_BLOCK_N": (16, 32, 64), "PARTIAL_TILE": (2048, 4096, 8192)},
+}
+
+
+def sweep(rows, widths, results=None):
+    """Time column_sums under each launch constant in SWEEP, one varied at a time from the shipped
+    values, with its error against a float64 sum and the number of partial rows (chunks) it plans."""
+    from fastelectra.kernels import layernorm, linear
+    from fastelectra.kernels.linear import _plan, column_sums
+
+    results = [] if results is None else results
+    modules = {"linear": linear, "layernorm": layernorm}
+    with restored(linear, SWEEP["linear"]) as shipped_linear, \
+            restored(layernorm, SWEEP["layernorm"]) as shipped_layernorm:
+        shipped = {"linear": shipped_linear, "layernorm": shipped_layernorm}
+        for n in widths:
+            dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+            ref = dy.double().sum(0)
+            for module_name, constants in SWEEP.items():
+                module = modules[module_name]
+                for name, values in constants.items():
+                    for value in values:
+                        setattr(module, name, value)
+                        row = dict(m=rows, n=n, constant=name, value=value,
+                                   shipped=value == shipped[module_name][name], chunks=_plan(rows, n, dy.device)[2])
+                        try:
+                            row["max_abs_err"] = (column_sums(dy).double() - ref).abs().max().item()
+                            row.update(bench_ms(lambda: column_sums(dy)))
+                            row["gbps"] = dy.numel() * dy.element_size() / row["ms"] / 1e6
+                        except Exception as err:  # noqa: BLE001 - a shape that does not compile: a row
+                            row["skipped"] = skip_reason(err)
+                        results.append(row)
+                        print(f"colsum {rows}x{n:5d} {name}={value:<5d} chunks {row['chunks']:5d} "
+                              + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s" if "ms" in row else row["skipped"]),
+                              flush=True)
+                    setattr(module, name, shipped[module_name][name])
+    return results
+
+
 def add_ratios(results):
     """fastelectra rows get speedup = peer ms / fastelectra ms, per case."""
     add_speedups(results, lambda r: (r["case"], r["m"], r.get("k"), r["n"], r.get("activation")),
@@ -115,10 +163,21 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
     parser.add_argument("--no-layers", action="store_true", help="only the column sums")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: time the column sums under other launch constants (see SWEEP)")
     args = parser.parse_args(argv)
     if args.rows < 1 or min(args.widths) < 1:
         parser.error("--rows and --widths must be positive")
     require_cuda("bench_linear")
+    if args.sweep:
+        results, truncated = until_interrupted(sweep, args.rows, args.widths)
+        table = rate_table(results, ["m", "n", "constant", "value", "shipped", "chunks", "ms", "GB/s", "max_abs_err",
+                                     "ms_call"], "gbps", "GB/s")
+        write_results(args.out, {"benchmark": "linear_sweep",
+                                 "config": {"rows": args.rows, "widths": args.widths, "dtype": "bf16", "sweep": SWEEP,
+                                            "timing": f"ms: {TIMING}", "date": datetime.date.today().isoformat()},
+                                 "results": results}, table, truncated)
+        return 1 if truncated else 0
     colsum_rows, truncated = until_interrupted(run_colsum, args.rows, args.widths)
     layer_rows = []
     if not args.no_layers and not truncated:

@@ -6,6 +6,7 @@ file under benchmarks/results/ says where its numbers came from.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -165,6 +166,18 @@ def pyplot():
 # how bench_ms's two timings are described in each benchmark's JSON (after "ms, <rate unit>: ")
 TIMING = ("GPU time per call from CUDA-graph replays; ms_call: "
           "triton.testing.do_bench median of eager calls (host overhead included)")
+
+
+@contextlib.contextmanager
+def restored(module, names):
+    """Within: ``module``'s constants ``names`` may be set to other values (a sweep of launch shapes
+    read at each launch); yields their shipped values, and puts those back on the way out, error or not."""
+    shipped = {name: getattr(module, name) for name in names}
+    try:
+        yield shipped
+    finally:
+        for name, value in shipped.items():
+            setattr(module, name, value)
 
 
 def skip_reason(err: Exception) -> str:

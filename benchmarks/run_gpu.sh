@@ -15,8 +15,10 @@
 #                         graphed training step (Small, Base), attention with mask + dropout, the
 #                         layer-norm launch-shape sweep at N = 768, and the README's main job
 #   STAGES=sweep bash benchmarks/run_gpu.sh            # the attention kernels under each autotuning candidate
-#                         (bench_attention --sweep): the data to choose the shipped candidates from
-# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_SWEEP (caps in s; T_bench_<name> for one benchmark),
+#                         (bench_attention --sweep) and the column sums under each launch constant
+#                         (bench_linear --sweep): the data to choose the shipped values from
+# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_SWEEP, T_SWEEP_LINEAR (caps in s;
+# T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
 RES=${RES:-gpu_results}
@@ -120,6 +122,9 @@ if [[ " $STAGES " == *" sweep "* ]]; then   # one autotuning candidate at a time
   run_module attention_sweep "${T_SWEEP:-400}" benchmarks.bench_attention --sweep \
     --out "$RES/attention_sweep_${slug}_${date}.json"
   tail -60 "$RES/attention_sweep.log"
+  run_module linear_sweep "${T_SWEEP_LINEAR:-150}" benchmarks.bench_linear --sweep \
+    --out "$RES/linear_sweep_${slug}_${date}.json"
+  tail -40 "$RES/linear_sweep.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
   run_module profile "${T_PROF:-$T_BENCH}" benchmarks.profile_step ${ARGS_profile_step:-} \

@@ -68,6 +68,7 @@ TILE = 4096             # elements per loop step of a stage-1 program (32 fp32 s
 MAX_BLOCK_N = 256       # columns per program: 512 contiguous bytes per bf16 row segment
 MIN_BLOCK_N = 16
 PROGRAMS_PER_SM = 8     # stage-1 programs in flight per SM: 8 x 8 KB of bf16 loads per loop step
+MIN_STEPS = 1           # stage-1 loop steps per program at least (fewer partial rows for stage 2 to sum)
 ACT_TILE = 2048         # activation backward: two inputs and one output per element, so half the tile
 NUM_WARPS = 4
 HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")   # aten mm.dtype: a GEMM writing another dtype than its inputs'
@@ -130,14 +131,16 @@ def _column_partial_sums_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _plan(m: int, n: int, device: torch.device, tile: int = TILE) -> tuple[int, int, int, int]:
+def _plan(m: int, n: int, device: torch.device, tile: Optional[int] = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, row chunks, rows per chunk) for column sums of an (m, n) tensor: about
-    PROGRAMS_PER_SM programs per SM, each streaming whole BLOCK_M-row steps of ``tile`` elements."""
+    PROGRAMS_PER_SM programs per SM, each streaming at least MIN_STEPS whole BLOCK_M-row steps of
+    ``tile`` elements (default TILE). The constants are read at each call (bench_linear --sweep varies them)."""
+    tile = TILE if tile is None else tile
     block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, _next_power_of_2(n)))
     block_m = max(1, tile // block_n)
     column_blocks = _cdiv(n, block_n)
     row_blocks = _cdiv(m, block_m)
-    chunks = max(1, min(row_blocks, _cdiv(_sm_count(device) * PROGRAMS_PER_SM, column_blocks)))
+    chunks = max(1, min(_cdiv(row_blocks, MIN_STEPS), _cdiv(_sm_count(device) * PROGRAMS_PER_SM, column_blocks)))
     rows_per_chunk = _cdiv(row_blocks, chunks) * block_m
     return block_m, block_n, _cdiv(m, rows_per_chunk), rows_per_chunk
 

@@ -68,6 +68,42 @@ def test_column_sums_split_rows_into_chunks():
     torch.testing.assert_close(column_sums(x), x.double().sum(0).float(), rtol=1e-5, atol=1e-3)
 
 
+def test_plan_reads_its_constants_at_each_call(monkeypatch):
+    """bench_linear --sweep sets them between calls; MIN_STEPS bounds the partial rows stage 2 sums."""
+    from fastelectra.kernels import linear
+
+    device = torch.device(DEVICE)
+    block_m = _plan(16384, 256, device)[0]
+    m = 4 * block_m                                            # 4 row steps: up to 4 chunks of one step each
+    monkeypatch.setattr(linear, "PROGRAMS_PER_SM", 4 * 10**4)   # parallelism does not bind
+    assert _plan(m, 256, device)[2] == 4
+    monkeypatch.setattr(linear, "MIN_STEPS", 4)
+    assert _plan(m, 256, device)[2] == 1
+    monkeypatch.setattr(linear, "MIN_STEPS", 2)
+    assert _plan(m, 256, device)[2] == 2
+    monkeypatch.setattr(linear, "TILE", 2 * linear.TILE)
+    assert _plan(m, 256, device)[0] == 2 * block_m
+
+
+def test_column_sums_exact_under_every_sweep_constant():
+    """Every launch shape bench_linear --sweep times gives the same sums (several chunks, a ragged
+    last chunk, several column blocks)."""
+    from benchmarks.bench_linear import SWEEP
+    from benchmarks.common import restored
+    from fastelectra.kernels import layernorm, linear
+
+    x = randn(700, 300, seed=5)
+    exact = x.double().sum(0).float()
+    for module, constants in ((linear, SWEEP["linear"]), (layernorm, SWEEP["layernorm"])):
+        with restored(module, constants) as shipped:
+            for name, values in constants.items():
+                for value in values:
+                    setattr(module, name, value)
+                    torch.testing.assert_close(column_sums(x), exact, rtol=1e-5, atol=1e-3, msg=f"{name}={value}")
+                setattr(module, name, shipped[name])
+        assert all(getattr(module, name) == value for name, value in shipped.items())
+
+
 def test_column_sums_take_row_strides_and_transposed_views():
     wide = randn(40, 300, seed=1)
     view = wide[:, 7:207]                                     # row stride 300, unit column stride
