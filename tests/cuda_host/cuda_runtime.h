@@ -3,17 +3,14 @@
 // (which has no GPU) executes the CUDA kernel's own logic: its indexing, vector and edge paths,
 // Philox counter layout, noise filter, warp reductions and invalid-row handling.
 //
-// How a launch runs. Every block of the grid is run in turn; its threads are fibers (ucontext) on
-// the calling thread, scheduled round-robin. A lane runs until it reaches a warp shuffle, a
-// __syncthreads or its return; when all 32 lanes of a warp wait at a shuffle the values are exchanged
-// and they go on, and when every thread of the block waits at a __syncthreads they all go on. That is
-// the semantics of __shfl_xor_sync with a full mask on converged lanes and of the block barrier,
-// deterministic and without OS threads; __shared__ variables are static, one copy for the block that
-// runs. What the device would do undefined things with is an error of the launch instead: lanes that
-// diverge (some wait at a shuffle while others returned or wait at a barrier, or at different
-// shuffles, or with a partial mask), a barrier that some threads of the block never reach, a
-// __ldg/__ldcs outside the ranges the caller declared readable, or a 16-byte load that is not
-// 16-byte aligned (a fault on the device).
+// How a launch runs. Every warp of the grid is run in turn; its 32 lanes are fibers (ucontext) on
+// the calling thread, scheduled round-robin. A lane runs until it reaches a warp shuffle or
+// returns; when all 32 wait at a shuffle the values are exchanged and they go on. That is the
+// semantics of __shfl_xor_sync with a full mask on converged lanes, deterministic and without OS
+// threads. What the device would do undefined things with is an error of the launch instead:
+// lanes that diverge (some wait at a shuffle while others returned, or wait at different shuffles,
+// or with a partial mask), and a __ldg/__ldcs outside the ranges the caller declared readable, or a
+// 16-byte load that is not 16-byte aligned (a fault on the device).
 //
 // What this does not model: timing, registers, caches, and the device's own arithmetic where it
 // differs from the host's (philox.h picks host or device code with __CUDA_ARCH__, which is not
@@ -38,7 +35,6 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#define __shared__ static
 
 struct dim3 {
   unsigned x, y, z;
@@ -66,8 +62,6 @@ struct Lane {
   ucontext_t context;
   uint3 thread_idx;
   bool waiting = false;  // stopped at a shuffle
-  bool at_barrier = false;  // stopped at a __syncthreads
-  int64_t barriers = 0;  // barriers this thread has reached in the current block
   bool done = false;     // returned from the kernel
   uint32_t value = 0;    // the shuffled word: this lane's going in, the source lane's coming out
   int source = 0;
@@ -77,7 +71,7 @@ struct Lane {
 };
 
 struct Emulator {
-  std::vector<Lane> lanes;  // the threads of the current block
+  Lane lanes[kLanes];
   int current = 0;
   ucontext_t scheduler;
   uint3 block_idx{0, 0, 0};
@@ -103,50 +97,14 @@ inline void lane_entry() {
   e.lanes[e.current].done = true;
 }  // returns to uc_link: the scheduler
 
-// Exchanges the words of warp `warp` if all its lanes wait at a shuffle: true if they did; false if
-// none waits; else (and e.error) the lanes diverged.
-inline bool shuffle_warp(unsigned warp, bool* diverged) {
+// Runs one warp (lanes 32*warp .. of the block) to its end; false (and e.error) if the lanes diverged.
+inline bool run_warp(unsigned warp) {
   Emulator& e = emu();
-  Lane* w = &e.lanes[warp * kLanes];
-  int waiting = 0, done = 0, at_barrier = 0;
   for (int l = 0; l < kLanes; ++l) {
-    waiting += w[l].waiting;
-    done += w[l].done;
-    at_barrier += w[l].at_barrier;
-  }
-  if (waiting == 0) return false;
-  const std::string where = "block " + std::to_string(e.block_idx.x) + ", warp " + std::to_string(warp);
-  if (waiting < kLanes) {
-    e.fail("lanes diverged at a warp shuffle (" + where + "): " + std::to_string(waiting) + " lanes wait at it, " +
-           std::to_string(done) + " returned, " + std::to_string(at_barrier) + " wait at a __syncthreads");
-    *diverged = true;
-    return false;
-  }
-  for (int l = 0; l < kLanes; ++l)
-    if (w[l].shuffles != w[0].shuffles || w[l].mask != 0xffffffffu) {
-      e.fail("lanes diverged at a warp shuffle (" + where + "): different shuffles or a partial mask");
-      *diverged = true;
-      return false;
-    }
-  uint32_t in[kLanes];
-  for (int l = 0; l < kLanes; ++l) in[l] = w[l].value;
-  for (int l = 0; l < kLanes; ++l) {
-    w[l].value = in[w[l].source & (kLanes - 1)];
-    w[l].waiting = false;
-  }
-  return true;
-}
-
-// Runs the current block (e.block_dim threads) to its end; false (and e.error) if its threads diverged.
-inline bool run_block() {
-  Emulator& e = emu();
-  const unsigned n = e.block_dim.x;
-  if (e.lanes.size() != n) e.lanes = std::vector<Lane>(n);
-  for (unsigned t = 0; t < n; ++t) {
-    Lane& lane = e.lanes[t];
-    lane.thread_idx = uint3{t, 0, 0};
-    lane.waiting = lane.done = lane.at_barrier = false;
-    lane.shuffles = lane.barriers = 0;
+    Lane& lane = e.lanes[l];
+    lane.thread_idx = uint3{warp * kLanes + (unsigned)l, 0, 0};
+    lane.waiting = lane.done = false;
+    lane.shuffles = 0;
     lane.stack.resize(kStackBytes);
     getcontext(&lane.context);
     lane.context.uc_stack.ss_sp = lane.stack.data();
@@ -155,33 +113,34 @@ inline bool run_block() {
     makecontext(&lane.context, lane_entry, 0);
   }
   for (;;) {
-    for (unsigned t = 0; t < n; ++t) {
-      if (e.lanes[t].done || e.lanes[t].waiting || e.lanes[t].at_barrier) continue;
-      e.current = (int)t;
-      swapcontext(&e.scheduler, &e.lanes[t].context);
+    for (int l = 0; l < kLanes; ++l) {
+      if (e.lanes[l].done || e.lanes[l].waiting) continue;
+      e.current = l;
+      swapcontext(&e.scheduler, &e.lanes[l].context);
     }
-    bool exchanged = false, diverged = false;
-    for (unsigned w = 0; w < n / kLanes && !diverged; ++w) exchanged = shuffle_warp(w, &diverged) || exchanged;
-    if (diverged) return false;
-    if (exchanged) continue;
-    unsigned done = 0, at_barrier = 0;
+    int waiting = 0, done = 0;
     for (const Lane& lane : e.lanes) {
+      waiting += lane.waiting;
       done += lane.done;
-      at_barrier += lane.at_barrier;
     }
-    if (done == n) return true;
-    const std::string where = "block " + std::to_string(e.block_idx.x);
+    if (done == kLanes) return true;
+    const std::string where = "block " + std::to_string(e.block_idx.x) + ", warp " + std::to_string(warp);
     if (done > 0) {
-      e.fail("threads diverged at a __syncthreads (" + where + "): " + std::to_string(at_barrier) +
-             " threads wait at it, " + std::to_string(done) + " returned");
+      e.fail("lanes diverged at a warp shuffle (" + where + "): " + std::to_string(waiting) +
+             " lanes wait at it, " + std::to_string(done) + " returned");
       return false;
     }
     for (const Lane& lane : e.lanes)
-      if (lane.barriers != e.lanes[0].barriers) {
-        e.fail("threads diverged at a __syncthreads (" + where + "): different barriers");
+      if (lane.shuffles != e.lanes[0].shuffles || lane.mask != 0xffffffffu) {
+        e.fail("lanes diverged at a warp shuffle (" + where + "): different shuffles or a partial mask");
         return false;
       }
-    for (Lane& lane : e.lanes) lane.at_barrier = false;
+    uint32_t in[kLanes];
+    for (int l = 0; l < kLanes; ++l) in[l] = e.lanes[l].value;
+    for (Lane& lane : e.lanes) {
+      lane.value = in[lane.source & (kLanes - 1)];
+      lane.waiting = false;
+    }
   }
 }
 
@@ -199,7 +158,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
   e.body = [&] { kernel(args...); };
   for (unsigned b = 0; b < grid.x && e.error.empty(); ++b) {
     e.block_idx = uint3{b, 0, 0};
-    run_block();
+    for (unsigned w = 0; w < block.x / kLanes && e.error.empty(); ++w) run_warp(w);
   }
   e.body = nullptr;
   if (!e.error.empty()) e.last_error = cudaErrorLaunchFailure;
@@ -215,14 +174,6 @@ inline uint32_t shuffle_word(uint32_t value, unsigned mask, int source) {
   ++lane.shuffles;
   swapcontext(&lane.context, &e.scheduler);
   return lane.value;
-}
-
-inline void barrier() {
-  Emulator& e = emu();
-  Lane& lane = e.lanes[e.current];
-  lane.at_barrier = true;
-  ++lane.barriers;
-  swapcontext(&lane.context, &e.scheduler);
 }
 
 template <typename T>
@@ -258,8 +209,6 @@ inline cudaError_t cudaGetLastError() {
 inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : e == cudaErrorInvalidValue ? "invalid argument" : "launch failure";
 }
-
-inline void __syncthreads() { fe_host::barrier(); }
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
