@@ -94,12 +94,15 @@ def _is_transformers(m: nn.Module, names: set[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- replacement modules
-def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: int) -> torch.Tensor | None:
+def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: int,
+                             host_checks: bool = True) -> torch.Tensor | None:
     """The (B, Tk) bool key-padding mask (True = attend) behind the mask HF passes to self-attention.
 
     Accepts None, a (B, Tk) 0/1 mask, or a (B, 1 or heads, Tq, Tk) mask that is bool (True = attend) or
     additive float (0 = attend, <= -1e4 = masked) and the same for every query and head. Raises ValueError
     for anything else (causal or per-query masks, attention biases): those need the unpatched module.
+    The two checks of the mask's values read them on the host (a sync on CUDA); with ``host_checks=False``
+    (inside torch.compile, where a host read breaks the graph) they are device-side asserts instead.
     """
     if mask is None:
         return None
@@ -119,19 +122,29 @@ def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: in
         attend = mask
     elif mask.dtype.is_floating_point:
         attend = mask == 0
-        if not bool(((mask == 0) | (mask <= MASKED_BELOW)).all()):
-            raise ValueError("patched attention got an additive attention mask with values other than 0 and a large "
-                             "negative number (an attention bias, not a key-padding mask); unpatch this model "
-                             "(fastelectra.unpatch) to use it")
+        _check_values(((mask == 0) | (mask <= MASKED_BELOW)).all(), host_checks,
+                      "patched attention got an additive attention mask with values other than 0 and a large "
+                      "negative number (an attention bias, not a key-padding mask); unpatch this model "
+                      "(fastelectra.unpatch) to use it")
     else:
         attend = mask != 0
     first = attend[:, :1, :1, :]                                                # (B, 1, 1, Tk)
-    if not bool((attend == first).all()):
-        raise ValueError("patched attention supports key-padding masks only (the same keys masked for every query "
-                         "and head); this mask differs between queries (causal or per-query masking) - unpatch "
-                         "the model (fastelectra.unpatch) to use it")
+    _check_values((attend == first).all(), host_checks,
+                  "patched attention supports key-padding masks only (the same keys masked for every query "
+                  "and head); this mask differs between queries (causal or per-query masking) - unpatch "
+                  "the model (fastelectra.unpatch) to use it")
     # a copy, so the (B, 1, Tq, Tk) mask is not kept alive by a view of it
     return first[:, 0, 0, :].expand(batch, seqlen_k).clone(memory_format=torch.contiguous_format)
+
+
+def _check_values(ok: torch.Tensor, on_host: bool, message: str) -> None:
+    """Raise ValueError(message) unless the bool tensor ``ok`` holds True: read on the host, or, with
+    ``on_host=False``, as a device-side assert (no sync; a CUDA kernel fails instead)."""
+    if on_host:
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
 
 
 class PatchedSelfAttention(nn.Module):
@@ -160,6 +173,8 @@ class PatchedSelfAttention(nn.Module):
         global _mask_cache
         if mask is None:
             return None
+        if torch.compiler.is_compiling():   # no host read, no cache: the graph computes it once per forward
+            return key_padding_mask_from_hf(mask, batch, seqlen_k, host_checks=False)
         key = getattr(mask, "_version", None), batch, seqlen_k
         if _mask_cache is not None and _mask_cache[0]() is mask and _mask_cache[1] == key:
             return _mask_cache[2]

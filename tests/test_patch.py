@@ -381,3 +381,36 @@ def test_patched_hf_model_on_the_kernels_matches_the_original(kernels_on_this_de
     assert kernels_on_this_device["linear"] == 6 * LAYERS + 3
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert_same_gradients(model, out, ref, expected)
+
+
+def test_compiled_patched_hf_model_has_no_graph_break_of_ours(kernels_on_this_device):
+    """torch.compile over a patched HF model: the mask conversion's checks read the mask on the host and
+    broke the graph at every layer (10 breaks); compiled, they are device-side asserts and nothing of
+    fastelectra breaks the graph. The compiled model gives the eager outputs."""
+    ref, model = make_pair("ElectraForPreTraining")
+    fastelectra.patch(model, backend="fused")
+    ids, mask, types = padded_batch()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    ours = [(reason.reason.splitlines()[0], frame.filename, frame.lineno) for reason in explained.break_reasons
+            for frame in reason.user_stack if "fastelectra" in frame.filename]
+    assert not ours, ours
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    torch.testing.assert_close(out, model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits)
+
+
+def test_compiled_patched_attention_still_rejects_per_query_masks():
+    _, model = make_pair("ElectraModel")
+    fastelectra.patch(model, backend="eager")
+    attention = model.encoder.layer[0].attention.self
+    b, t = 2, 5
+    hidden = torch.randn(b, t, attention.num_attention_heads * attention.attention_head_size)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(b, 1, t, t)
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    good = torch.ones(b, 1, t, t, dtype=torch.bool)
+    torch.testing.assert_close(compiled(hidden, good)[0], attention(hidden, good)[0])
+    with pytest.raises(RuntimeError, match="key-padding masks only"):
+        compiled(hidden, causal)
