@@ -23,7 +23,7 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, restored, skip_reason,
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, one_at_a_time, require_cuda, skip_reason,
                      until_interrupted, write_results)
 
 ROWS = 65536
@@ -173,25 +173,19 @@ def sweep(rows, hidden, dtype, results=None):
     results = [] if results is None else results
     elem = torch.empty((), dtype=dtype).element_size()
     fused = contenders("ln")["fastelectra"]
-    with restored(layernorm, SWEEP) as shipped:
-        for n in hidden:
-            x, _, dy, weight, bias = make_inputs(rows, n, dtype)
-            for name, values in SWEEP.items():
-                mode = "fwd" if name.startswith("FWD") else "fwd+bwd"
-                for value in values:
-                    setattr(layernorm, name, value)
-                    row = dict(rows=rows, n=n, mode=mode, constant=name, value=value,
-                               shipped=value == shipped[name])
-                    try:
-                        row.update(time_contender(fused, x, weight, bias, None, dy, mode))
-                        row["gbps"] = bytes_moved(rows, n, elem, "ln", mode) / row["ms"] / 1e6
-                    except Exception as err:   # e.g. a shape that does not compile: record, go on
-                        row["skipped"] = skip_reason(err)
-                    results.append(row)
-                    print(f"N={n:5d} {mode:8s} {name}={value:<6d} "
-                          + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]),
-                          flush=True)
-                setattr(layernorm, name, shipped[name])
+    for n in hidden:
+        x, _, dy, weight, bias = make_inputs(rows, n, dtype)
+        for name, value, shipped in one_at_a_time(layernorm, SWEEP):
+            mode = "fwd" if name.startswith("FWD") else "fwd+bwd"
+            row = dict(rows=rows, n=n, mode=mode, constant=name, value=value, shipped=shipped)
+            try:
+                row.update(time_contender(fused, x, weight, bias, None, dy, mode))
+                row["gbps"] = bytes_moved(rows, n, elem, "ln", mode) / row["ms"] / 1e6
+            except Exception as err:   # e.g. a shape that does not compile: record, go on
+                row["skipped"] = skip_reason(err)
+            results.append(row)
+            print(f"N={n:5d} {mode:8s} {name}={value:<6d} "
+                  + (f"{row['ms']:8.4f} ms {row['gbps']:7.0f} GB/s" if "ms" in row else row["skipped"]), flush=True)
     return results
 
 

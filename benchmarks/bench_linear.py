@@ -34,7 +34,7 @@ import datetime
 
 import torch
 
-from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, require_cuda, restored, skip_reason,
+from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, one_at_a_time, require_cuda, skip_reason,
                      until_interrupted, write_results)
 
 ROWS = 16384
@@ -121,30 +121,23 @@ def sweep(rows, widths, results=None):
 
     results = [] if results is None else results
     modules = {"linear": linear, "layernorm": layernorm}
-    with restored(linear, SWEEP["linear"]) as shipped_linear, \
-            restored(layernorm, SWEEP["layernorm"]) as shipped_layernorm:
-        shipped = {"linear": shipped_linear, "layernorm": shipped_layernorm}
-        for n in widths:
-            dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-            ref = dy.double().sum(0)
-            for module_name, constants in SWEEP.items():
-                module = modules[module_name]
-                for name, values in constants.items():
-                    for value in values:
-                        setattr(module, name, value)
-                        row = dict(m=rows, n=n, constant=name, value=value,
-                                   shipped=value == shipped[module_name][name], chunks=_plan(rows, n, dy.device)[2])
-                        try:
-                            row["max_abs_err"] = (column_sums(dy).double() - ref).abs().max().item()
-                            row.update(bench_ms(lambda: column_sums(dy)))
-                            row["gbps"] = dy.numel() * dy.element_size() / row["ms"] / 1e6
-                        except Exception as err:  # noqa: BLE001 - a shape that does not compile: a row
-                            row["skipped"] = skip_reason(err)
-                        results.append(row)
-                        print(f"colsum {rows}x{n:5d} {name}={value:<5d} chunks {row['chunks']:5d} "
-                              + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s" if "ms" in row else row["skipped"]),
-                              flush=True)
-                    setattr(module, name, shipped[module_name][name])
+    for n in widths:
+        dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+        ref = dy.double().sum(0)
+        for module_name, constants in SWEEP.items():
+            for name, value, shipped in one_at_a_time(modules[module_name], constants):
+                row = dict(m=rows, n=n, constant=name, value=value, shipped=shipped,
+                           chunks=_plan(rows, n, dy.device)[2])
+                try:
+                    row["max_abs_err"] = (column_sums(dy).double() - ref).abs().max().item()
+                    row.update(bench_ms(lambda: column_sums(dy)))
+                    row["gbps"] = dy.numel() * dy.element_size() / row["ms"] / 1e6
+                except Exception as err:  # noqa: BLE001 - a shape that does not compile: a row
+                    row["skipped"] = skip_reason(err)
+                results.append(row)
+                print(f"colsum {rows}x{n:5d} {name}={value:<5d} chunks {row['chunks']:5d} "
+                      + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s" if "ms" in row else row["skipped"]),
+                      flush=True)
     return results
 
 

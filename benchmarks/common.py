@@ -6,7 +6,6 @@ file under benchmarks/results/ says where its numbers came from.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -168,13 +167,18 @@ TIMING = ("GPU time per call from CUDA-graph replays; ms_call: "
           "triton.testing.do_bench median of eager calls (host overhead included)")
 
 
-@contextlib.contextmanager
-def restored(module, names):
-    """Within: ``module``'s constants ``names`` may be set to other values (a sweep of launch shapes
-    read at each launch); yields their shipped values, and puts those back on the way out, error or not."""
-    shipped = {name: getattr(module, name) for name in names}
+def one_at_a_time(module, constants: dict):
+    """Sweep ``module``'s launch constants (read at each launch) one at a time from their shipped values:
+    yields (name, value, shipped) with ``module.<name>`` set to ``value``, for each value of each constant
+    in ``constants`` ({name: values}). Each constant is back at its shipped value before the next one
+    moves, and all are on the way out, error or not."""
+    shipped = {name: getattr(module, name) for name in constants}
     try:
-        yield shipped
+        for name, values in constants.items():
+            for value in values:
+                setattr(module, name, value)
+                yield name, value, value == shipped[name]
+            setattr(module, name, shipped[name])
     finally:
         for name, value in shipped.items():
             setattr(module, name, value)

@@ -89,18 +89,15 @@ def test_column_sums_exact_under_every_sweep_constant():
     """Every launch shape bench_linear --sweep times gives the same sums (several chunks, a ragged
     last chunk, several column blocks)."""
     from benchmarks.bench_linear import SWEEP
-    from benchmarks.common import restored
+    from benchmarks.common import one_at_a_time
     from fastelectra.kernels import layernorm, linear
 
     x = randn(700, 300, seed=5)
     exact = x.double().sum(0).float()
     for module, constants in ((linear, SWEEP["linear"]), (layernorm, SWEEP["layernorm"])):
-        with restored(module, constants) as shipped:
-            for name, values in constants.items():
-                for value in values:
-                    setattr(module, name, value)
-                    torch.testing.assert_close(column_sums(x), exact, rtol=1e-5, atol=1e-3, msg=f"{name}={value}")
-                setattr(module, name, shipped[name])
+        shipped = {name: getattr(module, name) for name in constants}
+        for name, value, _ in one_at_a_time(module, constants):
+            torch.testing.assert_close(column_sums(x), exact, rtol=1e-5, atol=1e-3, msg=f"{name}={value}")
         assert all(getattr(module, name) == value for name, value in shipped.items())
 
 
