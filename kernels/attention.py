@@ -106,8 +106,10 @@ def _mma(
 def _rng_pairs(
     seqlen,          # query rows or keys per sequence
 ):
-    """p(seqlen): Philox counters per query-row pair, or query-row pairs (see "Dropout" above)."""
-    return (tl.cdiv(seqlen, DROP_BLOCK) * (DROP_BLOCK // 2)).to(tl.uint32)
+    """p(seqlen): Philox counters per query-row pair, or query-row pairs (see "Dropout" above). A seqlen of 1
+    arrives as a Python int (Triton specializes the value 1 into a constant): adding a uint32 zero makes
+    either a uint32 scalar."""
+    return tl.cdiv(seqlen, DROP_BLOCK) * (DROP_BLOCK // 2) + tl.zeros((), dtype=tl.uint32)
 
 
 @triton.jit
