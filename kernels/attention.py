@@ -62,6 +62,7 @@ from ..autograd import eager_function, use_eager
 from ..ops import _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
 from .layernorm import _cdiv, _next_power_of_2, _on_device
+from .launch import launch
 
 __all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_qkvpacked", "dropout_mask",
            "SUPPORTED_HEAD_DIMS"]
@@ -845,11 +846,11 @@ def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, s
     cu = cu_seqlens if cu_seqlens is not None else lens
 
     with _on_device(q):   # Triton launches on the current device
-        _attn_fwd[_grid(layout.seqlen_q, "BLOCK_M", layout)](
-            q, k, v, out, lse, mask, lens, cu,
-            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
-            layout.nheads, layout.seqlen_q, layout.seqlen_k,
-            HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q))
+        launch(_attn_fwd, _grid(layout.seqlen_q, "BLOCK_M", layout),
+               q, k, v, out, lse, mask, lens, cu,
+               *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out), stride_mb,
+               layout.nheads, layout.seqlen_q, layout.seqlen_k,
+               HAS_MASK=has_mask, HAS_LENS=has_lens, **_common_args(layout, dropout_p, softmax_scale, seed, q))
     return out, lse
 
 
@@ -868,18 +869,18 @@ def _flash_bwd(do, q, k, v, out, lse, key_mask, key_lens, cu_seqlens, max_seqlen
     with _on_device(q):   # Triton launches on the current device
         common = _common_args(layout, dropout_p, softmax_scale, seed, q)
         # dQ first: it also writes delta, which the dK/dV kernel reads
-        _attn_bwd_dq[_grid(layout.seqlen_q, "BLOCK_M", layout)](
-            q, k, v, out, do, dq, lse, delta, mask, lens, cu,
-            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
-            *layout.strides(do), *layout.strides(dq), stride_mb,
-            layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
-            HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
-        _attn_bwd_dkdv[_grid(layout.seqlen_k, "BLOCK_N", layout)](
-            q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
-            *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
-            *layout.strides(dk), *layout.strides(dv), stride_mb,
-            layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
-            HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
+        launch(_attn_bwd_dq, _grid(layout.seqlen_q, "BLOCK_M", layout),
+               q, k, v, out, do, dq, lse, delta, mask, lens, cu,
+               *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+               *layout.strides(do), *layout.strides(dq), stride_mb,
+               layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+               HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
+        launch(_attn_bwd_dkdv, _grid(layout.seqlen_k, "BLOCK_N", layout),
+               q, k, v, do, dk, dv, lse, delta, mask, lens, cu,
+               *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do),
+               *layout.strides(dk), *layout.strides(dv), stride_mb,
+               layout.nheads, layout.seqlen_q, layout.seqlen_k, sm_scale=softmax_scale,
+               HAS_MASK=has_mask, HAS_LENS=has_lens, **common)
     return dq, dk, dv
 
 
@@ -1176,5 +1177,5 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
     grid = (batch * nheads, _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n))
     with _on_device(keep):
-        _dropout_mask_kernel[grid](keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)
+        launch(_dropout_mask_kernel, grid, keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .layernorm import _on_device
+from .launch import launch
 
 __all__ = ["cross_entropy_with_lse"]
 
@@ -106,9 +107,9 @@ def _backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dl
     same_alignment = (logits.stride(0) == dlogits.stride(0) and logits.data_ptr() % 16 == 0
                       and dlogits.data_ptr() % 16 == 0)
     with _on_device(logits):
-        _cross_entropy_bwd_kernel[(n,)](logits, targets, lse, dloss.float().contiguous(), dlogits, vocab,
-                                        logits.stride(0), dlogits.stride(0), ALIGN=vector if same_alignment else 1,
-                                        BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+        launch(_cross_entropy_bwd_kernel, (n,), logits, targets, lse, dloss.float().contiguous(), dlogits, vocab,
+               logits.stride(0), dlogits.stride(0), ALIGN=vector if same_alignment else 1,
+               BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return dlogits
 
 

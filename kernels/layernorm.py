@@ -49,6 +49,7 @@ import triton.language as tl
 from ..autograd import eager_function, use_eager
 from ..ops import _check_dropout_p, _check_eps
 from ..rng import check_seed_tensor, seed_tensor
+from .launch import launch
 
 __all__ = ["fused_layer_norm", "dropout_mask", "MAX_N"]
 
@@ -314,8 +315,8 @@ def _sum_partials(part: torch.Tensor, *outs: torch.Tensor) -> None:
     if n == 0:
         return
     block_p = min(PARTIAL_TILE // PARTIAL_BLOCK_N, _next_power_of_2(max(1, chunks)))
-    _sum_partials_kernel[(_cdiv(n, PARTIAL_BLOCK_N), sums)](
-        part, outs[0], outs[-1], chunks, n, BLOCK_P=block_p, BLOCK_N=PARTIAL_BLOCK_N, num_warps=4)
+    launch(_sum_partials_kernel, (_cdiv(n, PARTIAL_BLOCK_N), sums),
+           part, outs[0], outs[-1], chunks, n, BLOCK_P=block_p, BLOCK_N=PARTIAL_BLOCK_N, num_warps=4)
 
 
 def _check_rows(name: str, t: torch.Tensor, n: int) -> None:
@@ -345,13 +346,13 @@ def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[tor
         return y, mean, rstd
     block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
     with _on_device(x):
-        _layer_norm_fwd_kernel[(_cdiv(m, block_m),)](
-            x, x if residual is None else residual, x if weight is None else weight,
-            x if bias is None else bias, y, mean, rstd,
-            m, n, eps, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        launch(_layer_norm_fwd_kernel, (_cdiv(m, block_m),),
+               x, x if residual is None else residual, x if weight is None else weight,
+               x if bias is None else bias, y, mean, rstd,
+               m, n, eps, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
+               HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
+               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -385,13 +386,13 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], we
     part = alloc(len(sums), programs, n, dtype=torch.float32, device=x.device)
     with _on_device(x):
         if m > 0:
-            _layer_norm_bwd_kernel[(programs,)](
-                dy, x, x if residual is None else residual, x if weight is None else weight, mean, rstd,
-                dx, dx if not store_dres else dres, part[0] if sums else x, part[-1] if sums else x,
-                m, n, rows_per_program, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
-                HAS_RESIDUAL=residual is not None, STORE_DRES=store_dres, HAS_DROPOUT=dropout_p > 0.0,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            launch(_layer_norm_bwd_kernel, (programs,),
+                   dy, x, x if residual is None else residual, x if weight is None else weight, mean, rstd,
+                   dx, dx if not store_dres else dres, part[0] if sums else x, part[-1] if sums else x,
+                   m, n, rows_per_program, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
+                   HAS_RESIDUAL=residual is not None, STORE_DRES=store_dres, HAS_DROPOUT=dropout_p > 0.0,
+                   HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                   BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         if sums:
             _sum_partials(part, *sums)
     return dx, dres, dw, db
@@ -522,6 +523,6 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     if m > 0:
         block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
         with _on_device(keep):
-            _dropout_mask_kernel[(_cdiv(m, block_m),)](keep, m, n, _threshold(p), seed_t, BLOCK_M=block_m,
-                                                       BLOCK_N=block_n, num_warps=num_warps)
+            launch(_dropout_mask_kernel, (_cdiv(m, block_m),), keep, m, n, _threshold(p), seed_t, BLOCK_M=block_m,
+                   BLOCK_N=block_n, num_warps=num_warps)
     return keep.view(shape).bool()

@@ -57,6 +57,7 @@ import triton.language as tl
 
 from ..ops import ACTIVATIONS, _check_activation
 from .layernorm import _cdiv, _next_power_of_2, _on_device, _sm_count, _sum_partials
+from .launch import launch
 
 __all__ = ["column_sums", "fused_linear", "activation_backward"]
 
@@ -165,9 +166,9 @@ def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device)
     part = torch.empty(chunks, n, dtype=torch.float32, device=x.device)
     with _on_device(x):
-        _column_partial_sums_kernel[(_cdiv(n, block_n), chunks)](
-            x, x, x, part, m, n, x.stride(0), rows_per_chunk, ACTIVATION=0,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+        launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
+               x, x, x, part, m, n, x.stride(0), rows_per_chunk, ACTIVATION=0,
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         _sum_partials(part[None], out)
     return out
 
@@ -189,9 +190,9 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     block_m, block_n, chunks, rows_per_chunk = _plan(m, n, h.device, ACT_TILE)
     part = torch.empty(chunks, n, dtype=torch.float32, device=h.device)
     with _on_device(h):
-        _column_partial_sums_kernel[(_cdiv(n, block_n), chunks)](
-            dy, h, dh, part, m, n, n, rows_per_chunk, ACTIVATION=ACTIVATION_CODES[activation],
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+        launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
+               dy, h, dh, part, m, n, n, rows_per_chunk, ACTIVATION=ACTIVATION_CODES[activation],
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         if db is not None:
             _sum_partials(part[None], db)
     return dh, db
