@@ -8,11 +8,19 @@ Backends:
 
 The choice comes from a constructor/config argument and is overridden by the environment
 variable ``FASTELECTRA_BACKEND=eager|fused|auto``. Nothing here touches the GPU at import time.
+
+Replayed work. One fused op, ``linear``, saves the GPU a few µs per call but costs the host more
+than torch's own (an autograd.Function and two Triton launches per backward). Called eagerly that is
+a loss: an un-graphed training step is host-bound. So it runs only inside :func:`replayed_work`,
+the scope of work that is recorded once and replayed (CUDA graph warm-up and capture, which
+:func:`fastelectra.graphs.capture` opens), where host time costs nothing per step.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
 import warnings
 
 import torch
@@ -104,3 +112,25 @@ def use_extension(requested: str | None, op: str) -> bool:
                            f"extension is unavailable: {why}")
     report_once(f"ext:{op}", f"fastelectra: {op} uses the torch reference ({why})")
     return False
+
+
+_replayed = threading.local()
+
+
+@contextlib.contextmanager
+def replayed_work():
+    """The scope of work that is recorded once and replayed: a CUDA graph's warm-up and capture (both, so
+    that the capture meets no kernel for the first time: loading one is not allowed while a stream
+    captures). Host time there costs nothing per replayed step, so ops whose fused path trades host
+    time for GPU time take it (``linear``). Thread-local; nests."""
+    depth = getattr(_replayed, "depth", 0)
+    _replayed.depth = depth + 1
+    try:
+        yield
+    finally:
+        _replayed.depth = depth
+
+
+def in_replayed_work() -> bool:
+    """Whether the calling thread is inside :func:`replayed_work`."""
+    return getattr(_replayed, "depth", 0) > 0

@@ -13,9 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .backend import replayed_work
 from .data import FastElectraError
 
-__all__ = ["capture"]
+__all__ = ["capture", "replayed_work"]
 
 
 def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
@@ -28,6 +29,10 @@ def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
     ``replay()`` reruns the captured kernels; ``out`` is what the captured call returned, and each
     replay overwrites its tensors. Inputs must be fed by copying into the tensors ``fn`` reads.
     ``fn`` must not synchronize with the host; autocast inside it needs ``cache_enabled=False``.
+
+    Warm-up and capture run inside :func:`replayed_work`, so ``fn`` takes the fused paths that trade host
+    time for GPU time (``fastelectra.ops.linear``'s). To capture a graph yourself with those paths, run its
+    warm-up and its capture inside ``with fastelectra.graphs.replayed_work():``.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -35,16 +40,17 @@ def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    current.wait_stream(side)
-    if before_capture is not None:
-        before_capture()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads may make CUDA calls meanwhile (the DataLoader's pin-memory thread
-    # allocates pinned host memory), which the default "global" mode turns into a failed capture
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = fn()
+    with replayed_work():
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        current.wait_stream(side)
+        if before_capture is not None:
+            before_capture()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads may make CUDA calls meanwhile (the DataLoader's pin-memory thread
+        # allocates pinned host memory), which the default "global" mode turns into a failed capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = fn()
     return graph.replay, out

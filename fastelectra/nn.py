@@ -19,7 +19,8 @@ __all__ = ["FusedLinear", "FusedLayerNorm", "FusedSelfAttention"]
 
 
 class FusedLinear(nn.Linear):
-    """nn.Linear whose bias gradient is reduced by a Triton kernel (see fastelectra.ops.linear).
+    """nn.Linear whose bias gradient is reduced by a Triton kernel inside a CUDA graph's warm-up and capture
+    (:func:`fastelectra.graphs.replayed_work`); called eagerly it is ``F.linear`` (see fastelectra.ops.linear).
 
     With ``activation`` ("gelu", "gelu_new", "relu" or "silu", transformers' names) it computes
     act(x Wᵀ + b), the activation's backward fused with the bias sum; the state dict is nn.Linear's."""

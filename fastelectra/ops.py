@@ -125,13 +125,17 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
     residual connection: give x' to that consumer, and on the fused path the gradient it sends back is
     added to dx inside the dx GEMM instead of by a separate autograd addition.
 
-    The fused path (CUDA tensors with a bias, called eagerly or inside a CUDA graph) is
-    :func:`fastelectra.kernels.linear.fused_linear`: the same cuBLAS GEMMs, the bias gradient summed
-    over rows by a Triton kernel instead of torch's reduction (in the same pass as the activation's
-    backward when there is one), and under autocast the parameters' gradients written in their own
-    dtype. Everything else is the reference ``act(F.linear(x, weight, bias))``: no bias, CPU tensors,
-    float64, and calls that torch.compile traces, where inductor generates and fuses that reduction
-    itself.
+    The fused path (CUDA tensors with a bias, inside :func:`fastelectra.graphs.replayed_work`: a CUDA
+    graph's warm-up and capture) is :func:`fastelectra.kernels.linear.fused_linear`: the same cuBLAS
+    GEMMs, the bias gradient summed over rows by a Triton kernel instead of torch's reduction (in the
+    same pass as the activation's backward when there is one), and under autocast the parameters'
+    gradients written in their own dtype. Everything else is the reference
+    ``act(F.linear(x, weight, bias))``: no bias, CPU tensors, float64, calls that torch.compile traces
+    (inductor generates and fuses that reduction itself), and eager calls outside a graph. Those would
+    pay the fused path's host time on every step, and an un-graphed step is host-bound: in
+    bench_pretrain's ELECTRA-Small step, measured on a CPU with the launches stubbed
+    (benchmarks/host_overhead.py), the fused linear layers added 5 to 8 ms to a 43 to 46 ms step
+    (about 65 µs per layer's forward + backward), for GPU savings of a few µs per layer.
     """
     _check_float("x", x)
     _check_float("weight", weight)
@@ -148,7 +152,7 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
             and not torch.is_autocast_enabled(x.device.type)):
         raise TypeError(f"x, weight and bias must share one dtype outside autocast, got {x.dtype}, {weight.dtype}"
                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
-    if bias is not None and _kernel_outside_compile(x, backend, "linear"):
+    if bias is not None and _backend.in_replayed_work() and _kernel_outside_compile(x, backend, "linear"):
         from .kernels.linear import fused_linear
 
         return fused_linear(x, weight, bias, activation, return_input)

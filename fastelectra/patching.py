@@ -13,8 +13,10 @@ state dict keeps its keys and an optimizer built before patching keeps working):
     (ElectraSelfOutput, ElectraOutput)  by one fused residual-add + dropout + LayerNorm call
   ELECTRA self-attention            → PatchedSelfAttention: the same query/key/value Linear layers,
     (ElectraSelfAttention)              attention through fastelectra.ops.attention with a key-padding mask
-  nn.Linear with a bias (any model,  → FusedLinear (bias gradient summed in Triton; under autocast the
-    not its subclasses)                 parameter gradients come back in fp32 without a bf16 round trip)
+  nn.Linear with a bias (any model,  → FusedLinear (inside a CUDA graph's warm-up and capture, see
+    not its subclasses)                 fastelectra.graphs.replayed_work: bias gradient summed in Triton, and
+                                        under autocast the parameter gradients come back in fp32 without a
+                                        bf16 round trip; called eagerly it is F.linear)
   ELECTRA feed-forward up-projection → FusedIntermediate: act(dense(x)) as one fastelectra.ops.linear call
     (ElectraIntermediate)               whose backward fuses the activation's with the bias sum
                                         (transformers' gelu, gelu_new, relu, silu activations)

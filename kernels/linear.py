@@ -35,6 +35,12 @@ the Base step). The gradients are also no longer rounded to bf16 on the way.
 torch.compile traces ``F.linear`` instead (see fastelectra.ops.linear): inductor generates its own
 fused reductions for the bias gradient, which a custom op would hide from it.
 
+When it runs. ``fastelectra.ops.linear`` takes this path only inside a CUDA graph's warm-up and capture
+(fastelectra.graphs.replayed_work). Each call costs the host an autograd.Function and two Triton launches
+in the backward, about 65 µs more than ``F.linear`` per forward + backward on a 2-core CPU
+(benchmarks/host_overhead.py): an un-graphed step, which is host-bound, would pay that every step for GPU
+savings of a few µs; a replayed graph pays it once.
+
 Residual connections. A post-LN block feeds its input h both to a linear layer and to the residual of
 its LayerNorm tail, so autograd adds the two gradients of h with one more elementwise pass (read two
 (M, K) tensors, write one: 75 MB per fork at ELECTRA-Base, 48 forks per step). With ``return_input``

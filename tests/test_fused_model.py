@@ -15,7 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def kernels_on_this_device(monkeypatch):
     """Route fused calls to the kernels (interpreter on CPU) and count them, so a silent fallback
-    to the reference cannot pass these tests."""
+    to the reference cannot pass these tests. The test runs inside replayed_work (as a CUDA graph's
+    warm-up and capture do), where the linear layers take their fused path too."""
     if DEVICE == "cpu":
         real = backend.use_triton
         monkeypatch.setattr(backend, "use_triton",
@@ -34,7 +35,8 @@ def kernels_on_this_device(monkeypatch):
             calls[_key or ("attention" if kwargs.get("cu_seqlens") is None else "attention_varlen")] += 1
             return _fn(*args, **kwargs)
         monkeypatch.setattr(module, fn_name, counted)
-    yield calls
+    with backend.replayed_work():
+        yield calls
 
 
 def config(backend_name, **kw):

@@ -311,6 +311,27 @@ def test_ops_linear_dispatch_and_module_are_drop_ins():
         ops.linear(x, ref.weight, ref.bias, activation="tanh")
 
 
+def test_ops_linear_takes_the_fused_path_only_in_replayed_work(monkeypatch):
+    """Eager calls pay the fused path's host time on every step: they take F.linear. Inside replayed_work
+    (a CUDA graph's warm-up and capture: host time paid once) the kernel path runs, on the same values."""
+    from fastelectra import backend
+    from fastelectra.kernels import linear as kernels_linear
+
+    monkeypatch.setattr(backend, "use_triton", lambda device, requested, op: backend.resolve(requested) != "eager")
+    calls = []
+    monkeypatch.setattr(kernels_linear, "fused_linear", lambda *a: calls.append(a) or fused_linear(*a))
+    x, w, b = randn(5, 24).requires_grad_(), randn(40, 24, seed=1), randn(40, seed=2)
+    eager = ops.linear(x, w, b, activation="gelu", backend="fused")
+    assert calls == [] and not backend.in_replayed_work()
+    with backend.replayed_work():
+        with backend.replayed_work():            # nests
+            assert backend.in_replayed_work()
+        fused = ops.linear(x, w, b, activation="gelu", backend="fused")
+        assert ops.linear(x, w, b, backend="eager") is not None and len(calls) == 1   # eager stays eager
+    assert len(calls) == 1 and not backend.in_replayed_work()
+    torch.testing.assert_close(fused, eager)
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [256, 768, 1024, 2304, 3072, 30522])
@@ -324,7 +345,10 @@ def test_gpu_column_sums_at_electra_shapes(n):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_linear_under_autocast_and_in_a_cuda_graph():
+def test_gpu_fused_linear_under_autocast_and_in_a_cuda_graph(monkeypatch):
+    from fastelectra.graphs import replayed_work
+    from fastelectra.kernels import linear as kernels_linear
+
     torch.manual_seed(0)
     lin = FusedLinear(768, 3072, backend="fused").cuda()
     ref = torch.nn.Linear(768, 3072).cuda()
@@ -343,13 +367,17 @@ def test_gpu_fused_linear_under_autocast_and_in_a_cuda_graph():
     g_ref = [p.grad.clone() for p in ref.parameters()]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step(lin)      # warm-up: kernels compiled, gradients allocated
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step(lin)
+    calls = []
+    monkeypatch.setattr(kernels_linear, "column_sums", lambda *a: calls.append(1) or column_sums(*a))
+    with replayed_work():  # warm-up and capture: the fused path, its kernels loaded before the capture
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step(lin)      # warm-up: kernels compiled, gradients allocated
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = step(lin)
+    assert len(calls) == 3
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, y_ref)
