@@ -170,31 +170,43 @@ def _launches(fn, fast_launch: bool) -> tuple[list, int]:
 
 
 def _single_calls():
-    """Launches whose arguments change Triton's specialization: (name, fn) pairs, each fn a fresh call."""
+    """Forward + backward calls whose arguments change Triton's specialization (misaligned tensors, sizes
+    of 1, sizes that are or are not multiples of 16): (name, fn) pairs, each fn a fresh call."""
     from fastelectra import ops
+    from fastelectra.kernels.cross_entropy import cross_entropy_with_lse
     from fastelectra.kernels.linear import column_sums
 
-    def layer_norm(m, n, offset=0, dtype=torch.bfloat16):
+    def layer_norm(m, n, offset=0, dtype=torch.bfloat16, p=0.0):
         buf = torch.randn(m * n + offset, dtype=dtype)
-        x = buf[offset:].view(m, n)                     # offset 1: a misaligned (but contiguous) x
-        w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
-        return lambda: ops.layer_norm(x, w, b, 1e-12, backend="fused")
+        x = buf[offset:].view(m, n).requires_grad_()    # offset > 0: a misaligned (but contiguous) x
+        res = torch.randn(m, n, dtype=dtype, requires_grad=True)
+        w, b = torch.randn(n, dtype=dtype, requires_grad=True), torch.randn(n, dtype=dtype, requires_grad=True)
+        return lambda: ops.layer_norm(x, w, b, 1e-12, residual=res, dropout_p=p, backend="fused").sum().backward()
 
-    def attention(t, mask):
-        q, k, v = (torch.randn(2, t, 1, 16, dtype=torch.bfloat16) for _ in range(3))
+    def attention(t, mask, p=0.0):
+        q, k, v = (torch.randn(2, t, 1, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         key_mask = torch.arange(t)[None, :] < torch.tensor([[t], [max(1, t // 2)]]) if mask else None
-        return lambda: ops.attention(q, k, v, key_mask, backend="fused")
+        return lambda: ops.attention(q, k, v, key_mask, dropout_p=p, backend="fused").sum().backward()
 
     def sums(m, n):
         x = torch.randn(m, n)
         return lambda: column_sums(x)
 
-    return [("layer_norm 64x48 bf16", layer_norm(64, 48)), ("layer_norm 64x48 bf16, x misaligned", layer_norm(64, 48, 1)),
-            ("layer_norm 1x48 bf16", layer_norm(1, 48)), ("layer_norm 17x40 fp32", layer_norm(17, 40, 0, torch.float32)),
+    def cross_entropy(n, vocab):
+        logits = torch.randn(n, vocab, dtype=torch.bfloat16, requires_grad=True)
+        targets, lse = torch.zeros(n, dtype=torch.int64), torch.zeros(n)
+        return lambda: cross_entropy_with_lse(logits, targets, lse).sum().backward()
+
+    return [("layer_norm 64x48 bf16", layer_norm(64, 48)),
+            ("layer_norm 64x48 bf16, x misaligned", layer_norm(64, 48, 1)),
+            ("layer_norm 1x48 bf16, dropout", layer_norm(1, 48, 0, torch.bfloat16, 0.1)),
+            ("layer_norm 17x40 fp32", layer_norm(17, 40, 0, torch.float32)),
             ("layer_norm 17x40 fp32, x misaligned", layer_norm(17, 40, 3, torch.float32)),
             ("attention T=16", attention(16, False)), ("attention T=16, key mask", attention(16, True)),
-            ("attention T=1", attention(1, False)), ("attention T=23, key mask", attention(23, True)),
-            ("column_sums 33x1", sums(33, 1)), ("column_sums 64x48", sums(64, 48))]
+            ("attention T=1", attention(1, False)), ("attention T=1, key mask, dropout", attention(1, True, 0.1)),
+            ("attention T=23, key mask, dropout", attention(23, True, 0.1)),
+            ("column_sums 33x1", sums(33, 1)), ("column_sums 64x48", sums(64, 48)),
+            ("cross_entropy 1x1", cross_entropy(1, 1)), ("cross_entropy 3x77", cross_entropy(3, 77))]
 
 
 def check_launches(preset: str = "small", steps: int = 2) -> dict:

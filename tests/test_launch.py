@@ -86,10 +86,16 @@ def test_cached_launches_are_the_launches_triton_makes(check_report):
 
 def test_arguments_that_change_triton_specialization_change_the_cached_kernel(check_report):
     """A misaligned tensor, a size of 1 and a size that is not a multiple of 16 each compiled their own
-    kernel on Triton's path, and the cached launcher launched that same kernel (the previous test)."""
+    kernel on Triton's path, and the cached launcher launched that same kernel (the previous test); the
+    backward kernels compile at those sizes too."""
     kernels = {c["call"]: c["kernels"] for c in check_report["calls"] if c["round"] == 0}
     assert kernels["layer_norm 64x48 bf16"] != kernels["layer_norm 64x48 bf16, x misaligned"]
-    assert kernels["layer_norm 64x48 bf16"] != kernels["layer_norm 1x48 bf16"]
     assert kernels["layer_norm 17x40 fp32"] != kernels["layer_norm 17x40 fp32, x misaligned"]
     assert kernels["attention T=16"] != kernels["attention T=1"]
-    assert kernels["attention T=16, key mask"] != kernels["attention T=23, key mask"]
+    assert kernels["cross_entropy 1x1"] != kernels["cross_entropy 3x77"]
+    # forward and backward kernels of every fused op ran, at sizes of 1 too (they compiled for sm_90)
+    names = {k.split(":")[0] for ks in kernels.values() for k in ks}
+    assert {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_sum_partials_kernel", "_attn_fwd_kernel",
+            "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_column_partial_sums_kernel",
+            "_cross_entropy_bwd_kernel"} <= names, names
+    assert any(k.startswith("_attn_bwd") for k in kernels["attention T=1, key mask, dropout"])
