@@ -151,7 +151,8 @@ def run(shapes, cases, dtype, modes, results=None):
 @contextlib.contextmanager
 def pinned(tuner, config):
     """Within: the triton.autotune kernel ``tuner`` launches ``config`` alone, untuned (an autotuner
-    with one config runs it); after: its own configs and tuning cache are back."""
+    with one config runs it); after: its own configs and tuning cache are back. (fastelectra's cached
+    launcher, kernels/launch.py, asks the autotuner again whenever its config list is another object.)"""
     configs, cache = tuner.configs, dict(tuner.cache)
     tuner.configs = [config]
     try:

@@ -17,9 +17,10 @@ warm-up runs: the linear layers on their fused path, see fastelectra.ops.linear)
     python -m benchmarks.host_overhead --check --json c.json   # the cached launcher against Triton's path
 
 --check runs fused steps with Triton's launch path and with the cached launcher from the same seeds and
-compares every launch (kernel, grid, arguments' dtypes / alignments / values), then single calls whose
-arguments change Triton's specialization (a misaligned tensor, a size of 1, sizes that are and are not
-multiples of 16). tests/test_launch.py runs it.
+compares every launch (kernel, grid, arguments' dtypes / alignments / values), then single forward +
+backward calls whose arguments change Triton's specialization (a misaligned tensor, a size of 1, sizes
+that are and are not multiples of 16), then an autotuner config pinned and unpinned as
+bench_attention's sweep does. tests/test_launch.py runs it.
 
 These are CPU figures: they rank the paths, they are not the GPU machine's host times (its host is
 slower). Runs without TRITON_INTERPRET (the interpreter has no launch path to measure); the fake driver
@@ -192,12 +193,30 @@ def _single_calls():
         x = torch.randn(m, n)
         return lambda: column_sums(x)
 
+    def attention_pinned(t, block_m, block_n):
+        import triton
+
+        from fastelectra.kernels import attention as kernels
+
+        from .bench_attention import pinned
+
+        call = attention(t, False)
+
+        def run():
+            with pinned(kernels._attn_fwd, triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4,
+                                                         num_stages=2)):
+                call()
+        return run
+
     def cross_entropy(n, vocab):
         logits = torch.randn(n, vocab, dtype=torch.bfloat16, requires_grad=True)
         targets, lse = torch.zeros(n, dtype=torch.int64), torch.zeros(n)
         return lambda: cross_entropy_with_lse(logits, targets, lse).sum().backward()
 
-    return [("layer_norm 64x48 bf16", layer_norm(64, 48)),
+    pinned = [("attention T=16, forward config pinned", attention_pinned(16, 32, 16)),
+              ("attention T=16, after the pin", attention(16, False)),
+              ("attention T=16, again", attention(16, False))]
+    return pinned, [("layer_norm 64x48 bf16", layer_norm(64, 48)),
             ("layer_norm 64x48 bf16, x misaligned", layer_norm(64, 48, 1)),
             ("layer_norm 1x48 bf16, dropout", layer_norm(1, 48, 0, torch.bfloat16, 0.1)),
             ("layer_norm 17x40 fp32", layer_norm(17, 40, 0, torch.float32)),
@@ -223,10 +242,12 @@ def check_launches(preset: str = "small", steps: int = 2) -> dict:
             want, _ = _launches(triton_step, False)
             got, triton_calls = _launches(fast_step, True)
             report["steps"].append({"launches": len(want), "same": got == want, "triton_path_calls": triton_calls})
-    singles = _single_calls()
+    pinned, singles = _single_calls()
     report["calls"] = []
-    for repeat in range(2):                             # the second round: every key is cached
-        for name, fn in singles:
+    # rounds 0 and 1 (the second: every key is cached), then round 2: a sweep pins an autotuner config
+    # (bench_attention.pinned) and unpins it, after the unpinned call of the same key was cached
+    for repeat, calls in ((0, singles), (1, singles), (2, pinned)):
+        for name, fn in calls:
             want, _ = _launches(fn, False)
             got, triton_calls = _launches(fn, True)
             report["calls"].append({"call": name, "round": repeat, "launches": len(want), "same": got == want,

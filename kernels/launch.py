@@ -20,7 +20,9 @@ does. The key is at least as fine as everything Triton's choice depends on:
   16; the type of a float, bool or None;
 - the value of every constexpr argument, of every autotuning-key argument, and of the launch options
   (num_warps, num_stages);
-- the current device (compiled kernels are loaded per device).
+- the current device (compiled kernels are loaded per device);
+- for an autotuner, its config list: swapping it (benchmarks/bench_attention.py pins one config that
+  way) makes every cached launch of the kernel ask the autotuner again.
 
 So a call that would make Triton compile or pick another kernel misses and takes Triton's path; a hit
 runs the very kernel Triton would have run, with the same arguments. Not part of the key, as they are
@@ -169,7 +171,10 @@ def launch(fn, grid, *args, **kwargs):
         return fn[grid](*args, **kwargs)
     if hit is None:
         return _first_launch(fn, kernel, shape, key, values, grid, args, kwargs)
-    compiled, config_values = hit
+    compiled, config_values, configs = hit
+    if configs is not None and configs is not fn.configs:
+        # the autotuner's config list was swapped since (a sweep pinning one config): ask it again
+        return _first_launch(fn, kernel, shape, key, values, grid, args, kwargs)
     for i, v in config_values:
         values[i] = v
     if callable(grid):
@@ -185,8 +190,9 @@ def _first_launch(fn, kernel: _Kernel, shape: _Shape, key, values, grid, args, k
     compiled = fn[grid](*args, **kwargs)
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
         return compiled                             # not a CompiledKernel: nothing to reuse
-    config_values = ()
+    config_values, configs = (), None
     if kernel.autotuned:
+        configs = fn.configs
         config = fn.best_config
         if config.pre_hook is not None:             # it must run before every launch: Triton's path does that
             return compiled
@@ -194,7 +200,7 @@ def _first_launch(fn, kernel: _Kernel, shape: _Shape, key, values, grid, args, k
     filled = {i for i, _ in config_values}
     if any(v is _MISSING and i not in filled for i, v in enumerate(values)):
         return compiled                             # a parameter no call value fills: leave it to Triton
-    shape.cache[key] = (compiled, config_values)
+    shape.cache[key] = (compiled, config_values, configs)
     return compiled
 
 
