@@ -49,7 +49,7 @@ class _Recorder:
     def __init__(self):
         self.log = None
 
-    def launcher(self, name):
+    def launcher(self):
         def run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
                 *args):
             if self.log is not None:
@@ -95,7 +95,7 @@ def install_fake_driver() -> None:
     def init_handles(self):   # instead of loading the cubin on a device
         if self.module is not None:
             return
-        self._run = RECORDER.launcher(self.name)
+        self._run = RECORDER.launcher()
         self.module, self.function = object(), f"{self.name}:{self.hash[:12]}"
         self.n_regs, self.n_spills, self.n_max_threads = 0, 0, 1024
 

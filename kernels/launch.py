@@ -48,7 +48,7 @@ from triton.runtime.jit import JITFunction
 
 import torch
 
-__all__ = ["launch", "enabled", "cache_info", "clear_cache"]
+__all__ = ["launch", "enabled", "cache_info"]
 
 _MISSING = object()          # a parameter the call leaves to the autotuner's config or to its default
 
@@ -210,9 +210,3 @@ def cache_info() -> dict[str, int]:
     for kernel in _KERNELS.values():
         out[kernel.name] = out.get(kernel.name, 0) + sum(len(shape.cache) for shape in kernel.shapes.values())
     return out
-
-
-def clear_cache() -> None:
-    """Forget every cached launch: the next call of each key takes Triton's path again."""
-    for kernel in _KERNELS.values():
-        kernel.shapes.clear()

@@ -8,17 +8,11 @@ driver and compares every launch (compiled kernel, grid, arguments). That check 
 this test process imported Triton under TRITON_INTERPRET=1, where kernels are not compiled.
 """
 import itertools
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _triton_spec():
@@ -61,17 +55,9 @@ def test_launch_refuses_what_it_cannot_key():
 
 @pytest.fixture(scope="module")
 def check_report(tmp_path_factory):
-    from benchmarks.sass_loops import _nvidia_bin
+    from test_sass_loops import compiled_module_json
 
-    if not os.path.exists(_nvidia_bin("ptxas")):
-        pytest.skip("this Triton wheel ships no ptxas")
-    out = tmp_path_factory.mktemp("launch") / "check.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.host_overhead", "--check", "--json", str(out)],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out.read_text())
+    return compiled_module_json(tmp_path_factory.mktemp("launch") / "check.json", "host_overhead", "--check")
 
 
 def test_cached_launches_are_the_launches_triton_makes(check_report):

@@ -14,16 +14,23 @@ pytest.importorskip("triton")
 from benchmarks.sass_loops import _nvcc, _nvidia_bin, replace_kernel_stats  # noqa: E402
 
 
-def sass_loops_rows(tmp_path, *args) -> list[dict]:
-    """The JSON rows of ``python -m benchmarks.sass_loops ARGS``, run without TRITON_INTERPRET."""
-    if not all(os.path.exists(_nvidia_bin(b)) for b in ("cuobjdump", "ptxas")):
-        pytest.skip("this Triton wheel ships no cuobjdump/ptxas")
+def compiled_module_json(out, module: str, *args, tools=("ptxas",)):
+    """What ``python -m benchmarks.MODULE ARGS --json OUT`` writes, run in a subprocess without TRITON_INTERPRET
+    (so Triton compiles for sm_90 with the ``tools`` its wheel ships; skipped if they are missing)."""
+    if not all(os.path.exists(_nvidia_bin(b)) for b in tools):
+        pytest.skip(f"this Triton wheel ships no {'/'.join(tools)}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = tmp_path / "rows.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.sass_loops", *args, "--json", str(out)], check=True, env=env,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True)
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, "--json", str(out)], env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+def sass_loops_rows(tmp_path, *args) -> list[dict]:
+    """The JSON rows of ``python -m benchmarks.sass_loops ARGS``."""
+    return compiled_module_json(tmp_path / "rows.json", "sass_loops", *args, tools=("cuobjdump", "ptxas"))
 
 
 def test_dropout_adds_no_shared_memory_round_trip_to_the_attention_loops(tmp_path):
