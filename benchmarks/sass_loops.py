@@ -347,7 +347,8 @@ def replace_kernel_stats() -> list[dict]:
         inner = [s for s in skips if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in skips)]
         cold = {j for i, t in inner for j in range(i + 1, t)}
         hot = [instrs[j] for j in range(start, end + 1) if j not in cold]
-        elements = 16 if dtype != "fp32" else 8  # per lane and step: two 16-byte vectors
+        # per lane and loop iteration: one 16-byte vector per load (two per step; the loop may hold two steps)
+        elements = sum("LDG" in t and ".128" in t for t in instrs[start:end + 1]) * (8 if dtype != "fp32" else 4)
         ops = collections.Counter(_opcode(t) for t in hot)
         rows.append({"kernel": "replace_tokens", "dtype": dtype, "noise": variant.group(2) == "1",
                      "lse": variant.group(3) == "1", "unit_tau": variant.group(4) == "1",

@@ -7,12 +7,18 @@
 // layout. Every function is __host__ __device__, so replace_tokens.cpp (CPU) and
 // replace_tokens_kernel.cu (CUDA) run the same source.
 //
-// Counter layout. For logits of shape (N, V), element (row, col) has the flat index
-// flat = row * V + col. Philox is keyed on (seed lo32, seed hi32) and run on the counter
-// (group lo32, group hi32, offset lo32, offset hi32) with group = flat / 4; output word j is the
-// random word of flat index 4 * group + j. Groups follow the flat index, not the column, so that
-// a 16-byte vector of a contiguous logits tensor (4 fp32 or 8 bf16/fp16 values) always needs
-// exactly 1 or 2 whole Philox calls, whatever the row length and its alignment.
+// Counter layout: two 16-bit halves per element. For logits of shape (N, V), element (row, col)
+// has the flat index flat = row * V + col; eight consecutive flat indices form an octet,
+// o = flat / 8. Philox is keyed on (seed lo32, seed hi32) and makes two calls per octet, on the
+// counters (o lo32, o hi32 | stream, offset lo32, offset hi32): the coarse call (stream 0) and the
+// fine call (stream 2^31; o < 2^61 leaves that bit free). Element 8 o + j takes half j of each
+// call's 128 bits (the low 16 bits of word j / 2 for even j, the high 16 for odd j), and its random
+// word is r = coarse half << 16 | fine half: a uniform 32-bit word like any other. The split is for
+// speed: the noise filter below needs only a lower bound of r, and coarse half << 16 is one, so on
+// the hot path one Philox call serves eight elements (one 16-byte vector of bf16/fp16 logits, half a
+// vector of fp32), and the fine call runs only for the few octets whose elements may still win.
+// Octets follow the flat index, not the column, so a 16-byte vector of a contiguous logits tensor
+// always lies in one octet, whatever the row length and its alignment.
 //
 // Bit-identical CPU and CUDA noise. The noise is built only from integer operations, integer to
 // float conversion, and IEEE-754 float additions, subtractions, multiplications and divisions,
@@ -113,25 +119,41 @@ FE_HOST_DEVICE void philox4x32_10_many(const uint32_t (&c0_in)[N], const uint32_
   }
 }
 
-// The random words of N groups: those of flat indices 4*group[i] .. 4*group[i]+3 (see the counter
-// layout above), computed together.
+constexpr uint32_t kFineStream = 0x80000000u;  // bit 31 of the counter's second word: the fine calls
+
+// The Philox results of N octets (see the counter layout above), computed together: the coarse
+// calls (fine = false) or the fine ones.
 template <int N>
-FE_HOST_DEVICE void philox_groups(const uint64_t (&group)[N], uint64_t seed, uint64_t offset, PhiloxWords (&out)[N]) {
+FE_HOST_DEVICE void philox_octets(const uint64_t (&octet)[N], bool fine, uint64_t seed, uint64_t offset,
+                                  PhiloxWords (&out)[N]) {
   uint32_t lo[N], hi[N];
   for (int i = 0; i < N; ++i) {
-    lo[i] = (uint32_t)group[i];
-    hi[i] = (uint32_t)(group[i] >> 32);
+    lo[i] = (uint32_t)octet[i];
+    hi[i] = (uint32_t)(octet[i] >> 32) | (fine ? kFineStream : 0u);
   }
   philox4x32_10_many<N>(lo, hi, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32),
                         out);
 }
 
-// The 4 random words of flat indices 4*group .. 4*group+3.
-FE_HOST_DEVICE PhiloxWords philox_group(uint64_t group, uint64_t seed, uint64_t offset) {
-  const uint64_t groups[1] = {group};
+// The coarse (fine = false) or fine Philox result of one octet.
+FE_HOST_DEVICE PhiloxWords philox_octet(uint64_t octet, bool fine, uint64_t seed, uint64_t offset) {
+  const uint64_t octets[1] = {octet};
   PhiloxWords out[1];
-  philox_groups<1>(groups, seed, offset, out);
+  philox_octets<1>(octets, fine, seed, offset, out);
   return out[0];
+}
+
+// Half j (0..7) of a Philox result, as a number below 2^16; j known at compile time on the hot paths.
+// Selects rather than an indexed read, which would put the words in local memory on the device.
+FE_HOST_DEVICE uint32_t half_at(const PhiloxWords& p, int j) {
+  const int k = j >> 1;
+  const uint32_t w = k < 2 ? (k == 0 ? p.w[0] : p.w[1]) : (k == 2 ? p.w[2] : p.w[3]);
+  return (j & 1) ? w >> 16 : w & 0xffffu;
+}
+
+// The random word of element 8 octet + j from the octet's coarse and fine results.
+FE_HOST_DEVICE uint32_t word_of(const PhiloxWords& coarse, const PhiloxWords& fine, int j) {
+  return half_at(coarse, j) << 16 | half_at(fine, j);
 }
 
 // ----------------------------------------------------------------------------- exact float ops
@@ -252,7 +274,9 @@ FE_HOST_DEVICE float gumbel_from_word(uint32_t r) { return gumbel_from_uniform(u
 //   can reach T only if v <= exp(y - T) = exp(y - M) * exp(M - T), M the running max of y.
 // q = exp(y - M) is the term that the log-sum-exp adds anyway (for tau = 1), so the test costs a
 // multiply-add and a compare: skip when  1 + v_low > 1 + 2^-22 + q * c,  c = exp(M - T + margin),
-// where 1 + v_low, v_low = floor(r / 2^9) 2^-23 <= v, is the float with bits 0x3f800000 | (r >> 9).
+// where v_low = h 2^-16 <= v for the element's coarse half h (r >= h 2^16, and uniform_open's
+// roundings are monotone), so 1 + v_low is exactly the float with bits 0x3f800000 | (h << 7): the
+// test needs only the coarse Philox call. (With probability 2^-16 h is 0 and the test passes.)
 // Every rounding is covered by the margin (2^-5 in log space, against ~2^-8 of accumulated error)
 // while |M| and |T| are at most 2^14; beyond that c is infinite and every element takes the exact
 // path, so huge logits (and their ties) stay exact. T = -inf, a NaN or an infinite logit also give
@@ -291,17 +315,10 @@ FE_HOST_DEVICE float filter_scale(float m, float t) {
   return fast_exp2((m - t + kFilterMargin) * kLog2e);
 }
 
-// False only if the element with random word r and q = exp(y - M) provably loses (see above).
-FE_HOST_DEVICE bool filter_may_win(uint32_t r, float q, float c) {
-  const float one_plus_v_low = fe_bits_float(0x3f800000u | (r >> 9));  // 1 + floor(r / 2^9) 2^-23
+// False only if the element with coarse half h (< 2^16) and q = exp(y - M) provably loses (see above).
+FE_HOST_DEVICE bool filter_may_win(uint32_t h, float q, float c) {
+  const float one_plus_v_low = fe_bits_float(0x3f800000u | (h << 7));  // 1 + h 2^-16
   return !(one_plus_v_low > q * c + kOnePlusFilterUlp);
-}
-
-// The Gumbel noise of flat index `flat` (the reference path; kernels share one Philox call
-// between 4 consecutive indices).
-FE_HOST_DEVICE float gumbel_noise_at(uint64_t flat, uint64_t seed, uint64_t offset) {
-  const PhiloxWords r = philox_group(flat >> 2, seed, offset);
-  return gumbel_from_word(r.w[flat & 3]);
 }
 
 // Ordering of (key, column) candidates: the larger key wins, ties go to the smaller column, a

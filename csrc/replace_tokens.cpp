@@ -131,9 +131,10 @@ void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& lo
 namespace {
 
 // The sample of one row (see better_candidate in philox.h for the order). The row goes in blocks of
-// up to 16 flat indices (4 Philox groups, computed together); philox.h's filter first tests a block
-// on its smallest random word and largest y, which bound every element's test, and only a block that
-// passes takes the per-element test and, for the elements that pass that too, the exact noise.
+// up to 16 flat indices (2 octets, whose coarse Philox calls run together); philox.h's filter first
+// tests a block on its smallest coarse half and largest y, which bound every element's test, and only
+// a block that passes takes the per-element test and, for the elements that pass that too, the fine
+// Philox call of their octet and the exact noise.
 template <typename scalar_t, bool kNoise>
 int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau, uint64_t seed,
                    uint64_t offset) {
@@ -141,7 +142,7 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
   float best_key = -kInf;
   int64_t best_col = vocab;  // none yet
   if (kNoise) {
-    constexpr int kBlockGroups = 4, kBlock = 4 * kBlockGroups;
+    constexpr int kBlockOctets = 2, kBlock = 8 * kBlockOctets;
     float m = -kInf;     // running max of y = logit / tau
     float shift = 0.0f;  // m * log2(e) once m > -inf
     float c = kInf;      // filter_scale(m, best_key)
@@ -151,29 +152,36 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
       const uint64_t flat = row_begin + (uint64_t)col;
       const int first = (int)(flat % kBlock);  // the block: [first, first + count) of an aligned 16
       const int count = (int)std::min<int64_t>(kBlock - first, vocab - col);
-      uint64_t groups[kBlockGroups];
-      for (int g = 0; g < kBlockGroups; ++g) groups[g] = (flat / kBlock) * kBlockGroups + (uint64_t)g;
-      PhiloxWords words[kBlockGroups];
-      philox_groups<kBlockGroups>(groups, seed, offset, words);
+      uint64_t octets[kBlockOctets];
+      for (int o = 0; o < kBlockOctets; ++o) octets[o] = (flat / kBlock) * kBlockOctets + (uint64_t)o;
+      PhiloxWords coarse[kBlockOctets];
+      philox_octets<kBlockOctets>(octets, false, seed, offset, coarse);
       float y[kBlock];
-      uint32_t r[kBlock];
+      uint32_t h[kBlock];  // coarse halves
       float y_max = -kInf;
-      uint32_t r_min = 0xffffffffu;
+      uint32_t h_min = 0xffffu;
       for (int j = 0; j < count; ++j) {
         y[j] = fe_mul(static_cast<float>(x[col + j]), inv_tau);
-        r[j] = words[(first + j) / 4].w[(first + j) % 4];
+        h[j] = half_at(coarse[(first + j) / 8], (first + j) % 8);
         if (y[j] > y_max) y_max = y[j];  // NaN skipped: it never wins
-        if (r[j] < r_min) r_min = r[j];
+        if (h[j] < h_min) h_min = h[j];
       }
       if (y_max > m) {
         m = y_max;
         shift = m * kLog2e;
         c = filter_scale(m, best_key);
       }
-      if (filter_may_win(r_min, fast_exp2(y_max * kLog2e - shift), c)) {
+      if (filter_may_win(h_min, fast_exp2(y_max * kLog2e - shift), c)) {
+        PhiloxWords fine[kBlockOctets];
+        bool have_fine[kBlockOctets] = {false, false};
         for (int j = 0; j < count; ++j) {
-          if (!filter_may_win(r[j], fast_exp2(y[j] * kLog2e - shift), c)) continue;
-          const float key = fe_add(y[j], gumbel_from_word(r[j]));
+          if (!filter_may_win(h[j], fast_exp2(y[j] * kLog2e - shift), c)) continue;
+          const int o = (first + j) / 8;
+          if (!have_fine[o]) {
+            fine[o] = philox_octet(octets[o], true, seed, offset);
+            have_fine[o] = true;
+          }
+          const float key = fe_add(y[j], gumbel_from_word(h[j] << 16 | half_at(fine[o], (first + j) % 8)));
           if (better_candidate(key, col + j, best_key, best_col)) {
             best_key = key;
             best_col = col + j;
@@ -265,10 +273,11 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& logits, const at::Tensor& seed, in
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   const int64_t total = out.numel();
   float* out_p = out.data_ptr<float>();
-  at::parallel_for(0, (total + 3) / 4, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const PhiloxWords r = philox_group((uint64_t)g, useed, (uint64_t)offset);
-      for (int j = 0; j < 4 && g * 4 + j < total; ++j) out_p[g * 4 + j] = gumbel_from_word(r.w[j]);
+  at::parallel_for(0, (total + 7) / 8, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const PhiloxWords coarse = philox_octet((uint64_t)o, false, useed, (uint64_t)offset);
+      const PhiloxWords fine = philox_octet((uint64_t)o, true, useed, (uint64_t)offset);
+      for (int j = 0; j < 8 && o * 8 + j < total; ++j) out_p[o * 8 + j] = gumbel_from_word(word_of(coarse, fine, j));
     }
   });
   return out;

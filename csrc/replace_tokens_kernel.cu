@@ -10,22 +10,24 @@
 // SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100). A block per row, its 4
 // warps each reading a quarter and merging through shared memory, was measured slower on an H100
 // (2026-11-23: 1019 against 1364 GB/s at 2500 x 30522 bf16) and removed. The row's 16-byte
-// vectors (aligned on the flat index row*V + col, the Philox counter layout of philox.h, so each
-// needs exactly 1 (fp32) or 2 (16-bit) Philox calls) are read two per lane per step: lane l takes
-// vectors l and l+32 of the step, and the loads of the next step are issued before the current
-// step is computed, so every warp keeps 1 KB in flight while it works. The 1-7 elements at each
-// end of a row that do not fill a vector are read element by element after the loop; a logits
-// pointer that is not 16-byte aligned takes that path for the whole row.
+// vectors (aligned on the flat index row*V + col, so each lies in one octet of philox.h's counter
+// layout) are read two per lane per step: lane l takes vectors l and l+32 of the step, and the loads
+// of the next step are issued before the current step is computed, so every warp keeps 1 KB in
+// flight while it works. The 1-7 elements at each end of a row that do not fill a vector are read
+// element by element after the loop; a logits pointer that is not 16-byte aligned takes that path
+// for the whole row.
 //
-// Per element the hot path is the Philox share (the calls of a step run interleaved), a
-// conversion, the running max, a share of a 3-way integer min and, with the lse, one exp2 (MUFU) and
-// an add. The noise filter (philox.h: an element with 1 + v > 1 + q c, q = exp(logit/tau - M), cannot
-// beat the best exact key T, c = exp(M - T + margin)) runs once per 16-byte vector, on the vector's
-// smallest random word and largest logit, which bound every element's test; so the exact noise (two
-// logarithms, out of line) runs only for the few vectors whose elements may still win, and there the
-// per-element test picks them. That changes no result: the winner is the lexicographic max of (exact
-// key, -column), which does not depend on the order elements are visited, so CPU and CUDA agree bit
-// for bit. The warp shares its best key after every step (a tighter T for every lane).
+// Per element the hot path is a share of one coarse Philox call (one call per vector: 8 elements of
+// fp16/bf16, 4 of fp32; the two calls of a step run interleaved), a conversion, the running max, a
+// share of a per-halfword integer min and, with the lse, one exp2 (MUFU) and an add. The noise filter
+// (philox.h: an element with 1 + v > 1 + q c, q = exp(logit/tau - M), cannot beat the best exact
+// key T, c = exp(M - T + margin)) runs once per 16-byte vector, on the vector's smallest coarse half
+// (a lower bound of its random words) and largest logit, which bound every element's test; so the
+// fine Philox call and the exact noise (two logarithms), out of line, run only for the few vectors
+// whose elements may still win, and there the per-element test picks them. That changes no result:
+// the winner is the lexicographic max of (exact key, -column), which does not depend on the order
+// elements are visited, so CPU and CUDA agree bit for bit. The warp shares its best key after every
+// step (a tighter T for every lane).
 //
 // Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
 // tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
@@ -96,6 +98,15 @@ __device__ __noinline__ float exact_key(float y, uint32_t r) {
   return fe_add(y, gumbel_from_word(r));
 }
 
+// Where the random words of a group of N elements come from (philox.h's counter layout): their octet,
+// the half of the octet's Philox results that its first element takes, and the Philox key and stream.
+struct NoiseSource {
+  uint64_t octet;
+  int half0;
+  uint64_t seed;
+  uint64_t offset;
+};
+
 // Running state of one lane over its part of a row.
 struct LaneState {
   float best_key;  // exact key of the best candidate so far (-inf: none)
@@ -124,29 +135,60 @@ __device__ __forceinline__ float filter_q(float x, float inv_tau, const LaneStat
                   : fast_exp2(fmaf(scaled<false>(x, inv_tau), kLog2e, -st.y_shift));
 }
 
-// N logits and their random words, passed by value to the out-of-line survivor path.
+// The coarse halves of N consecutive elements as the Philox words hold them, two per word: element e's
+// is half e % 2 (low first) of word e / 2. (N = 1: the half itself, in the low bits.)
+template <int N>
+constexpr int kHalfWords = (N + 1) / 2;
+
+template <int N>
+__device__ __forceinline__ uint32_t coarse_half(const uint32_t (&hw)[kHalfWords<N>], int e) {
+  return (hw[e >> 1] >> (16 * (e & 1))) & 0xffffu;
+}
+
+// The smallest of the N coarse halves: per-halfword minima of the words (one instruction per word on
+// the device), then the smaller of the two halves.
+template <int N>
+__device__ __forceinline__ uint32_t min_coarse_half(const uint32_t (&hw)[kHalfWords<N>]) {
+  if (N == 1) return hw[0];
+  uint32_t m = hw[0];
+#pragma unroll
+  for (int i = 1; i < kHalfWords<N>; ++i) {
+#if defined(__CUDA_ARCH__)
+    m = __vminu2(m, hw[i]);
+#else
+    const uint32_t lo = (m & 0xffffu) < (hw[i] & 0xffffu) ? m & 0xffffu : hw[i] & 0xffffu;
+    const uint32_t hi = (m >> 16) < (hw[i] >> 16) ? m >> 16 : hw[i] >> 16;
+    m = hi << 16 | lo;
+#endif
+  }
+  return (m & 0xffffu) < (m >> 16) ? m & 0xffffu : m >> 16;
+}
+
+// N logits and their coarse halves, passed by value to the out-of-line survivor path.
 template <int N>
 struct Group {
   float x[N];
-  uint32_t r[N];
-  __device__ __forceinline__ Group(const float (&x_in)[N], const uint32_t (&r_in)[N]) {
+  uint32_t hw[kHalfWords<N>];
+  __device__ __forceinline__ Group(const float (&x_in)[N], const uint32_t (&hw_in)[kHalfWords<N>]) {
 #pragma unroll
-    for (int e = 0; e < N; ++e) {
-      x[e] = x_in[e];
-      r[e] = r_in[e];
-    }
+    for (int e = 0; e < N; ++e) x[e] = x_in[e];
+#pragma unroll
+    for (int i = 0; i < kHalfWords<N>; ++i) hw[i] = hw_in[i];
   }
 };
 
 // The elements of a group that the filter lets through: their exact keys against the lane's best.
-// Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small.
+// Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small. The
+// fine Philox call of the group's octet, which completes the random words, runs only here.
 template <int N, bool kUnitTau>
-__device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g, int col0, float inv_tau,
-                                                 float threshold) {
+__device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g, int col0, NoiseSource src,
+                                                 float inv_tau, float threshold) {
+  const PhiloxWords fine = philox_octet(src.octet, true, src.seed, src.offset);
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    if (!filter_may_win(g.r[e], filter_q<kUnitTau>(g.x[e], inv_tau, st), st.scale)) continue;
-    const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), g.r[e]);
+    const uint32_t h = coarse_half<N>(g.hw, e);
+    if (!filter_may_win(h, filter_q<kUnitTau>(g.x[e], inv_tau, st), st.scale)) continue;
+    const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), h << 16 | half_at(fine, src.half0 + e));
     if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
       st.best_key = key;
       st.best_col = col0 + e;
@@ -156,10 +198,11 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g,
   return st;
 }
 
-// Folds N logits x (columns col0 .. col0+N-1, random words r) into the lane state.
+// Folds N logits x (columns col0 .. col0+N-1; coarse halves of their random words in hw, from src)
+// into the lane state.
 template <int N, bool kNoise, bool kLse, bool kUnitTau>
-__device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32_t (&r)[N], float inv_tau,
-                                     float threshold, LaneState& st) {
+__device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32_t (&hw)[kHalfWords<N>],
+                                     const NoiseSource& src, float inv_tau, float threshold, LaneState& st) {
   float group_max = x[0];
 #pragma unroll
   for (int e = 1; e < N; ++e) group_max = fmaxf(group_max, x[e]);
@@ -176,15 +219,13 @@ __device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32
   }
   if (kNoise) {
     // The filter of the whole group at once: an element can win only if v <= exp(y - M) c
-    // (philox.h), and both sides are monotone, in the random word and in the logit. So the group's
-    // smallest word against its largest logit bounds every element's test: one integer min per
-    // element on the hot path. (MUFU.EX2 is monotone to within a few ulps, far inside the filter's
-    // margin.) The rare groups that pass take the exact per-element test and noise, out of line.
-    uint32_t r_min = r[0];
-#pragma unroll
-    for (int e = 1; e < N; ++e) r_min = r[e] < r_min ? r[e] : r_min;
-    if (filter_may_win(r_min, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale))
-      st = fold_survivors<N, kUnitTau>(st, Group<N>(x, r), col0, inv_tau, threshold);  // rare
+    // (philox.h), and both sides are monotone, in the coarse half and in the logit. So the group's
+    // smallest coarse half against its largest logit bounds every element's test: one integer min
+    // per pair of elements on the hot path. (MUFU.EX2 is monotone to within a few ulps, far inside
+    // the filter's margin.) The rare groups that pass take the per-element test and the exact noise,
+    // out of line.
+    if (filter_may_win(min_coarse_half<N>(hw), filter_q<kUnitTau>(group_max, inv_tau, st), st.scale))
+      st = fold_survivors<N, kUnitTau>(st, Group<N>(x, hw), col0, src, inv_tau, threshold);  // rare
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -195,11 +236,6 @@ __device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32
   }
 }
 
-// Word j of a Philox result by selects: an indexed read of the array would put it in local memory.
-__device__ __forceinline__ uint32_t word_at(const PhiloxWords& p, int j) {
-  return j < 2 ? (j == 0 ? p.w[0] : p.w[1]) : (j == 2 ? p.w[2] : p.w[3]);
-}
-
 // The flat elements lane, lane+32, ... of [begin, end) one by one (row edges, unaligned logits).
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>
 __device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int64_t begin, int64_t end,
@@ -207,9 +243,10 @@ __device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int6
                                               uint64_t offset, float threshold, LaneState& st) {
   for (int64_t flat = begin + lane; flat < end; flat += kWarpSize) {
     const float x[1] = {to_float(Logits[flat])};
-    uint32_t r[1] = {0u};
-    if (kNoise) r[0] = word_at(philox_group((uint64_t)flat >> 2, seed, offset), (int)(flat & 3));
-    fold<1, kNoise, kLse, kUnitTau>(x, (int)(flat - row_begin), r, inv_tau, threshold, st);
+    const NoiseSource src{(uint64_t)flat >> 3, (int)(flat & 7), seed, offset};
+    uint32_t hw[1] = {0u};
+    if (kNoise) hw[0] = half_at(philox_octet(src.octet, false, seed, offset), src.half0);
+    fold<1, kNoise, kLse, kUnitTau>(x, (int)(flat - row_begin), hw, src, inv_tau, threshold, st);
   }
 }
 
@@ -230,8 +267,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
                       const int64_t* __restrict__ Seed,       // (1,) Philox key
                       uint64_t offset) {
   constexpr int VEC = kVectorBytes / sizeof(T);  // 4 fp32 or 8 fp16/bf16 per vector
-  constexpr int kGroupsPerVector = VEC / 4;      // Philox calls per vector
-  constexpr int kCalls = kVectorsPerLane * kGroupsPerVector;  // per lane and step, run interleaved
+  constexpr int kVectorsPerOctet = 8 / VEC;      // 1 or 2: a vector lies in one octet (philox.h)
   constexpr int kStepVectors = kVectorsPerLane * kWarpSize;  // vectors per warp and step
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kWarpSize;
@@ -252,7 +288,11 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   // immediate offset from it.
   const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
   const int n_vectors = (int)(vec_end - vec_begin);
-  const uint64_t group_begin = (uint64_t)vec_begin * kGroupsPerVector;  // Philox group of vector 0
+  // The octet of this lane's vector i and the half of it that the vector's first element takes: as
+  // steps and k * 32 are multiples of kVectorsPerOctet, the half is the same for all of them.
+  const uint64_t lane_octet = (uint64_t)(vec_begin + lane) / kVectorsPerOctet;  // at step 0, k = 0
+  const int lane_half0 = (int)((vec_begin + lane) % kVectorsPerOctet) * VEC;
+  const bool upper_words = lane_half0 != 0;  // fp32: the vector takes words 2 and 3 of the octet's result
 
   uint4 raw[kVectorsPerLane];
 #pragma unroll
@@ -267,27 +307,24 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
       const int i = step + kStepVectors + k * kWarpSize + lane;
       if (i < n_vectors) next[k] = __ldcs(LaneVectors + kStepVectors + k * kWarpSize);
     }
-    PhiloxWords words[kCalls];
-    if (kNoise) {
-      uint64_t groups[kCalls];
+    // the coarse Philox calls of the step, one per vector (philox.h); the fine ones run for survivors
+    uint64_t octets[kVectorsPerLane];
 #pragma unroll
-      for (int k = 0; k < kVectorsPerLane; ++k) {
-        const uint64_t first = group_begin + (uint64_t)((step + k * kWarpSize + lane) * kGroupsPerVector);
-#pragma unroll
-        for (int q = 0; q < kGroupsPerVector; ++q) groups[k * kGroupsPerVector + q] = first + q;
-      }
-      philox_groups<kCalls>(groups, seed, offset, words);
-    }
+    for (int k = 0; k < kVectorsPerLane; ++k) octets[k] = lane_octet + (uint64_t)((step + k * kWarpSize) / kVectorsPerOctet);
+    PhiloxWords words[kVectorsPerLane];
+    if (kNoise) philox_octets<kVectorsPerLane>(octets, false, seed, offset, words);
 #pragma unroll
     for (int k = 0; k < kVectorsPerLane; ++k) {
       const int i = step + k * kWarpSize + lane;
       if (i >= n_vectors) continue;  // only in a row's last step
       float x[VEC];
       unpack(raw[k], x, T());
-      uint32_t r[VEC];
+      uint32_t hw[VEC / 2];  // the vector's coarse halves: all 4 words (16-bit logits) or 2 of them (fp32)
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) r[e] = kNoise ? words[k * kGroupsPerVector + e / 4].w[e % 4] : 0u;
-      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, r, inv_tau, threshold, st);
+      for (int m = 0; m < VEC / 2; ++m)
+        hw[m] = !kNoise ? 0u : VEC == 8 ? words[k].w[m] : upper_words ? words[k].w[m + 2] : words[k].w[m];
+      const NoiseSource src{octets[k], lane_half0, seed, offset};
+      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, hw, src, inv_tau, threshold, st);
     }
     if (kNoise) {  // share the best key so far: a tighter filter for the whole warp
       float t = st.best_key;
@@ -352,13 +389,14 @@ __global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (tota
                                     const int64_t* __restrict__ Seed,  // (1,) Philox key
                                     uint64_t offset) {
   const uint64_t seed = (uint64_t)__ldg(Seed);
-  const int64_t groups = (total + 3) / 4;
-  for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
-       g += (int64_t)gridDim.x * blockDim.x) {
-    const PhiloxWords r = philox_group((uint64_t)g, seed, offset);
+  const int64_t octets = (total + 7) / 8;
+  for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < octets;
+       o += (int64_t)gridDim.x * blockDim.x) {
+    const PhiloxWords coarse = philox_octet((uint64_t)o, false, seed, offset);
+    const PhiloxWords fine = philox_octet((uint64_t)o, true, seed, offset);
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (g * 4 + j < total) Out[g * 4 + j] = gumbel_from_word(r.w[j]);
+    for (int j = 0; j < 8; ++j)
+      if (o * 8 + j < total) Out[o * 8 + j] = gumbel_from_word(word_of(coarse, fine, j));
   }
 }
 
@@ -408,8 +446,8 @@ cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, const
   const int64_t total = n_rows * vocab;
   if (total <= 0) return cudaSuccess;
   const int threads = 256;
-  const int64_t groups = (total + 3) / 4;
-  const int64_t blocks = (groups + threads - 1) / threads;
+  const int64_t octets = (total + 7) / 8;
+  const int64_t blocks = (octets + threads - 1) / threads;
   const unsigned grid = (unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16);
 #if defined(__CUDACC__)
   gumbel_noise_kernel<<<grid, threads, 0, stream>>>(out, total, seed, offset);

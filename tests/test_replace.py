@@ -85,17 +85,28 @@ def gumbel_ref(v):
     return -log_ref(e)
 
 
-def noise_ref(n_rows, vocab, seed, offset):
-    """(n_rows, vocab) float32 Gumbel noise: flat index row*V + col, Philox counter (flat // 4 lo,
-    hi, offset lo, hi), key (seed lo, hi), word flat % 4."""
+def words_ref(n_rows, vocab, seed, offset):
+    """(n_rows * vocab,) uint32 random words: flat index row*V + col, octet flat // 8; Philox counter
+    (octet lo, octet hi | stream, offset lo, hi), key (seed lo, hi), stream 0 (coarse) or 2^31 (fine);
+    the word is coarse half << 16 | fine half, half j = flat % 8 of a call's 4 words, low half first."""
     flat = np.arange(n_rows * vocab, dtype=np.uint64)
-    group = flat >> np.uint64(2)
+    octet = flat >> np.uint64(3)
     seed, offset = seed % 2**64, offset % 2**64
-    words = philox4x32((group & U32, group >> np.uint64(32), np.full_like(group, offset & 0xFFFFFFFF),
-                           np.full_like(group, offset >> 32)), (seed & 0xFFFFFFFF, seed >> 32))
-    r = np.choose((flat & np.uint64(3)).astype(np.int64), words)
+
+    def halves(stream):
+        words = philox4x32((octet & U32, (octet >> np.uint64(32)) | np.uint64(stream),
+                            np.full_like(octet, offset & 0xFFFFFFFF), np.full_like(octet, offset >> 32)),
+                           (seed & 0xFFFFFFFF, seed >> 32))
+        j = (flat & np.uint64(7)).astype(np.int64)
+        return (np.choose(j >> 1, words) >> (16 * (j & 1)).astype(np.uint32)) & np.uint32(0xFFFF)
+
+    return (halves(0) << np.uint32(16)) | halves(2**31)
+
+
+def noise_ref(n_rows, vocab, seed, offset):
+    """(n_rows, vocab) float32 Gumbel noise of words_ref."""
     with np.errstate(all="ignore"):
-        return gumbel_ref(uniform_open(r)).reshape(n_rows, vocab)
+        return gumbel_ref(uniform_open(words_ref(n_rows, vocab, seed, offset))).reshape(n_rows, vocab)
 
 
 def samples_ref(logits, temperature, seed, offset):
@@ -122,10 +133,13 @@ def test_philox_reference_known_answers(ctr, key, expected):
 
 
 def test_op_noise_starts_from_the_known_answer():
-    # seed 0, offset 0, flat indices 0..3: counter 0, key 0 -> the first known answer
-    got = noise(torch.empty(1, 4), 0, 0)
-    words = np.array(KAT[0][2], dtype=np.uint32)
-    np.testing.assert_array_equal(got.numpy()[0], gumbel_ref(uniform_open(words)))
+    # seed 0, offset 0, flat indices 0..7: the coarse call's counter is 0 and key 0, so the upper halves
+    # of their words are the halves of the first known answer
+    got = noise(torch.empty(1, 8), 0, 0)
+    coarse = np.array(KAT[0][2], dtype=np.uint32)
+    coarse_halves = np.stack([coarse & 0xFFFF, coarse >> 16], axis=1).ravel()
+    fine_halves = words_ref(1, 8, 0, 0) & np.uint32(0xFFFF)
+    np.testing.assert_array_equal(got.numpy()[0], gumbel_ref(uniform_open((coarse_halves << 16) | fine_halves)))
 
 
 @pytest.mark.parametrize("shape,seed,offset", [((3, 7), 0, 0), ((5, 1), 1, 2), ((2, 30522), 2**62 - 1, 7),
@@ -150,14 +164,15 @@ def test_noise_is_gumbel_and_the_log_is_accurate():
 
 def filter_skips_ref(r, y, m, t, device_error=1.0):
     """philox.h's noise filter, float32 operation for operation (its host form): True where an
-    element with random word r and y = logit/tau, under running max m and best key t, is skipped.
+    element with random word r (the filter reads only its coarse half r >> 16) and y = logit/tau,
+    under running max m and best key t, is skipped.
     device_error < 1 shrinks q and c as an exp2 that is a few ulps low (the device's MUFU) would."""
     log2e = _hexf("0x1.715476p+0")
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.exp2(y * log2e - m * log2e) * F32(device_error)
         in_range = (np.abs(m) <= F32(2.0**14)) & (np.abs(t) <= F32(2.0**14))
         c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e) * F32(device_error), F32(np.inf))
-        one_plus_v_low = ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32)
+        one_plus_v_low = (((r >> np.uint32(16)) << np.uint32(7)) | np.uint32(0x3F800000)).view(F32)
         return one_plus_v_low > q * c + _hexf("0x1.000004p+0")
 
 
@@ -168,7 +183,8 @@ def test_noise_filter_skips_only_elements_that_lose(device_error):
     rng = np.random.default_rng(0)
     n = 1_000_000
     r = np.concatenate([rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
-                        np.arange(0, 2**12, dtype=np.uint32), (2**32 - 1 - np.arange(2**12)).astype(np.uint32)])
+                        np.arange(0, 2**12, dtype=np.uint32), (2**32 - 1 - np.arange(2**12)).astype(np.uint32),
+                        (np.arange(0, 2**16, 16, dtype=np.uint32) << np.uint32(16))])  # fine half 0: the bound is tight
     size = r.size
     g = gumbel_ref(uniform_open(r))
     base = rng.choice(np.array([0.0, 37.0, -3000.0, 2.0**13, 2.0**14 - 40, -(2.0**14) + 40, 2.0**15]), size)
