@@ -223,9 +223,27 @@ def test_keep_fraction_is_binomial(p):
     kept = keep.sum().item()
     sigma = math.sqrt(n * p * (1 - p))
     assert abs(kept - n * (1 - p)) < 5 * sigma, f"kept {kept} of {n}, expected {n * (1 - p):.0f} ± {sigma:.0f}"
-    # no column pattern from four draws per Philox call: each column position mod 4 keeps alike
-    per_lane = keep.view(-1, 4).float().mean(0)
-    assert (per_lane - (1 - p)).abs().max().item() < 5 * math.sqrt(p * (1 - p) / (n / 4))
+    # no column pattern from eight draws per Philox call: each column position mod 8 keeps alike
+    per_lane = keep.view(-1, 8).float().mean(0)
+    assert (per_lane - (1 - p)).abs().max().item() < 5 * math.sqrt(p * (1 - p) / (n / 8))
+
+
+@pytest.mark.parametrize("seed,shape,p", [(2**40 + 7, (5, 200), 0.1), (3, (3, 16), 0.5), (2**62 - 1, (2, 1000), 0.9)])
+def test_mask_is_philox_on_the_documented_counters(seed, shape, p):
+    """The layout kernels/layernorm.py documents, from the numpy Philox4x32-10 (checked against the Random123
+    known answers in test_replace.py): (row, col) draws half col % 2 of word (col % 8) // 2 of the call on
+    counter (col // 8, row lo, row hi, 0) with key (seed lo, seed hi), and is kept iff the draw >= round(p 2^16)."""
+    import numpy as np
+    from philox_ref import philox4x32
+
+    m, n = shape
+    rows, cols = np.meshgrid(np.arange(m, dtype=np.uint64), np.arange(n, dtype=np.uint64), indexing="ij")
+    words = philox4x32((cols >> np.uint64(3), rows & np.uint64(0xFFFFFFFF), rows >> np.uint64(32), 0 * rows),
+                       (seed & 0xFFFFFFFF, seed >> 32))
+    j = (cols & np.uint64(7)).astype(np.int64)
+    draws = (np.choose(j >> 1, words) >> (16 * (j & 1)).astype(np.uint32)) & np.uint32(0xFFFF)
+    want = draws >= round(p * 2**16)
+    np.testing.assert_array_equal(dropout_mask(seed, shape, p, device=DEVICE).cpu().numpy(), want)
 
 
 def test_mask_depends_only_on_seed_row_and_column():
