@@ -152,15 +152,7 @@ __device__ __forceinline__ uint32_t min_coarse_half(const uint32_t (&hw)[kHalfWo
   if (N == 1) return hw[0];
   uint32_t m = hw[0];
 #pragma unroll
-  for (int i = 1; i < kHalfWords<N>; ++i) {
-#if defined(__CUDA_ARCH__)
-    m = __vminu2(m, hw[i]);
-#else
-    const uint32_t lo = (m & 0xffffu) < (hw[i] & 0xffffu) ? m & 0xffffu : hw[i] & 0xffffu;
-    const uint32_t hi = (m >> 16) < (hw[i] >> 16) ? m >> 16 : hw[i] >> 16;
-    m = hi << 16 | lo;
-#endif
-  }
+  for (int i = 1; i < kHalfWords<N>; ++i) m = __vminu2(m, hw[i]);
   return (m & 0xffffu) < (m >> 16) ? m & 0xffffu : m >> 16;
 }
 

@@ -238,3 +238,9 @@ inline unsigned __float_as_uint(float f) {
   memcpy(&u, &f, 4);
   return u;
 }
+// Per-halfword unsigned minimum (CUDA's SIMD intrinsic; one VIMNMX.U16x2 on sm_90).
+inline unsigned __vminu2(unsigned a, unsigned b) {
+  const unsigned lo = (a & 0xffffu) < (b & 0xffffu) ? a & 0xffffu : b & 0xffffu;
+  const unsigned hi = (a >> 16) < (b >> 16) ? a >> 16 : b >> 16;
+  return hi << 16 | lo;
+}
