@@ -116,14 +116,19 @@ def _set_fast_launch(on: bool) -> None:
 
 
 def _tiny_step(preset: str, backend: str, batch: int, seqlen: int, seed: int = 0):
+    """bench_pretrain's training step at tiny widths on CPU tensors; backend "eager" or "fused" (fastelectra),
+    or "hf-sdpa" / "hf-eager" (transformers' ELECTRA, wired as bench_pretrain wires it)."""
     from fastelectra.config import ElectraConfig
 
-    from .bench_pretrain import fastelectra_step, make_batch, training_step
+    from .bench_pretrain import fastelectra_step, hf_step, make_batch, training_step
 
     base = ElectraConfig.preset(preset).to_dict()
     cfg = ElectraConfig.from_dict({**base, **{k: v for k, v in TINY_WIDTHS.items() if k in base}})
     torch.manual_seed(seed)
-    model, loss_fn = fastelectra_step(cfg, backend, False, torch.device("cpu"))
+    if backend.startswith("hf-"):
+        model, loss_fn = hf_step(cfg, backend[3:], False, torch.device("cpu"))
+    else:
+        model, loss_fn = fastelectra_step(cfg, backend, False, torch.device("cpu"))
     ids, mask = make_batch(cfg, batch, seqlen, False, torch.device("cpu"))
     # bench_pretrain's step: bf16 autocast, backward, clip, AdamW
     return training_step(model, loss_fn, ids, mask, torch.bfloat16)
@@ -256,6 +261,12 @@ def check_launches(preset: str = "small", steps: int = 2) -> dict:
     return report
 
 
+def _have_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["small"])
@@ -278,12 +289,15 @@ def main(argv=None):
             eager = step_host_ms(preset, "eager", True, args.steps)
             # (backend, cached launcher, inside replayed_work: the linear layers' fused path); the first fused
             # row is how an un-graphed fused step ran before kernels/launch.py and the replayed_work rule
+            # (transformers' ELECTRA with SDPA, the peer an un-graphed user compares with, where installed)
+            peers = (("hf-sdpa", True, False),) if _have_transformers() else ()
             for backend, fast, replayed in (("eager", True, False), ("fused", False, True), ("fused", False, False),
-                                            ("fused", True, False), ("fused", True, True)):
+                                            ("fused", True, False), ("fused", True, True)) + peers:
                 ms = eager if backend == "eager" else step_host_ms(preset, backend, fast, args.steps, replayed=replayed)
+                fused = backend == "fused"
                 rows.append({"preset": preset, "backend": backend,
-                             "launch": "-" if backend == "eager" else ("cached" if fast else "triton"),
-                             "linear": "fused" if replayed else "F.linear",
+                             "launch": ("cached" if fast else "triton") if fused else "-",
+                             "linear": ("fused" if replayed else "F.linear") if fused else "-",
                              "host_ms_per_step": round(ms, 2), "x_vs_eager": round(ms / eager, 3)})
         print(markdown_table(rows, list(rows[0])))
         result = {"env": {**env_info(), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
