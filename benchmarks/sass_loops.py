@@ -116,9 +116,12 @@ def kernel_cases() -> list[dict]:
                 label = f"x {x_t}, w {w_t}, n {n}, " + ",".join(k[4:].lower() for k, v in flags.items() if v)
                 div = {"n"} if n % 16 == 0 else set()
                 bm, bn, warps = L._launch_config(n, L.FWD_TILE, L.FWD_ELEMS_PER_THREAD)
-                add("layer_norm", L._layer_norm_fwd_kernel, label, {**flags, "BLOCK_M": bm, "BLOCK_N": bn},
-                    {"X": "*" + x_t, "Res": "*" + x_t, "W": "*" + w_t, "B": "*" + w_t, "Y": "*" + x_t,
-                     "Mean": "*fp32", "Rstd": "*fp32", "Seed": "*i64"}, ("eps", "scale"), div, warps)
+                # the training forward stores mean and rstd; without dropout also the inference one, without
+                for stats in (True,) if drop else (True, False):
+                    add("layer_norm", L._layer_norm_fwd_kernel, label + ("" if stats else ", no stats"),
+                        {**flags, "STORE_STATS": stats, "BLOCK_M": bm, "BLOCK_N": bn},
+                        {"X": "*" + x_t, "Res": "*" + x_t, "W": "*" + w_t, "B": "*" + w_t, "Y": "*" + x_t,
+                         "Mean": "*fp32", "Rstd": "*fp32", "Seed": "*i64"}, ("eps", "scale"), div, warps)
                 bm, bn, warps = L._launch_config(n, L.BWD_TILE, L.BWD_ELEMS_PER_THREAD)
                 add("layer_norm", L._layer_norm_bwd_kernel, label,
                     {**flags, "STORE_DRES": res, "BLOCK_M": bm, "BLOCK_N": bn},

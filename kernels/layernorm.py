@@ -8,7 +8,8 @@ fp32 numbers per row) and the backward is one pass plus a tiny reduction for dW/
 Design.
 - Rows are normalised in fp32 whatever the input dtype (fp32/fp16/bf16, mixed allowed: y and dx
   take x's dtype, dresidual the residual's, dW/dB the parameters'). Forward saves mean and rstd
-  per row (fp32).
+  per row (fp32) when a backward can follow; without autograd (no_grad, inference_mode, no input
+  requiring grad) it runs a variant that stores neither, outside the autograd Function.
 - Dropout draws its keep-mask in-kernel from Philox4x32-10 keyed by the seed: element (row, col)
   takes a 16-bit draw, half ``col % 2`` (the low half first) of word ``(col % 8) // 2`` of the call
   on counter (col // 8, row lo 32 bits, row hi 32 bits, 0), so one Philox evaluation serves eight
@@ -105,8 +106,8 @@ def _layer_norm_fwd_kernel(
     W,                      # (N,) weight (unused unless HAS_WEIGHT)
     B,                      # (N,) bias (unused unless HAS_BIAS)
     Y,                      # (M, N) output, X's dtype
-    Mean,                   # (M,) fp32
-    Rstd,                   # (M,) fp32
+    Mean,                   # (M,) fp32 (written only when STORE_STATS)
+    Rstd,                   # (M,) fp32 (written only when STORE_STATS)
     m,                      # rows
     n,                      # columns = row stride
     eps,                    # fp32
@@ -117,6 +118,7 @@ def _layer_norm_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    STORE_STATS: tl.constexpr,  # the backward's mean and rstd; not without autograd (inference)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -143,8 +145,9 @@ def _layer_norm_fwd_kernel(
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row_idx, mean, mask=row_idx < m)
-    tl.store(Rstd + row_idx, rstd, mask=row_idx < m)
+    if STORE_STATS:
+        tl.store(Mean + row_idx, mean, mask=row_idx < m)
+        tl.store(Rstd + row_idx, rstd, mask=row_idx < m)
 
 
 @triton.jit(do_not_specialize=["threshold"])
@@ -339,16 +342,19 @@ def _seed_arg(seed: Optional[torch.Tensor], x: torch.Tensor, dropout_p: float) -
 
 
 def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-         bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: Optional[torch.Tensor]):
-    """Launch the forward on (M, N) rows. Returns y (M, N) in x's dtype, mean and rstd (M,) fp32."""
+         bias: Optional[torch.Tensor], eps: float, dropout_p: float, seed: Optional[torch.Tensor],
+         stats: bool = True):
+    """Launch the forward on (M, N) rows. Returns y (M, N) in x's dtype, mean and rstd (M,) fp32 (empty
+    (0,) tensors when not ``stats``: a forward that no backward follows)."""
     m, n = x.shape
     _check_rows("x", x, n)
     if residual is not None:
         _check_rows("residual", residual, n)
     seed = _seed_arg(seed, x, dropout_p)
     y = torch.empty_like(x)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    stats_rows = m if stats else 0
+    mean = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, mean, rstd
     block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
@@ -358,7 +364,7 @@ def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[tor
                x if bias is None else bias, y, mean, rstd,
                m, n, eps, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
-               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=stats,
                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return y, mean, rstd
 
@@ -503,8 +509,13 @@ def fused_layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0
     shape = x.shape
     x2 = x.reshape(-1, n).contiguous()
     res2 = residual.reshape(-1, n).contiguous() if residual is not None else None
-    op = _layer_norm_eager if use_eager(x2) else _layer_norm_fwd_op
-    y, _, _ = op(x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
+    args = (x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
+    if not use_eager(x2):                               # torch.compile, fake or functional tensors
+        y = _layer_norm_fwd_op(*args)[0]
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, res2, weight, bias)):
+        y = _layer_norm_eager(*args)[0]
+    else:                                               # no backward can follow: no mean/rstd, no Function
+        y = _fwd(*args, stats=False)[0]
     return y.view(shape)
 
 

@@ -154,6 +154,29 @@ def test_empty_rows():
     assert x.grad.shape == (0, 200) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_without_autograd_skips_the_stats_and_gives_the_same_output(monkeypatch, p, dtype):
+    """Under no_grad / inference_mode, or with no input requiring grad, no backward can follow: the forward
+    runs the kernel variant that stores no mean/rstd, outside the autograd Function, with the same y."""
+    import fastelectra.kernels.layernorm as L
+
+    x, r, w, b = make_inputs((7, 200), dtype)
+    with_grad = fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=p, seed=5)
+    assert with_grad.grad_fn is not None
+    launches = []
+    fwd = L._fwd
+    monkeypatch.setattr(L, "_fwd", lambda *a, **k: launches.append(k.get("stats", True)) or fwd(*a, **k))
+    with torch.no_grad():
+        a = fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=p, seed=5)
+    with torch.inference_mode():
+        c = fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=p, seed=5)
+    d = fused_layer_norm(*(t.detach() for t in (x, w, b)), 1e-5, residual=r.detach(), dropout_p=p, seed=5)
+    assert launches == [False, False, False]
+    for y in (a, c, d):
+        assert y.grad_fn is None and torch.equal(y, with_grad.detach())
+
+
 @pytest.mark.parametrize("chunks,n", [(1, 5), (700, 37), (1056, 768)], ids=str)
 def test_sum_partials_finishes_one_or_two_column_sums(chunks, n):
     """Stage 2 of the dW/dB (and bias-gradient) reductions: several loop steps over partial rows, a
