@@ -984,11 +984,18 @@ def _backward_with(bwd, ctx, grad_out):
 
 def _register(fwd_op, bwd_op, fwd, bwd, name):
     """Autograd for the custom-op pair, and the eager Function over the same launchers and rule (without
-    the custom-op dispatch, fastelectra/autograd.py); returns a picker of the one a call should take."""
+    the custom-op dispatch, fastelectra/autograd.py); returns a picker of the one a call on the
+    differentiable inputs ``tensors`` should take: the op when traced, the Function when a backward
+    can follow, else the forward launcher itself (no_grad, inference_mode)."""
     fwd_op.register_autograd(lambda ctx, grad_out, _glse: _backward_with(bwd_op, ctx, grad_out),
                              setup_context=_setup_context)
     eager = eager_function(name, fwd, lambda ctx, grad_out, _glse: _backward_with(bwd, ctx, grad_out), _setup_context)
-    return lambda t: eager if use_eager(t) else fwd_op
+
+    def pick(*tensors):
+        if not use_eager(tensors[0]):
+            return fwd_op
+        return eager if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else fwd
+    return pick
 
 
 _attn_op = _register(_flash_attn_fwd_op, _flash_attn_bwd_op, _flash_fwd, _flash_bwd, "_FlashAttnFn")
@@ -1117,7 +1124,7 @@ def flash_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale
     Returns (batch, seqlen_q, nheads, headdim) in q's dtype; differentiable in q, k, v.
     """
     mask, lens, dropout_p, scale = _dense_args(q, k, v, key_padding_mask, key_lengths, dropout_p, softmax_scale)
-    out, _ = _attn_op(q)(q, k, v, mask, lens, None, 0, dropout_p, scale, _seed_for(seed, dropout_p, q))
+    out, _ = _attn_op(q, k, v)(q, k, v, mask, lens, None, 0, dropout_p, scale, _seed_for(seed, dropout_p, q))
     return out
 
 
@@ -1131,7 +1138,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
     Returns (total, nheads, headdim) in q's dtype; differentiable in q, k, v.
     """
     cu, dropout_p, scale = _varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    out, _ = _attn_op(q)(q, k, v, None, None, cu, max_seqlen, dropout_p, scale, _seed_for(seed, dropout_p, q))
+    out, _ = _attn_op(q, k, v)(q, k, v, None, None, cu, max_seqlen, dropout_p, scale, _seed_for(seed, dropout_p, q))
     return out
 
 

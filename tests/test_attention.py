@@ -336,6 +336,26 @@ def test_qkvpacked_equals_attention_on_the_three_views(varlen):
         torch.testing.assert_close(via_ops, ops.attention(*qkv.unbind(-3), mask))
 
 
+def test_forward_without_autograd_gives_the_same_output():
+    """Under no_grad / inference_mode, or with inputs that need no grad, the entries call the forward
+    launcher without the autograd Function: the same output, no graph."""
+    g = torch.Generator().manual_seed(4)
+    mask = make_mask("general", 3, 19)
+    qkv = rand(3, 19, 3, 2, 16, generator=g)
+    calls = {"dense": lambda t: flash_attention(*t.unbind(-3), mask, dropout_p=0.2, seed=9),
+             "packed": lambda t: flash_attention_qkvpacked(t, mask, dropout_p=0.2, seed=9)}
+    for name, fn in calls.items():
+        want = fn(qkv.clone().requires_grad_(True))
+        assert want.grad_fn is not None, name
+        with torch.no_grad():
+            a = fn(qkv.clone().requires_grad_(True))
+        with torch.inference_mode():
+            b = fn(qkv)
+        c = fn(qkv)
+        for got in (a, b, c):
+            assert got.grad_fn is None and torch.equal(got, want.detach()), name
+
+
 def test_qkvpacked_bad_inputs_name_the_argument():
     qkv = rand(1, 8, 3, 1, 16)
     with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, nheads, headdim\)"):
