@@ -151,10 +151,8 @@ FE_HOST_DEVICE uint32_t half_at(const PhiloxWords& p, int j) {
   return (j & 1) ? w >> 16 : w & 0xffffu;
 }
 
-// The random word of element 8 octet + j from the octet's coarse and fine results.
-FE_HOST_DEVICE uint32_t word_of(const PhiloxWords& coarse, const PhiloxWords& fine, int j) {
-  return half_at(coarse, j) << 16 | half_at(fine, j);
-}
+// The random word of element 8 octet + j from its coarse half h and the octet's fine result.
+FE_HOST_DEVICE uint32_t word_from(uint32_t h, const PhiloxWords& fine, int j) { return h << 16 | half_at(fine, j); }
 
 // ----------------------------------------------------------------------------- exact float ops
 // Each is one IEEE-754 operation rounded to nearest even, identical on host and device.
@@ -264,6 +262,15 @@ FE_HOST_DEVICE float gumbel_from_uniform(float v) {
 
 // The Gumbel noise of one random word: what every implementation adds to logit / tau.
 FE_HOST_DEVICE float gumbel_from_word(uint32_t r) { return gumbel_from_uniform(uniform_open(r)); }
+
+// The noise of the flat indices 8 octet .. 8 octet + 7 that lie below total, into out[8 octet ..]:
+// the gumbel_noise ops (CPU and CUDA), one octet per call.
+FE_HOST_DEVICE void octet_noise(float* out, int64_t octet, int64_t total, uint64_t seed, uint64_t offset) {
+  const PhiloxWords coarse = philox_octet((uint64_t)octet, false, seed, offset);
+  const PhiloxWords fine = philox_octet((uint64_t)octet, true, seed, offset);
+  for (int j = 0; j < 8 && octet * 8 + j < total; ++j)
+    out[octet * 8 + j] = gumbel_from_word(word_from(half_at(coarse, j), fine, j));
+}
 
 // ----------------------------------------------------------------------------- filter
 // Most of a row cannot win the argmax, and the exact noise (two logarithms) is by far the most

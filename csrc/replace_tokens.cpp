@@ -181,7 +181,7 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
             fine[o] = philox_octet(octets[o], true, seed, offset);
             have_fine[o] = true;
           }
-          const float key = fe_add(y[j], gumbel_from_word(h[j] << 16 | half_at(fine[o], (first + j) % 8)));
+          const float key = fe_add(y[j], gumbel_from_word(word_from(h[j], fine[o], (first + j) % 8)));
           if (better_candidate(key, col + j, best_key, best_col)) {
             best_key = key;
             best_col = col + j;
@@ -274,11 +274,7 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& logits, const at::Tensor& seed, in
   const int64_t total = out.numel();
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, (total + 7) / 8, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      const PhiloxWords coarse = philox_octet((uint64_t)o, false, useed, (uint64_t)offset);
-      const PhiloxWords fine = philox_octet((uint64_t)o, true, useed, (uint64_t)offset);
-      for (int j = 0; j < 8 && o * 8 + j < total; ++j) out_p[o * 8 + j] = gumbel_from_word(word_of(coarse, fine, j));
-    }
+    for (int64_t o = begin; o < end; ++o) octet_noise(out_p, o, total, useed, (uint64_t)offset);
   });
   return out;
 }

@@ -180,7 +180,7 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g,
   for (int e = 0; e < N; ++e) {
     const uint32_t h = coarse_half<N>(g.hw, e);
     if (!filter_may_win(h, filter_q<kUnitTau>(g.x[e], inv_tau, st), st.scale)) continue;
-    const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), h << 16 | half_at(fine, src.half0 + e));
+    const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), word_from(h, fine, src.half0 + e));
     if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
       st.best_key = key;
       st.best_col = col0 + e;
@@ -302,7 +302,8 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     // the coarse Philox calls of the step, one per vector (philox.h); the fine ones run for survivors
     uint64_t octets[kVectorsPerLane];
 #pragma unroll
-    for (int k = 0; k < kVectorsPerLane; ++k) octets[k] = lane_octet + (uint64_t)((step + k * kWarpSize) / kVectorsPerOctet);
+    for (int k = 0; k < kVectorsPerLane; ++k)
+      octets[k] = lane_octet + (uint64_t)((step + k * kWarpSize) / kVectorsPerOctet);
     PhiloxWords words[kVectorsPerLane];
     if (kNoise) philox_octets<kVectorsPerLane>(octets, false, seed, offset, words);
 #pragma unroll
@@ -383,13 +384,8 @@ __global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (tota
   const uint64_t seed = (uint64_t)__ldg(Seed);
   const int64_t octets = (total + 7) / 8;
   for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < octets;
-       o += (int64_t)gridDim.x * blockDim.x) {
-    const PhiloxWords coarse = philox_octet((uint64_t)o, false, seed, offset);
-    const PhiloxWords fine = philox_octet((uint64_t)o, true, seed, offset);
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      if (o * 8 + j < total) Out[o * 8 + j] = gumbel_from_word(word_of(coarse, fine, j));
-  }
+       o += (int64_t)gridDim.x * blockDim.x)
+    octet_noise(Out, o, total, seed, offset);
 }
 
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["eager_function", "use_eager"]
+__all__ = ["eager_function", "use_eager", "needs_grad"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -40,6 +40,13 @@ def eager_function(name: str, forward: Callable, backward: Callable, setup_conte
     fn = type(name, (torch.autograd.Function,),
               {"forward": staticmethod(run), "backward": staticmethod(once_differentiable(backward))})
     return fn.apply
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a backward can follow a call on ``tensors`` (None entries skipped): grad mode is on and one of
+    them requires grad. When not (no_grad, inference_mode, eval on detached inputs), an eager call can run
+    its forward launcher alone, without the Function and what it saves for a backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def use_eager(t: torch.Tensor) -> bool:

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autograd import eager_function, use_eager
+from ..autograd import eager_function, needs_grad, use_eager
 from ..ops import _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
 from .layernorm import _cdiv, _next_power_of_2, _on_device
@@ -994,7 +994,7 @@ def _register(fwd_op, bwd_op, fwd, bwd, name):
     def pick(*tensors):
         if not use_eager(tensors[0]):
             return fwd_op
-        return eager if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) else fwd
+        return eager if needs_grad(*tensors) else fwd
     return pick
 
 

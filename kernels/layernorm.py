@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..autograd import eager_function, use_eager
+from ..autograd import eager_function, needs_grad, use_eager
 from ..ops import _check_dropout_p, _check_eps
 from ..rng import check_seed_tensor, seed_tensor
 from .launch import launch
@@ -512,7 +512,7 @@ def fused_layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0
     args = (x2, res2, weight, bias, float(eps), float(dropout_p), seed_t)
     if not use_eager(x2):                               # torch.compile, fake or functional tensors
         y = _layer_norm_fwd_op(*args)[0]
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, res2, weight, bias)):
+    elif needs_grad(x2, res2, weight, bias):
         y = _layer_norm_eager(*args)[0]
     else:                                               # no backward can follow: no mean/rstd, no Function
         y = _fwd(*args, stats=False)[0]
