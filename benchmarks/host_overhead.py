@@ -287,10 +287,10 @@ def main(argv=None):
         rows = []
         for preset in args.presets:
             eager = step_host_ms(preset, "eager", True, args.steps)
+            # transformers' ELECTRA with SDPA, the peer an un-graphed user compares with, where installed
+            peers = (("hf-sdpa", True, False),) if _have_transformers() else ()
             # (backend, cached launcher, inside replayed_work: the linear layers' fused path); the first fused
             # row is how an un-graphed fused step ran before kernels/launch.py and the replayed_work rule
-            # (transformers' ELECTRA with SDPA, the peer an un-graphed user compares with, where installed)
-            peers = (("hf-sdpa", True, False),) if _have_transformers() else ()
             for backend, fast, replayed in (("eager", True, False), ("fused", False, True), ("fused", False, False),
                                             ("fused", True, False), ("fused", True, True)) + peers:
                 ms = eager if backend == "eager" else step_host_ms(preset, backend, fast, args.steps, replayed=replayed)
