@@ -11,14 +11,17 @@
 // warps each reading a quarter and merging through shared memory, was measured slower on an H100
 // (2026-11-23: 1019 against 1364 GB/s at 2500 x 30522 bf16) and removed. The row's 16-byte
 // vectors (aligned on the flat index row*V + col, so each lies in one octet of philox.h's counter
-// layout) are read two per lane per step: lane l takes vectors l and l+32 of the step, and the loads
-// of the next step are issued before the current step is computed, so every warp keeps 1 KB in
-// flight while it works. The 1-7 elements at each end of a row that do not fill a vector are read
-// element by element after the loop; a logits pointer that is not 16-byte aligned takes that path
-// for the whole row.
+// layout; the loop starts on an octet) are read 16 elements per lane per step: lane l takes vectors
+// l + 32k of the step, k < 2 (16-bit logits) or k < 4 (fp32), and the loads of the next step are
+// issued before the current step is computed, so every warp keeps 1 KB (2 KB for fp32) in flight
+// while it works. The elements before the row's first octet and after its last whole vector (at most
+// 7 at each end) are read element by element after the loop; a logits pointer that is not 16-byte
+// aligned takes that path for the whole row.
 //
-// Per element the hot path is a share of one coarse Philox call (one call per vector: 8 elements of
-// fp16/bf16, 4 of fp32; the two calls of a step run interleaved), a conversion, the running max, a
+// Per element the hot path is a share of one coarse Philox call (one call per octet: a vector of
+// fp16/bf16, two vectors of fp32, which lanes 2m and 2m + 1 hold: each makes one of the pair's two
+// calls and they swap the words the other needs; the two calls of a step run interleaved, sharing the
+// key schedule), a conversion, the running max, a
 // share of a per-halfword integer min and, with the lse, one exp2 (MUFU) and an add. The noise filter
 // (philox.h: an element with 1 + v > 1 + q c, q = exp(logit/tau - M), cannot beat the best exact
 // key T, c = exp(M - T + margin)) runs once per 16-byte vector, on the vector's smallest coarse half
@@ -60,7 +63,7 @@ constexpr int kWarpSize = 32;
 constexpr int kRowsPerBlock = 4;  // one warp per row
 constexpr int kMinBlocksPerSM = 5;  // caps registers at 96 (65536 / (5 * 128), in units of 8): no spills
 constexpr int kVectorBytes = 16;  // one 128-bit load per lane and vector
-constexpr int kVectorsPerLane = 2;  // per step: 32 bytes per lane in flight, 16 (16-bit) or 8 (fp32) elements
+constexpr int kStepElements = 16;  // logits per lane and step: 2 vectors of 16-bit logits, 4 of fp32
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr float kInf = __builtin_huge_valf();
 
@@ -228,6 +231,41 @@ __device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32
   }
 }
 
+// The coarse halves of a lane's vectors in one step: the words of the octets' coarse calls that hold
+// them. 16-bit logits: a vector is an octet, one call each. fp32: lanes 2m and 2m + 1 hold the lower
+// and upper halves of the same two octets (k = 0, 1), so each lane makes one call, the even lane k = 0's
+// and the odd lane k = 1's, keeps the two words its own vector takes and swaps the other two with its
+// partner: two shuffles instead of a second Philox call (~65 instructions).
+template <int VEC, int NV>
+__device__ __forceinline__ void coarse_words(const uint64_t (&octets)[NV], bool upper_half, uint64_t seed,
+                                             uint64_t offset, uint32_t (&hw)[NV][VEC / 2]) {
+  if constexpr (VEC == 8) {
+    PhiloxWords words[NV];
+    philox_octets<NV>(octets, false, seed, offset, words);
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int m = 0; m < VEC / 2; ++m) hw[k][m] = words[k].w[m];
+  } else {
+    static_assert(VEC == 4 && NV % 2 == 0, "fp32: a lane pair shares the calls of vector pairs (k, k + 1)");
+    constexpr int NC = NV / 2;
+    uint64_t mine[NC];  // call j: the octet of vector 2j (even lane) or 2j + 1 (odd lane)
+#pragma unroll
+    for (int j = 0; j < NC; ++j) mine[j] = upper_half ? octets[2 * j + 1] : octets[2 * j];
+    PhiloxWords w[NC];
+    philox_octets<NC>(mine, false, seed, offset, w);
+#pragma unroll
+    for (int j = 0; j < NC; ++j)
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const uint32_t own = upper_half ? w[j].w[m + 2] : w[j].w[m];
+        const uint32_t got = __shfl_xor_sync(kFullWarp, upper_half ? w[j].w[m] : w[j].w[m + 2], 1);
+        hw[2 * j][m] = upper_half ? got : own;
+        hw[2 * j + 1][m] = upper_half ? own : got;
+      }
+  }
+}
+
 // The flat elements lane, lane+32, ... of [begin, end) one by one (row edges, unaligned logits).
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>
 __device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int64_t begin, int64_t end,
@@ -260,15 +298,17 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
                       uint64_t offset) {
   constexpr int VEC = kVectorBytes / sizeof(T);  // 4 fp32 or 8 fp16/bf16 per vector
   constexpr int kVectorsPerOctet = 8 / VEC;      // 1 or 2: a vector lies in one octet (philox.h)
+  constexpr int kVectorsPerLane = kStepElements / VEC;      // per step: 32 bytes (16-bit) or 64 (fp32) in flight
   constexpr int kStepVectors = kVectorsPerLane * kWarpSize;  // vectors per warp and step
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= n_rows) return;  // whole warp
   const uint64_t seed = kNoise ? (uint64_t)__ldg(Seed) : 0;  // argmax (tau = 0) needs no key
 
-  // Flat range of the row; its whole vectors [vec_begin, vec_end) go through the vector loop.
+  // Flat range of the row; its whole vectors [vec_begin, vec_end) go through the vector loop. The loop
+  // starts on an octet (fp32: an even vector), so lanes 2m and 2m + 1 hold the two halves of one octet.
   const int64_t row_begin = row * vocab, row_end = row_begin + vocab;
-  int64_t vec_begin = (row_begin + VEC - 1) / VEC, vec_end = row_end / VEC;
+  int64_t vec_begin = (row_begin + 7) / 8 * kVectorsPerOctet, vec_end = row_end / VEC;
   if (!vector_loads || vec_begin >= vec_end) vec_begin = vec_end = 0;  // no whole vector: all by element
   const int64_t head_end = vec_begin < vec_end ? vec_begin * VEC : row_end;
   const int64_t tail_begin = vec_begin < vec_end ? vec_end * VEC : row_end;
@@ -281,10 +321,10 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
   const int n_vectors = (int)(vec_end - vec_begin);
   // The octet of this lane's vector i and the half of it that the vector's first element takes: as
-  // steps and k * 32 are multiples of kVectorsPerOctet, the half is the same for all of them.
+  // vec_begin, steps and k * 32 are multiples of kVectorsPerOctet, the half is the same for all of them.
   const uint64_t lane_octet = (uint64_t)(vec_begin + lane) / kVectorsPerOctet;  // at step 0, k = 0
-  const int lane_half0 = (int)((vec_begin + lane) % kVectorsPerOctet) * VEC;
-  const bool upper_words = lane_half0 != 0;  // fp32: the vector takes words 2 and 3 of the octet's result
+  const bool upper_half = kVectorsPerOctet == 2 && (lane & 1);  // fp32: the vectors take words 2 and 3
+  const int lane_half0 = upper_half ? VEC : 0;
 
   uint4 raw[kVectorsPerLane];
 #pragma unroll
@@ -299,25 +339,22 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
       const int i = step + kStepVectors + k * kWarpSize + lane;
       if (i < n_vectors) next[k] = __ldcs(LaneVectors + kStepVectors + k * kWarpSize);
     }
-    // the coarse Philox calls of the step, one per vector (philox.h); the fine ones run for survivors
+    // the coarse Philox calls of the step, one per octet (philox.h); the fine ones run for survivors
     uint64_t octets[kVectorsPerLane];
 #pragma unroll
     for (int k = 0; k < kVectorsPerLane; ++k)
       octets[k] = lane_octet + (uint64_t)((step + k * kWarpSize) / kVectorsPerOctet);
-    PhiloxWords words[kVectorsPerLane];
-    if (kNoise) philox_octets<kVectorsPerLane>(octets, false, seed, offset, words);
+    uint32_t hw_all[kVectorsPerLane][VEC / 2] = {};  // coarse halves of each vector: VEC / 2 words
+    if (kNoise) coarse_words<VEC, kVectorsPerLane>(octets, upper_half, seed, offset, hw_all);
 #pragma unroll
     for (int k = 0; k < kVectorsPerLane; ++k) {
       const int i = step + k * kWarpSize + lane;
       if (i >= n_vectors) continue;  // only in a row's last step
       float x[VEC];
       unpack(raw[k], x, T());
-      uint32_t hw[VEC / 2];  // the vector's coarse halves: all 4 words (16-bit logits) or 2 of them (fp32)
-#pragma unroll
-      for (int m = 0; m < VEC / 2; ++m)
-        hw[m] = !kNoise ? 0u : VEC == 8 ? words[k].w[m] : upper_words ? words[k].w[m + 2] : words[k].w[m];
       const NoiseSource src{octets[k], lane_half0, seed, offset};
-      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, hw, src, inv_tau, threshold, st);
+      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, hw_all[k], src, inv_tau,
+                                        threshold, st);
     }
     if (kNoise) {  // share the best key so far: a tighter filter for the whole warp
       float t = st.best_key;
