@@ -108,7 +108,9 @@ def run_layers(rows, layers, results=None):
 # Launch shapes to try with --sweep: the column sum's constants, read at each launch. Stage 1 is
 # kernels/linear.py's; stage 2 is kernels/layernorm.py's, which also finishes the layer norm's dW/dB.
 SWEEP = {
-    "linear": {"PROGRAMS_PER_SM": (2, 4, 8, 16), "MIN_STEPS": (1, 2, 4, 8), "TILE": (2048, 4096, 8192)},
+    "linear": {"PROGRAMS_PER_SM": (2, 4, 8, 16), "MIN_STEPS": (1, 2, 4, 8), "TILE": (2048, 4096, 8192),
+               # narrower column blocks: more stage-1 programs per row chunk, so fewer partial rows
+               "MAX_BLOCK_N": (64, 128, 256)},
     "layernorm": {"PARTIAL_BLOCK_N": (16, 32, 64), "PARTIAL_TILE": (2048, 4096, 8192)},
 }
 
