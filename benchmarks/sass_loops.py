@@ -200,7 +200,8 @@ def _compile_case(c: dict) -> dict:
     except Exception as e:                          # reported per case: one broken variant hides no other
         return {**row, "registers": "-", "spill_stores": "-", "error": f"{type(e).__name__}: {e}"[:300]}
     instrs, regs = _kernel_sass(cubin)
-    return {**row, "registers": regs, "spill_stores": _spills(instrs), "error": ""}
+    return {**row, "registers": regs, "spill_stores": _spills(instrs), "loads_waited": _loads_waited(instrs),
+            "error": ""}
 
 
 _worker_cases: list[dict] = []     # kernel_cases() of a compile_all worker process, built once per process
@@ -275,6 +276,38 @@ def _registers(path: str) -> dict[str, int]:
 
 def _spills(instrs: list[str]) -> int:
     return sum(1 for t in instrs if _opcode(t) == "STL")
+
+
+def _registers_read(text: str) -> set[int]:
+    """General registers an instruction reads: every R operand after the first (the destination), all of
+    them for stores and reductions; a 64-bit pair (R12.64) counts both."""
+    body = re.sub(r"^@!?U?P\w+\s+", "", text)
+    opcode, _, operands = body.partition(" ")
+    parts = operands.split(",")
+    read = parts if opcode.startswith(("ST", "RED", "ATOM")) else parts[1:]
+    regs = set()
+    for part in read:
+        for r, wide in re.findall(r"\bR(\d+)(\.64)?", part):
+            regs.update((int(r), int(r) + 1) if wide else (int(r),))
+    return regs
+
+
+def _loads_waited(instrs: list[str]) -> int | None:
+    """Global loads of the kernel's first loop that issue global loads whose destination registers the
+    same iteration reads: each makes the warp wait a memory round trip inside the iteration (a load
+    read only in the next iteration overlaps this one's work). None without such a loop."""
+    width = {".64": 2, ".128": 4}
+    for start, end in _loops(instrs):
+        body = instrs[start:end + 1]
+        loads = [(i, m) for i, t in enumerate(body) if (m := re.search(r"\bLDG\.E(\.64|\.128)?\S*\s+R(\d+)", t))]
+        if not loads:
+            continue
+        waited = 0
+        for i, m in loads:
+            dest = set(range(int(m.group(2)), int(m.group(2)) + width.get(m.group(1), 1)))
+            waited += any(_registers_read(t) & dest for t in body[i + 1:])
+        return waited
+    return None
 
 
 def _stats(instrs: list[str], start: int, end: int) -> dict:

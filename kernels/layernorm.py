@@ -247,10 +247,17 @@ def _sum_partials_kernel(
     which = tl.program_id(1)
     part = Part + which.to(tl.int64) * chunks * n
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
-    for start in range(0, chunks, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)                                        # [BLOCK_P]
-        ok = (rows < chunks)[:, None] & col_ok[None, :]
-        acc += tl.load(part + rows[:, None].to(tl.int64) * n + cols[None, :], mask=ok, other=0.0)
+    # each step's tile is loaded one step ahead (as in linear.py's column sums): as a plain loop, ptxas
+    # waited for each load of a step before it issued the next (sm_90 SASS)
+    rows = tl.arange(0, BLOCK_P)                                                    # [BLOCK_P]
+    tile = tl.load(part + rows[:, None].to(tl.int64) * n + cols[None, :],
+                   mask=(rows < chunks)[:, None] & col_ok[None, :], other=0.0)
+    for start in range(BLOCK_P, chunks + BLOCK_P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        next_tile = tl.load(part + rows[:, None].to(tl.int64) * n + cols[None, :],
+                            mask=(rows < chunks)[:, None] & col_ok[None, :], other=0.0)  # all masked after the last
+        acc += tile
+        tile = next_tile
     total = tl.sum(acc, axis=0)
     if which == 0:
         tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=col_ok)
