@@ -103,20 +103,6 @@ def _activation_grad(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _rows_tile(
-    start,                  # int64 first row of the tile
-    row_end,                # int64 rows at and after it are masked
-    cols,                   # [BLOCK_N] columns
-    col_ok,                 # [BLOCK_N] cols < n
-    stride_m,               # elements between rows
-    BLOCK_M: tl.constexpr,
-):
-    """Element offsets and mask of the tile of BLOCK_M rows from ``start``."""
-    rows = start + tl.arange(0, BLOCK_M).to(tl.int64)                              # [BLOCK_M] int64
-    return rows[:, None] * stride_m + cols[None, :], (rows < row_end)[:, None] & col_ok[None, :]
-
-
-@triton.jit
 def _column_partial_sums_kernel(
     X,                      # (M, N) values to sum (row stride stride_m, unit column stride); with an
                             #   ACTIVATION: dy, the gradient of act(h)
@@ -137,26 +123,36 @@ def _column_partial_sums_kernel(
     col_ok = cols < n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     row_start = pid_m.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, m)
+    rows_left = tl.minimum(rows_per_program, m - row_start).to(tl.int32)           # rows of this chunk
+    chunk = row_start * stride_m                                                   # int64: its first element
+    X += chunk
+    H += chunk
+    DH += chunk
+    local = tl.arange(0, BLOCK_M)                                                  # [BLOCK_M] row in the step
+    offs = local[:, None] * stride_m + cols[None, :]                               # int32: within one step
+    step = BLOCK_M * stride_m
     # Each step's tile is loaded one step ahead, before the current one is summed: written as a plain
     # loop, ptxas issued a thread's 16-byte loads of a step one after another, each after the adds of
     # the one before (sm_90 SASS: 4 load latencies per step instead of 1), and a program is only a few
     # steps long.
-    offs, ok = _rows_tile(row_start, row_end, cols, col_ok, stride_m, BLOCK_M)
+    ok = (local < rows_left)[:, None] & col_ok[None, :]
     x = tl.load(X + offs, mask=ok, other=0.0)
     if ACTIVATION != 0:
         h = tl.load(H + offs, mask=ok, other=0.0)
-    for start in range(row_start + BLOCK_M, row_end + BLOCK_M, BLOCK_M):
-        next_offs, next_ok = _rows_tile(start, row_end, cols, col_ok, stride_m, BLOCK_M)
-        next_x = tl.load(X + next_offs, mask=next_ok, other=0.0)                   # all-masked after the last
+    for first in range(BLOCK_M, rows_left + BLOCK_M, BLOCK_M):                      # the next step's first row
+        next_ok = (first + local < rows_left)[:, None] & col_ok[None, :]         # all False after the last
+        next_x = tl.load(X + step + offs, mask=next_ok, other=0.0)
         v = x.to(tl.float32)
         if ACTIVATION != 0:
-            next_h = tl.load(H + next_offs, mask=next_ok, other=0.0)
+            next_h = tl.load(H + step + offs, mask=next_ok, other=0.0)
             v = v * _activation_grad(h.to(tl.float32), ACTIVATION)                 # 0 where masked (dy = 0)
             tl.store(DH + offs, v.to(DH.dtype.element_ty), mask=ok)
+            DH += step
             h = next_h
         acc += v
-        x, offs, ok = next_x, next_offs, next_ok
+        X += step
+        H += step
+        x, ok = next_x, next_ok
     tl.store(Part + pid_m.to(tl.int64) * n + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
