@@ -144,7 +144,7 @@ def kernel_cases() -> list[dict]:
             for n in (768, 3072, 2):
                 bm, bn, _, _ = N._plan(16384, n, cpu, N.TILE if code == 0 else N.ACT_TILE)
                 add("linear", N._column_partial_sums_kernel, f"{x_t}, {name}, n {n}",
-                    {"ACTIVATION": code, "BLOCK_M": bm, "BLOCK_N": bn},
+                    {"ACTIVATION": code, "BLOCK_M": bm, "BLOCK_N": bn, "WIDE": False},
                     {"X": "*" + x_t, "H": "*" + x_t, "DH": "*" + x_t, "Part": "*fp32"}, (),
                     {"n", "stride_m", "rows_per_program"} if n % 16 == 0 else {"rows_per_program"}, N.NUM_WARPS)
 

@@ -116,6 +116,7 @@ def _column_partial_sums_kernel(
     ACTIVATION: tl.constexpr,   # 0: sum X itself; else an ACTIVATION_CODES value
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WIDE: tl.constexpr,         # BLOCK_M * stride_m >= 2^31: offsets within a step in int64
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -129,8 +130,10 @@ def _column_partial_sums_kernel(
     H += chunk
     DH += chunk
     local = tl.arange(0, BLOCK_M)                                                  # [BLOCK_M] row in the step
-    offs = local[:, None] * stride_m + cols[None, :]                               # int32: within one step
-    step = BLOCK_M * stride_m
+    if WIDE:
+        local = local.to(tl.int64)
+    offs = local[:, None] * stride_m + cols[None, :]                               # within one step
+    step = tl.full((), BLOCK_M, local.dtype) * stride_m                            # elements per step
     # Each step's tile is loaded one step ahead, before the current one is summed: written as a plain
     # loop, ptxas issued a thread's 16-byte loads of a step one after another, each after the adds of
     # the one before (sm_90 SASS: 4 load latencies per step instead of 1), and a program is only a few
@@ -154,7 +157,6 @@ def _column_partial_sums_kernel(
         H += step
         x, ok = next_x, next_ok
     tl.store(Part + pid_m.to(tl.int64) * n + cols, tl.sum(acc, axis=0), mask=col_ok)
-
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -194,7 +196,7 @@ def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     with _on_device(x):
         launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
                x, x, x, part, m, n, x.stride(0), rows_per_chunk, ACTIVATION=0,
-               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+               BLOCK_M=block_m, BLOCK_N=block_n, WIDE=block_m * x.stride(0) >= 2**31, num_warps=NUM_WARPS)
         _sum_partials(part[None], out)
     return out
 
@@ -218,7 +220,7 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     with _on_device(h):
         launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
                dy, h, dh, part, m, n, n, rows_per_chunk, ACTIVATION=ACTIVATION_CODES[activation],
-               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+               BLOCK_M=block_m, BLOCK_N=block_n, WIDE=block_m * n >= 2**31, num_warps=NUM_WARPS)
         if db is not None:
             _sum_partials(part[None], db)
     return dh, db

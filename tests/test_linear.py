@@ -438,3 +438,19 @@ def test_gpu_feed_forward_with_residual_alias_matches_torch():
     for name, g, r in zip(("dx", "dw", "db"), *grads):
         assert g.dtype == r.dtype, name
         torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2 * r.abs().max().item(), msg=name)
+
+
+
+def test_column_sums_of_rows_far_apart(monkeypatch):
+    """Rows 2^24 elements apart: BLOCK_M * stride >= 2^31, so the kernel takes 64-bit offsets within a step
+    (with 32-bit ones, a chunk spanning 2^31 elements would wrap). Two real rows keep it at 64 MB."""
+    from fastelectra.kernels import linear
+
+    stride, n = 2**24, 5
+    base = randn(stride + n, seed=7)
+    x = base.as_strided((2, n), (stride, 1))
+    seen = []
+    launch = linear.launch
+    monkeypatch.setattr(linear, "launch", lambda *a, **kw: (seen.append(kw.get("WIDE")), launch(*a, **kw)))
+    torch.testing.assert_close(column_sums(x), x.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    assert seen[0] is True
