@@ -230,8 +230,11 @@ def compile_all(jobs: int | None = None) -> list[dict]:
         return list(pool.map(_compile_case_at, range(len(cases))))
 
 
+_PREDICATE = r"@!?U?P\w+\s+"     # an instruction's guard, e.g. "@!P0 "
+
+
 def _opcode(text: str) -> str:
-    return re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text).group(1)
+    return re.match(rf"(?:{_PREDICATE})?([A-Z0-9_]+)", text).group(1)
 
 
 def _disassemble(path: str) -> dict[str, list[str]]:
@@ -281,7 +284,7 @@ def _spills(instrs: list[str]) -> int:
 def _registers_read(text: str) -> set[int]:
     """General registers an instruction reads: every R operand after the first (the destination), all of
     them for stores and reductions; a 64-bit pair (R12.64) counts both."""
-    body = re.sub(r"^@!?U?P\w+\s+", "", text)
+    body = re.sub("^" + _PREDICATE, "", text)
     opcode, _, operands = body.partition(" ")
     parts = operands.split(",")
     read = parts if opcode.startswith(("ST", "RED", "ATOM")) else parts[1:]
@@ -293,9 +296,10 @@ def _registers_read(text: str) -> set[int]:
 
 
 def _loads_waited(instrs: list[str]) -> int | None:
-    """Global loads of the kernel's first loop that issue global loads whose destination registers the
-    same iteration reads: each makes the warp wait a memory round trip inside the iteration (a load
-    read only in the next iteration overlaps this one's work). None without such a loop."""
+    """How many global loads of the kernel's first loop that has any are read (their destination
+    registers) later in the same iteration: each makes the warp wait a memory round trip inside the
+    iteration, where a load read only in the next iteration overlaps this one's work. None without
+    such a loop."""
     width = {".64": 2, ".128": 4}
     for start, end in _loops(instrs):
         body = instrs[start:end + 1]

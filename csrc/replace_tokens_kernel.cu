@@ -232,10 +232,11 @@ __device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32
 }
 
 // The coarse halves of a lane's vectors in one step: the words of the octets' coarse calls that hold
-// them. 16-bit logits: a vector is an octet, one call each. fp32: lanes 2m and 2m + 1 hold the lower
-// and upper halves of the same two octets (k = 0, 1), so each lane makes one call, the even lane k = 0's
-// and the odd lane k = 1's, keeps the two words its own vector takes and swaps the other two with its
-// partner: two shuffles instead of a second Philox call (~65 instructions).
+// them. 16-bit logits: a vector is an octet, one call each. fp32: for each pair of its vectors
+// (k = 2j, 2j + 1), lanes 2m and 2m + 1 hold the lower and upper halves of the same two octets, so each
+// lane makes one call per pair, the even lane k = 2j's and the odd lane k = 2j + 1's, keeps the two
+// words its own vector takes and swaps the other two with its partner: two shuffles instead of a
+// second Philox call (~65 instructions).
 template <int VEC, int NV>
 __device__ __forceinline__ void coarse_words(const uint64_t (&octets)[NV], bool upper_half, uint64_t seed,
                                              uint64_t offset, uint32_t (&hw)[NV][VEC / 2]) {

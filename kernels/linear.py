@@ -151,10 +151,10 @@ def _column_partial_sums_kernel(
             v = v * _activation_grad(h.to(tl.float32), ACTIVATION)                 # 0 where masked (dy = 0)
             tl.store(DH + offs, v.to(DH.dtype.element_ty), mask=ok)
             DH += step
+            H += step
             h = next_h
         acc += v
         X += step
-        H += step
         x, ok = next_x, next_ok
     tl.store(Part + pid_m.to(tl.int64) * n + cols, tl.sum(acc, axis=0), mask=col_ok)
 
@@ -174,6 +174,20 @@ def _plan(m: int, n: int, device: torch.device, tile: Optional[int] = None) -> t
     return block_m, block_n, _cdiv(m, rows_per_chunk), rows_per_chunk
 
 
+def _partial_sums(x: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, activation: int, tile: int) -> torch.Tensor:
+    """Stage 1 over x (M, N), unit column stride (with an ACTIVATION code: dy, beside h and dh of its
+    layout): launches _column_partial_sums_kernel as _plan lays it out and returns its (chunks, N) fp32
+    partial sums. Call on x's device."""
+    m, n = x.shape
+    stride = x.stride(0)
+    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device, tile)
+    part = torch.empty(chunks, n, dtype=torch.float32, device=x.device)
+    launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
+           x, h, dh, part, m, n, stride, rows_per_chunk, ACTIVATION=activation,
+           BLOCK_M=block_m, BLOCK_N=block_n, WIDE=block_m * stride >= 2**31, num_warps=NUM_WARPS)
+    return part
+
+
 def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Σ over rows of a 2-D tensor x (M, N) → (N,) in ``dtype`` (default x's), summed in fp32.
 
@@ -191,13 +205,8 @@ def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
         return out.zero_()
     if x.stride(1) != 1:
         x = x.contiguous()
-    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device)
-    part = torch.empty(chunks, n, dtype=torch.float32, device=x.device)
     with _on_device(x):
-        launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
-               x, x, x, part, m, n, x.stride(0), rows_per_chunk, ACTIVATION=0,
-               BLOCK_M=block_m, BLOCK_N=block_n, WIDE=block_m * x.stride(0) >= 2**31, num_warps=NUM_WARPS)
-        _sum_partials(part[None], out)
+        _sum_partials(_partial_sums(x, x, x, 0, TILE)[None], out)
     return out
 
 
@@ -215,12 +224,8 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     db = torch.empty(n, dtype=bias_dtype, device=h.device) if bias_dtype is not None else None
     if m == 0 or n == 0:
         return dh, db.zero_() if db is not None else None
-    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, h.device, ACT_TILE)
-    part = torch.empty(chunks, n, dtype=torch.float32, device=h.device)
     with _on_device(h):
-        launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
-               dy, h, dh, part, m, n, n, rows_per_chunk, ACTIVATION=ACTIVATION_CODES[activation],
-               BLOCK_M=block_m, BLOCK_N=block_n, WIDE=block_m * n >= 2**31, num_warps=NUM_WARPS)
+        part = _partial_sums(dy, h, dh, ACTIVATION_CODES[activation], ACT_TILE)
         if db is not None:
             _sum_partials(part[None], db)
     return dh, db

@@ -440,7 +440,6 @@ def test_gpu_feed_forward_with_residual_alias_matches_torch():
         torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2 * r.abs().max().item(), msg=name)
 
 
-
 def test_column_sums_of_rows_far_apart(monkeypatch):
     """Rows 2^24 elements apart: BLOCK_M * stride >= 2^31, so the kernel takes 64-bit offsets within a step
     (with 32-bit ones, a chunk spanning 2^31 elements would wrap). Two real rows keep it at 64 MB."""
