@@ -5,8 +5,10 @@ which on an H100 read the 99 bias gradients of an ELECTRA-Base step at about 1.1
 benchmarks/results/profile_*.md). fastelectra's FusedLinear sums them with two Triton launches
 (kernels/linear.py).
 
-Cases, bf16, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
-  colsum   dy (M, N) -> (N,) for the widths of ELECTRA-Base's linears, N in {256, 768, 1024, 2304, 3072}
+Cases, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
+  colsum   dy (M, N) -> (N,) for the widths of ELECTRA-Base's linears, N in {256, 768, 1024, 2304, 3072},
+           in bf16 (autocast training) and fp32 (training without autocast: its stage-1 kernel holds
+           twice the accumulator registers per loaded byte)
            fastelectra        kernels.linear.column_sums
            torch-sum          dy.sum(0) (what autograd runs for nn.Linear's bias)
            torch-compile      torch.compile(lambda t: t.sum(0)) (inductor's generated reduction)
@@ -20,9 +22,10 @@ Cases, bf16, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
            torch-compile      torch.compile of the torch contender (inductor fuses the bias sum
                               and the GELU backward itself)
 
---sweep instead times the column sums under each of the launch constants in SWEEP, one varied at a
-time from the shipped values: the data to choose them from (the 2026-11-23 H100 run had inductor's
-reduction 1.2-3x faster than ours).
+--sweep instead times the column sums under each of the launch constants in SWEEP, and the GELU
+backward with its bias sum under ACT_SWEEP, one varied at a time from the shipped values, in each
+dtype: the data to choose them from (the 2026-11-23 H100 run had inductor's reduction 1.2-3x faster
+than ours).
 
     python -m benchmarks.bench_linear --out benchmarks/results/linear_<gpu>_<date>.json
     python -m benchmarks.bench_linear --sweep --out benchmarks/results/linear_sweep_<gpu>_<date>.json
@@ -39,6 +42,7 @@ from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, one_a
 
 ROWS = 16384
 WIDTHS = (256, 768, 1024, 2304, 3072)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYERS = ((768, 3072, None), (3072, 768, None), (768, 2304, None), (768, 3072, "gelu"))   # (K, N, activation)
 
 
@@ -49,14 +53,14 @@ def colsum_contenders():
     return {"fastelectra": column_sums, "torch-sum": lambda t: t.sum(0), "torch-compile": compiled}
 
 
-def run_colsum(rows, widths, results=None):
+def run_colsum(rows, widths, dtypes, results=None):
     results = [] if results is None else results
     fns = colsum_contenders()
-    for n in widths:
-        dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    for dtype, n in ((d, n) for d in dtypes for n in widths):
+        dy = torch.randn(rows, n, device="cuda", dtype=DTYPES[dtype])
         ref = dy.double().sum(0)
         for name, fn in fns.items():
-            row = dict(case="colsum", m=rows, n=n, contender=name)
+            row = dict(case="colsum", dtype=dtype, m=rows, n=n, contender=name)
             try:
                 err = (fn(dy).double() - ref).abs().max().item()
                 row.update(bench_ms(lambda fn=fn: fn(dy)), max_abs_err=err)
@@ -64,7 +68,7 @@ def run_colsum(rows, widths, results=None):
             except Exception as err:  # noqa: BLE001 - a failing peer is a row, not an abort
                 row.update(skipped=skip_reason(err))
             results.append(row)
-            print(f"colsum {rows}x{n:5d} {name:14s} " + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s"
+            print(f"colsum {dtype} {rows}x{n:5d} {name:14s} " + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s"
                                                          if "ms" in row else row["skipped"]), flush=True)
     return results
 
@@ -91,7 +95,7 @@ def run_layers(rows, layers, results=None):
                 x.grad = None
                 ref.zero_grad(set_to_none=True)
                 fused.zero_grad(set_to_none=True)
-            row = dict(case="layer", m=rows, k=k, n=n, activation=act or "-", contender=name)
+            row = dict(case="layer", dtype="bf16", m=rows, k=k, n=n, activation=act or "-", contender=name)
             try:
                 step()
                 row.update(bench_ms(step))
@@ -108,44 +112,54 @@ def run_layers(rows, layers, results=None):
 # Launch shapes to try with --sweep: the column sum's constants, read at each launch. Stage 1 is
 # kernels/linear.py's; stage 2 is kernels/layernorm.py's, which also finishes the layer norm's dW/dB.
 SWEEP = {
-    "linear": {"PROGRAMS_PER_SM": (2, 4, 8, 16), "MIN_STEPS": (1, 2, 4, 8), "TILE": (2048, 4096, 8192),
+    "linear": {"PROGRAMS_PER_SM": (2, 4, 8, 16), "MIN_STEPS": (1, 2, 4, 8), "TILE_BYTES": (4096, 8192, 16384),
                # narrower column blocks: more stage-1 programs per row chunk, so fewer partial rows
                "MAX_BLOCK_N": (64, 128, 256)},
     "layernorm": {"PARTIAL_BLOCK_N": (16, 32, 64), "PARTIAL_TILE": (2048, 4096, 8192)},
 }
+# ... and the GELU backward's (activation_backward: dy and h read, dh written, dh summed). On sm_90 its
+# bf16 stage 1 took 94 registers at 4096 bytes (5 programs per SM) and 40 at 2048.
+ACT_SWEEP = {"ACT_TILE_BYTES": (2048, 4096, 8192)}
 
 
-def sweep(rows, widths, results=None):
-    """Time column_sums under each launch constant in SWEEP, one varied at a time from the shipped
-    values, with its error against a float64 sum and the number of partial rows (chunks) it plans."""
+def sweep(rows, widths, dtypes, results=None):
+    """Time column_sums under each launch constant in SWEEP, and the GELU backward under each in
+    ACT_SWEEP, one varied at a time from the shipped values, with the error against a float64 sum and
+    the number of partial rows (chunks) stage 1 plans."""
     from fastelectra.kernels import layernorm, linear
-    from fastelectra.kernels.linear import _plan, column_sums
+    from fastelectra.kernels.linear import _plan, activation_backward, column_sums
 
     results = [] if results is None else results
     modules = {"linear": linear, "layernorm": layernorm}
-    for n in widths:
-        dy = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
-        ref = dy.double().sum(0)
-        for module_name, constants in SWEEP.items():
-            for name, value, shipped in one_at_a_time(modules[module_name], constants):
-                row = dict(m=rows, n=n, constant=name, value=value, shipped=shipped,
-                           chunks=_plan(rows, n, dy.device)[2])
-                try:
-                    row["max_abs_err"] = (column_sums(dy).double() - ref).abs().max().item()
-                    row.update(bench_ms(lambda: column_sums(dy)))
-                    row["gbps"] = dy.numel() * dy.element_size() / row["ms"] / 1e6
-                except Exception as err:  # noqa: BLE001 - a shape that does not compile: a row
-                    row["skipped"] = skip_reason(err)
-                results.append(row)
-                print(f"colsum {rows}x{n:5d} {name}={value:<5d} chunks {row['chunks']:5d} "
-                      + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s" if "ms" in row else row["skipped"]),
-                      flush=True)
+    for dtype, n in ((d, n) for d in dtypes for n in widths):
+        dy = torch.randn(rows, n, device="cuda", dtype=DTYPES[dtype])
+        h = torch.randn(rows, n, device="cuda", dtype=DTYPES[dtype])
+        cases = {"colsum": (lambda: column_sums(dy), dy.double().sum(0), 1, "TILE_BYTES", SWEEP)}
+        dh = activation_backward(dy, h, "gelu")[0].double()          # the sum's reference: the dh it writes
+        cases["gelu"] = (lambda: activation_backward(dy, h, "gelu", torch.float32)[1], dh.sum(0), 3,
+                         "ACT_TILE_BYTES", {"linear": ACT_SWEEP})
+        for case, (fn, ref, passes, tile_name, sweep_constants) in cases.items():
+            for module_name, constants in sweep_constants.items():
+                for name, value, shipped in one_at_a_time(modules[module_name], constants):
+                    tile = getattr(linear, tile_name) // dy.element_size()
+                    row = dict(case=case, dtype=dtype, m=rows, n=n, constant=name, value=value, shipped=shipped,
+                               chunks=_plan(rows, n, dy.device, tile)[2])
+                    try:
+                        row["max_abs_err"] = (fn().double() - ref).abs().max().item()
+                        row.update(bench_ms(fn))
+                        row["gbps"] = passes * dy.numel() * dy.element_size() / row["ms"] / 1e6
+                    except Exception as err:  # noqa: BLE001 - a shape that does not compile: a row
+                        row["skipped"] = skip_reason(err)
+                    results.append(row)
+                    print(f"{case} {dtype} {rows}x{n:5d} {name}={value:<5d} chunks {row['chunks']:5d} "
+                          + (f"{row['ms']:.4f} ms {row['gbps']:6.0f} GB/s" if "ms" in row else row["skipped"]),
+                          flush=True)
     return results
 
 
 def add_ratios(results):
     """fastelectra rows get speedup = peer ms / fastelectra ms, per case."""
-    add_speedups(results, lambda r: (r["case"], r["m"], r.get("k"), r["n"], r.get("activation")),
+    add_speedups(results, lambda r: (r["case"], r["dtype"], r["m"], r.get("k"), r["n"], r.get("activation")),
                  lambda r: r["contender"] == "fastelectra")
     for r in results:
         if "speedup" in r:
@@ -157,6 +171,8 @@ def main(argv=None):
     parser.add_argument("--out", help="JSON path (a .md table is written beside it)")
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="dtypes of the column sums (the layer cases run bf16 autocast)")
     parser.add_argument("--no-layers", action="store_true", help="only the column sums")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: time the column sums under other launch constants (see SWEEP)")
@@ -165,28 +181,29 @@ def main(argv=None):
         parser.error("--rows and --widths must be positive")
     require_cuda("bench_linear")
     if args.sweep:
-        results, truncated = until_interrupted(sweep, args.rows, args.widths)
-        table = rate_table(results, ["m", "n", "constant", "value", "shipped", "chunks", "ms", "GB/s", "max_abs_err",
-                                     "ms_call"], "gbps", "GB/s")
+        results, truncated = until_interrupted(sweep, args.rows, args.widths, args.dtypes)
+        table = rate_table(results, ["case", "dtype", "m", "n", "constant", "value", "shipped", "chunks", "ms",
+                                     "GB/s", "max_abs_err", "ms_call"], "gbps", "GB/s")
         write_results(args.out, {"benchmark": "linear_sweep",
-                                 "config": {"rows": args.rows, "widths": args.widths, "dtype": "bf16", "sweep": SWEEP,
+                                 "config": {"rows": args.rows, "widths": args.widths, "dtypes": args.dtypes,
+                                            "sweep": SWEEP, "act_sweep": ACT_SWEEP,
                                             "timing": f"ms: {TIMING}", "date": datetime.date.today().isoformat()},
                                  "results": results}, table, truncated)
         return 1 if truncated else 0
-    colsum_rows, truncated = until_interrupted(run_colsum, args.rows, args.widths)
+    colsum_rows, truncated = until_interrupted(run_colsum, args.rows, args.widths, args.dtypes)
     layer_rows = []
     if not args.no_layers and not truncated:
         layer_rows, truncated = until_interrupted(run_layers, args.rows, LAYERS)
     results = colsum_rows + layer_rows
     add_ratios(results)
-    colsum = rate_table(colsum_rows, ["m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"],
+    colsum = rate_table(colsum_rows, ["dtype", "m", "n", "contender", "ms", "GB/s", "vs_torch", "max_abs_err", "ms_call"],
                         "gbps", "GB/s")
     layers = rate_table(layer_rows,
                         ["m", "k", "n", "activation", "contender", "ms", "TFLOP/s", "vs_torch", "ms_call"], "tflops",
                         "TFLOP/s")
     payload = {"benchmark": "linear",
                "config": {"rows": args.rows, "widths": args.widths, "layers": [] if args.no_layers else LAYERS,
-                          "dtype": "bf16", "gpu_slug": gpu_slug(), "bytes": "colsum: dy read once",
+                          "dtypes": args.dtypes, "gpu_slug": gpu_slug(), "bytes": "colsum: dy read once",
                           "timing": f"ms: {TIMING}", "date": datetime.date.today().isoformat()},
                "results": results}
     write_results(args.out, payload, "## bias-gradient column sums\n\n" + colsum

@@ -71,12 +71,16 @@ __all__ = ["column_sums", "fused_linear", "activation_backward"]
 ACTIVATION_CODES = {"gelu": 1, "gelu_new": 2, "relu": 3, "silu": 4}
 assert ACTIVATION_CODES.keys() == ACTIVATIONS.keys(), "every reference activation needs its kernel code"
 
-TILE = 4096             # elements per loop step of a stage-1 program (32 fp32 sums per thread at 4 warps)
+# bytes of x per loop step of a stage-1 program: four 16-byte loads per thread at 4 warps, so every dtype
+# keeps the same loads in flight (bf16: 4096 elements, 32 fp32 sums per thread; fp32: 2048 elements, whose
+# 4096 took 116 registers on sm_90 against 48 and 4 programs per SM against PROGRAMS_PER_SM, and ptxas
+# waited on 8 loads per step)
+TILE_BYTES = 8192
 MAX_BLOCK_N = 256       # columns per program: 512 contiguous bytes per bf16 row segment
 MIN_BLOCK_N = 16
-PROGRAMS_PER_SM = 8     # stage-1 programs in flight per SM: 8 x 8 KB of bf16 loads per loop step
+PROGRAMS_PER_SM = 8     # stage-1 programs in flight per SM: 8 x 8 KB of loads per loop step
 MIN_STEPS = 1           # stage-1 loop steps per program at least (fewer partial rows for stage 2 to sum)
-ACT_TILE = 2048         # activation backward: two inputs and one output per element, so half the tile
+ACT_TILE_BYTES = 4096   # activation backward: two inputs and one output per element, so half the tile
 NUM_WARPS = 4
 HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")   # aten mm.dtype: a GEMM writing another dtype than its inputs'
 
@@ -160,11 +164,10 @@ def _column_partial_sums_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _plan(m: int, n: int, device: torch.device, tile: Optional[int] = None) -> tuple[int, int, int, int]:
+def _plan(m: int, n: int, device: torch.device, tile: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, row chunks, rows per chunk) for column sums of an (m, n) tensor: about
     PROGRAMS_PER_SM programs per SM, each streaming at least MIN_STEPS whole BLOCK_M-row steps of
-    ``tile`` elements (default TILE). The constants are read at each call (bench_linear --sweep varies them)."""
-    tile = TILE if tile is None else tile
+    ``tile`` elements. The constants are read at each call (bench_linear --sweep varies them)."""
     block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, _next_power_of_2(n)))
     block_m = max(1, tile // block_n)
     column_blocks = _cdiv(n, block_n)
@@ -174,13 +177,14 @@ def _plan(m: int, n: int, device: torch.device, tile: Optional[int] = None) -> t
     return block_m, block_n, _cdiv(m, rows_per_chunk), rows_per_chunk
 
 
-def _partial_sums(x: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, activation: int, tile: int) -> torch.Tensor:
+def _partial_sums(x: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, activation: int,
+                  tile_bytes: int) -> torch.Tensor:
     """Stage 1 over x (M, N), unit column stride (with an ACTIVATION code: dy, beside h and dh of its
-    layout): launches _column_partial_sums_kernel as _plan lays it out and returns its (chunks, N) fp32
-    partial sums. Call on x's device."""
+    layout), in steps of ``tile_bytes`` of x: launches _column_partial_sums_kernel as _plan lays it out and
+    returns its (chunks, N) fp32 partial sums. Call on x's device."""
     m, n = x.shape
     stride = x.stride(0)
-    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device, tile)
+    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device, tile_bytes // x.element_size())
     part = torch.empty(chunks, n, dtype=torch.float32, device=x.device)
     launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
            x, h, dh, part, m, n, stride, rows_per_chunk, ACTIVATION=activation,
@@ -206,7 +210,7 @@ def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     if x.stride(1) != 1:
         x = x.contiguous()
     with _on_device(x):
-        _sum_partials(_partial_sums(x, x, x, 0, TILE)[None], out)
+        _sum_partials(_partial_sums(x, x, x, 0, TILE_BYTES)[None], out)
     return out
 
 
@@ -225,7 +229,7 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     if m == 0 or n == 0:
         return dh, db.zero_() if db is not None else None
     with _on_device(h):
-        part = _partial_sums(dy, h, dh, ACTIVATION_CODES[activation], ACT_TILE)
+        part = _partial_sums(dy, h, dh, ACTIVATION_CODES[activation], ACT_TILE_BYTES)
         if db is not None:
             _sum_partials(part[None], db)
     return dh, db

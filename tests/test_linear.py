@@ -62,7 +62,7 @@ def test_column_sums_split_rows_into_chunks():
     # the partial-sum stage must really combine several row chunks and several column blocks,
     # with a last chunk that ends inside a BLOCK_M step
     m, n = 5000, 300
-    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, torch.device(DEVICE))
+    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, torch.device(DEVICE), 2048)
     assert chunks > 1 and n > block_n and m % rows_per_chunk and rows_per_chunk % block_m == 0
     x = randn(m, n, seed=3)
     torch.testing.assert_close(column_sums(x), x.double().sum(0).float(), rtol=1e-5, atol=1e-3)
@@ -73,22 +73,53 @@ def test_plan_reads_its_constants_at_each_call(monkeypatch):
     from fastelectra.kernels import linear
 
     device = torch.device(DEVICE)
-    block_m = _plan(16384, 256, device)[0]
+    block_m = _plan(16384, 256, device, 4096)[0]
     m = 4 * block_m                                            # 4 row steps: up to 4 chunks of one step each
     monkeypatch.setattr(linear, "PROGRAMS_PER_SM", 4 * 10**4)   # parallelism does not bind
-    assert _plan(m, 256, device)[2] == 4
+    assert _plan(m, 256, device, 4096)[2] == 4
     monkeypatch.setattr(linear, "MIN_STEPS", 4)
-    assert _plan(m, 256, device)[2] == 1
+    assert _plan(m, 256, device, 4096)[2] == 1
     monkeypatch.setattr(linear, "MIN_STEPS", 2)
-    assert _plan(m, 256, device)[2] == 2
-    monkeypatch.setattr(linear, "TILE", 2 * linear.TILE)
-    assert _plan(m, 256, device)[0] == 2 * block_m
+    assert _plan(m, 256, device, 4096)[2] == 2
+    assert _plan(m, 256, device, 8192)[0] == 2 * block_m
+
+
+def _launched_block_m(monkeypatch, fn, *args):
+    """BLOCK_M of each stage-1 launch of fn(*args)."""
+    from fastelectra.kernels import linear
+
+    seen = []
+    launch = linear.launch
+    monkeypatch.setattr(linear, "launch", lambda kernel, *a, **kw: (
+        seen.append(kw["BLOCK_M"]) if kernel is linear._column_partial_sums_kernel else None,
+        launch(kernel, *a, **kw))[1])
+    fn(*args)
+    monkeypatch.setattr(linear, "launch", launch)
+    return seen
+
+
+def test_stage_one_steps_are_counted_in_bytes(monkeypatch):
+    """A loop step reads TILE_BYTES of x (ACT_TILE_BYTES of dy with an activation) whatever its dtype, so
+    fp32 steps take half the rows of 16-bit ones (the same loads in flight, half the registers), and the
+    constants are read at each call."""
+    from fastelectra.kernels import linear
+
+    n = 256
+    x16, x32 = randn(64, n, dtype=torch.bfloat16), randn(64, n)
+    rows16 = _launched_block_m(monkeypatch, column_sums, x16)
+    assert rows16 == [linear.TILE_BYTES // 2 // n]
+    assert _launched_block_m(monkeypatch, column_sums, x32) == [rows16[0] // 2]
+    act16 = _launched_block_m(monkeypatch, activation_backward, x16, x16, "relu", torch.float32)
+    assert act16 == [linear.ACT_TILE_BYTES // 2 // n]
+    assert _launched_block_m(monkeypatch, activation_backward, x32, x32, "relu", torch.float32) == [act16[0] // 2]
+    monkeypatch.setattr(linear, "TILE_BYTES", 2 * linear.TILE_BYTES)
+    assert _launched_block_m(monkeypatch, column_sums, x16) == [2 * rows16[0]]
 
 
 def test_column_sums_exact_under_every_sweep_constant():
     """Every launch shape bench_linear --sweep times gives the same sums (several chunks, a ragged
-    last chunk, several column blocks)."""
-    from benchmarks.bench_linear import SWEEP
+    last chunk, several column blocks), and the GELU backward the same dh and sums."""
+    from benchmarks.bench_linear import ACT_SWEEP, SWEEP
     from benchmarks.common import one_at_a_time
     from fastelectra.kernels import layernorm, linear
 
@@ -99,6 +130,12 @@ def test_column_sums_exact_under_every_sweep_constant():
         for name, value, _ in one_at_a_time(module, constants):
             torch.testing.assert_close(column_sums(x), exact, rtol=1e-5, atol=1e-3, msg=f"{name}={value}")
         assert all(getattr(module, name) == value for name, value in shipped.items())
+    h = randn(700, 300, seed=6)
+    dh = activation_backward(x, h, "gelu")[0]
+    for name, value, _ in one_at_a_time(linear, ACT_SWEEP):
+        got, db = activation_backward(x, h, "gelu", torch.float32)
+        assert torch.equal(got, dh), f"{name}={value}"
+        torch.testing.assert_close(db, dh.double().sum(0).float(), rtol=1e-5, atol=1e-3, msg=f"{name}={value}")
 
 
 def test_column_sums_take_row_strides_and_transposed_views():
