@@ -18,6 +18,11 @@ from . import ops
 __all__ = ["FusedLinear", "FusedLayerNorm", "FusedSelfAttention"]
 
 
+def _check_module(name: str, module, kind: type) -> None:
+    if not isinstance(module, kind):
+        raise TypeError(f"{name} must be a torch.nn.{kind.__name__}, got {type(module).__name__}")
+
+
 class FusedLinear(nn.Linear):
     """nn.Linear whose bias gradient is reduced by a Triton kernel inside a CUDA graph's warm-up and capture
     (:func:`fastelectra.graphs.replayed_work`); called eagerly it is ``F.linear`` (see fastelectra.ops.linear).
@@ -29,6 +34,7 @@ class FusedLinear(nn.Linear):
                  activation: str | None = None, backend: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         ops._check_activation(activation)
+        ops._check_backend(backend)
         self.activation = activation
         self.backend = backend
 
@@ -36,7 +42,9 @@ class FusedLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, activation: str | None = None,
                     backend: str | None = None) -> "FusedLinear":
         """A FusedLinear sharing ``linear``'s parameters (no copy)."""
+        _check_module("linear", linear, nn.Linear)
         ops._check_activation(activation)
+        ops._check_backend(backend)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
@@ -66,11 +74,14 @@ class FusedLayerNorm(nn.LayerNorm):
         if len(self.normalized_shape) != 1:
             raise ValueError(f"FusedLayerNorm normalises the last dimension only; normalized_shape="
                              f"{tuple(self.normalized_shape)} must have one entry")
+        ops._check_backend(backend)
         self.backend = backend
 
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm, backend: str | None = None) -> "FusedLayerNorm":
         """A FusedLayerNorm sharing ``ln``'s parameters (no copy)."""
+        _check_module("ln", ln, nn.LayerNorm)
+        ops._check_backend(backend)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.normalized_shape, new.eps, new.elementwise_affine = tuple(ln.normalized_shape), ln.eps, ln.elementwise_affine
@@ -101,10 +112,12 @@ class FusedSelfAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, dropout_p: float = 0.0, *, backend: str | None = None):
         super().__init__()
+        hidden_size = ops._number("hidden_size", hidden_size, integer=True)
+        num_heads = ops._number("num_heads", num_heads, integer=True)
         if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})")
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        dropout_p = ops._check_dropout_p(dropout_p)
+        ops._check_backend(backend)
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)   # parameters only: one fused GEMM below
         self.key = nn.Linear(hidden_size, hidden_size)
@@ -116,7 +129,11 @@ class FusedSelfAttention(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, return_input: bool = False):
         """context; with ``return_input``, (context, hidden_states') for hidden states that also feed the
         block's residual connection (see :func:`fastelectra.ops.linear`)."""
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
         unpadded = cu_seqlens is not None
+        if not unpadded and max_seqlen is not None:
+            raise ValueError("max_seqlen goes with cu_seqlens (packed sequences); without cu_seqlens it must be None")
         if unpadded and (hidden_states.dim() != 2 or key_padding_mask is not None or max_seqlen is None):
             raise ValueError("with cu_seqlens, hidden_states must be (total, hidden), max_seqlen set and "
                              f"key_padding_mask None; got shape {tuple(hidden_states.shape)}, max_seqlen={max_seqlen!r}"

@@ -18,6 +18,7 @@ Every public op validates its arguments and raises a ValueError/TypeError that n
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -58,44 +59,63 @@ def _check_same_device(**tensors: torch.Tensor | None) -> None:
                              "all tensors must be on one device")
 
 
+def _number(name: str, value, integer: bool = False):
+    """``value`` as a Python int or float (numpy scalars converted; torch.compile's symbolic numbers kept),
+    or a TypeError naming ``name`` for anything else (bool, str, None, tensors)."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__} {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _check_backend(backend) -> None:
+    """A misspelled backend is an error even where no kernel would run (see fastelectra/backend.py)."""
+    if backend is not None and backend not in _backend.BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {_backend.BACKENDS} or None")
+
+
 def _check_activation(activation) -> None:
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
-def _check_dropout_p(dropout_p: float) -> None:
+def _check_dropout_p(dropout_p):
+    """dropout_p as a Python number in [0, 1), else an error naming it."""
+    dropout_p = _number("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
 
 
-def _check_eps(eps) -> None:
+def _check_eps(eps):
+    """eps as a Python number >= 0 and finite, else an error naming it."""
+    eps = _number("eps", eps)
     if not 0.0 <= eps < math.inf:  # false for NaN too
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
 
 
-def _check_seed(seed) -> None:
-    """Validates a seed where the reference runs, which ignores it (the fused paths validate their own)."""
-    if seed is not None:
-        _rng.seed_tensor(seed, seed.device if isinstance(seed, torch.Tensor) else "cpu")
-
-
-def _check_softmax_scale(softmax_scale) -> None:
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-                                      or not 0.0 < softmax_scale < math.inf):
+def _check_softmax_scale(softmax_scale):
+    """softmax_scale: None, or a Python number > 0 and finite, else an error naming it."""
+    if softmax_scale is None:
+        return None
+    softmax_scale = _number("softmax_scale", softmax_scale)
+    if not 0.0 < softmax_scale < math.inf:
         raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
+    return softmax_scale
 
 
-def _check_qkv_layout(q, k, v, layout: str, softmax_scale) -> None:
-    """q, k, v are float tensors with one dimension per name in ``layout`` ("batch, seqlen, ...") and a
-    non-empty head dimension; ``softmax_scale`` is None or positive."""
+def _check_qkv_layout(q, k, v, layout: str) -> None:
+    """q, k, v are float tensors with one dimension per name in ``layout`` ("batch, seqlen, ...") and
+    non-empty head and head-size dimensions."""
     ndim = len(layout.split(","))
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(name, t)
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(t.shape)}")
-    if q.shape[-1] == 0:
-        raise ValueError(f"q, k, v must have headdim >= 1, got q {tuple(q.shape)}")
-    _check_softmax_scale(softmax_scale)
+    if q.shape[-1] == 0 or q.shape[-2] == 0:
+        raise ValueError(f"q, k, v must have nheads >= 1 and headdim >= 1, got q {tuple(q.shape)}")
 
 
 def _attention_kernel_takes(q, backend, op: str) -> bool:
@@ -137,6 +157,7 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
     (benchmarks/host_overhead.py), the fused linear layers added 5 to 8 ms to a 43 to 46 ms step
     (about 65 µs per layer's forward + backward), for GPU savings of a few µs per layer.
     """
+    _check_backend(backend)
     _check_float("x", x)
     _check_float("weight", weight)
     if bias is not None:
@@ -186,6 +207,7 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
     integer tensor) keys the fused kernel's in-kernel dropout, which reads it on x's device; None
     draws it from torch's generator of that device (no host sync). The reference ignores it.
     """
+    _check_backend(backend)
     _check_float("x", x)
     n = x.shape[-1] if x.dim() > 0 else 0
     if x.dim() == 0 or n == 0:
@@ -195,19 +217,23 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
             _check_float(name, p)
             if tuple(p.shape) != (n,):
                 raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
-    _check_eps(eps)
+    eps = _check_eps(eps)
     if residual is not None:
         _check_float("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    _check_dropout_p(dropout_p)
+    if x.dtype != torch.float64:   # (the kernels take no float64, so neither does the reference beside them)
+        for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+            if t is not None and t.dtype == torch.float64:
+                raise TypeError(f"{name} is float64 but x is {x.dtype}: float64 goes with a float64 x only")
+    dropout_p = _check_dropout_p(dropout_p)
+    seed = _rng.check_seed(seed)
     _check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     if x.dtype in KERNEL_DTYPES and _backend.use_triton(x.device, backend, "layer_norm"):
         from .kernels.layernorm import MAX_N, fused_layer_norm
 
         if n <= MAX_N:  # wider rows do not fit one block: they take the reference
             return fused_layer_norm(x, weight, bias, eps, residual=residual, dropout_p=dropout_p, seed=seed)
-    _check_seed(seed)
     return layer_norm_reference(x, weight, bias, eps, residual=residual, dropout_p=dropout_p)
 
 
@@ -233,8 +259,9 @@ def attention_reference(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_s
 
 
 def _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale):
-    """Checks of :func:`attention`'s arguments; returns the key-padding mask as bool (or None)."""
-    _check_qkv_layout(q, k, v, "batch, seqlen, nheads, headdim", softmax_scale)
+    """Checks of :func:`attention`'s arguments; returns (the key-padding mask as bool or None, dropout_p,
+    softmax_scale) as the kernels take them."""
+    _check_qkv_layout(q, k, v, "batch, seqlen, nheads, headdim")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -244,6 +271,9 @@ def _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale):
     if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"empty batch or sequence: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a (batch, seqlen_k) bool or integer tensor, got "
+                            f"{type(key_padding_mask).__name__}")
         if key_padding_mask.shape != (k.shape[0], k.shape[1]):
             raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = {(k.shape[0], k.shape[1])}, "
                              f"got {tuple(key_padding_mask.shape)}")
@@ -251,9 +281,8 @@ def _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale):
             raise TypeError(f"key_padding_mask must be bool or integer (1 = attend), got {key_padding_mask.dtype}")
         if key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
-    _check_dropout_p(dropout_p)
     _check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    return key_padding_mask
+    return key_padding_mask, _check_dropout_p(dropout_p), _check_softmax_scale(softmax_scale)
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None, *, seed=None, backend=None):
@@ -267,13 +296,15 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
     the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
     head sizes and float64 run the reference.
     """
-    key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    _check_backend(backend)
+    key_padding_mask, dropout_p, softmax_scale = _check_attention_args(q, k, v, key_padding_mask, dropout_p,
+                                                                       softmax_scale)
+    seed = _rng.check_seed(seed)
     if _attention_kernel_takes(q, backend, "attention"):
         from .kernels.attention import flash_attention
 
         return flash_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                softmax_scale=softmax_scale, seed=seed)
-    _check_seed(seed)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
 
 
@@ -295,9 +326,10 @@ def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, s
     return attention_reference(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale)[seq, pos]
 
 
-def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale) -> None:
-    """Checks of :func:`attention_varlen`'s arguments."""
-    _check_qkv_layout(q, k, v, "total, nheads, headdim", softmax_scale)
+def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+    """Checks of :func:`attention_varlen`'s arguments; returns (max_seqlen, dropout_p, softmax_scale) as
+    the kernels take them."""
+    _check_qkv_layout(q, k, v, "total, nheads, headdim")
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape (self-attention over the same tokens), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -310,15 +342,16 @@ def _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale
         raise TypeError(f"cu_seqlens must be an int32 tensor, got {got}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must have shape (batch + 1,) with batch >= 1, got {tuple(cu_seqlens.shape)}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 1:
+    max_seqlen = _number("max_seqlen", max_seqlen, integer=True)
+    if max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
-    _check_dropout_p(dropout_p)
     _check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         steps = cu_seqlens.diff()
         if not (cu_seqlens[0] == 0 and cu_seqlens[-1] == q.shape[0] and 0 <= steps.min() <= steps.max() <= max_seqlen):
             raise ValueError(f"cu_seqlens must rise from 0 to total = {q.shape[0]} in steps of 0 to max_seqlen = "
                              f"{max_seqlen}, got {cu_seqlens.tolist()}")
+    return max_seqlen, _check_dropout_p(dropout_p), _check_softmax_scale(softmax_scale)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, *, seed=None,
@@ -334,13 +367,15 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
     cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
     """
-    _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    _check_backend(backend)
+    max_seqlen, dropout_p, softmax_scale = _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p,
+                                                              softmax_scale)
+    seed = _rng.check_seed(seed)
     if _attention_kernel_takes(q, backend, "attention_varlen"):
         from .kernels.attention import flash_attention_varlen
 
         return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                       softmax_scale=softmax_scale, seed=seed)
-    _check_seed(seed)
     return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
 
 
@@ -355,8 +390,11 @@ def attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale
     that stacks dq, dk and dv back into the projection's output.
     Returns (batch, seqlen, nheads, headdim), or (total, nheads, headdim), in qkv's dtype.
     """
+    _check_backend(backend)
     _check_float("qkv", qkv)
     varlen = cu_seqlens is not None
+    if not varlen and max_seqlen is not None:
+        raise ValueError("max_seqlen goes with cu_seqlens (packed sequences); without cu_seqlens it must be None")
     rank, layout = ((4, "(total, 3, nheads, headdim) with cu_seqlens") if varlen
                     else (5, "(batch, seqlen, 3, nheads, headdim)"))
     if qkv.dim() != rank or qkv.shape[-3] != 3:
@@ -365,15 +403,17 @@ def attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale
     if varlen:
         if key_padding_mask is not None:
             raise ValueError("with cu_seqlens (packed sequences) key_padding_mask must be None")
-        _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+        max_seqlen, dropout_p, softmax_scale = _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p,
+                                                                  softmax_scale)
     else:
-        key_padding_mask = _check_attention_args(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+        key_padding_mask, dropout_p, softmax_scale = _check_attention_args(q, k, v, key_padding_mask, dropout_p,
+                                                                           softmax_scale)
+    seed = _rng.check_seed(seed)
     if _attention_kernel_takes(q, backend, "attention_varlen" if varlen else "attention"):
         from .kernels.attention import flash_attention_qkvpacked
 
         return flash_attention_qkvpacked(qkv, key_padding_mask, dropout_p, softmax_scale, seed=seed,
                                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    _check_seed(seed)
     if varlen:
         return attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return attention_reference(q, k, v, key_padding_mask, dropout_p, softmax_scale)
@@ -390,7 +430,10 @@ def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature
     a fresh torch.Generator seeded from (seed, offset), the same draws for an int and a tensor of
     equal value; a tensor is read with ``.item()`` (a host sync: explicit seeds are for tests)."""
     x = logits.float()
-    if temperature > 0.0:
+    # the C++ op's rule: a temperature whose inverse is not a finite float32 is argmax (x / τ would be
+    # ±inf, and argmax would take the first +inf); x is scaled by the float32 1/τ as there
+    inv_tau = 1.0 / temperature if temperature > 0.0 else math.inf
+    if inv_tau <= torch.finfo(torch.float32).max:
         if seed is None:
             u = torch.rand_like(x)        # (rand_like also traces with symbolic shapes under torch.compile)
         else:
@@ -400,7 +443,7 @@ def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature
             gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (2**63))
             u = torch.rand(x.shape, generator=gen, device=x.device)
         u = u.clamp_(min=torch.finfo(torch.float32).tiny)
-        sampled = torch.argmax(x / temperature - torch.log(-torch.log(u)), dim=-1)
+        sampled = torch.argmax(x * inv_tau - torch.log(-torch.log(u)), dim=-1)
     else:
         sampled = torch.argmax(x, dim=-1)
     flat = input_ids.reshape(-1)
@@ -412,10 +455,15 @@ def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature
     return result + (torch.logsumexp(x, dim=-1),) if return_lse else result
 
 
-def _check_replace_args(logits, input_ids, masked_positions, temperature, offset) -> None:
+def _check_replace_args(logits, input_ids, masked_positions, temperature, offset):
+    """Checks of :func:`replace_tokens`' arguments; returns (temperature, offset) as Python numbers."""
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (num_masked, vocab_size), got shape {tuple(logits.shape)}")
+    # (while torch.compile traces, the op's needs_contiguous_strides tag makes inductor hand it contiguous logits)
+    if not logits.is_contiguous() and not torch.compiler.is_compiling():
+        raise ValueError(f"logits must be contiguous (rows of vocab_size values), got strides {logits.stride()} "
+                         f"for shape {tuple(logits.shape)}; pass logits.contiguous()")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
         raise TypeError("input_ids must be an int64 tensor of shape (batch, seqlen), got "
                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
@@ -429,20 +477,23 @@ def _check_replace_args(logits, input_ids, masked_positions, temperature, offset
                          f"{logits.shape[0]} rows; they must match")
     if logits.shape[1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
+    temperature = _number("temperature", temperature)
     if not 0.0 <= temperature < math.inf:  # false for NaN too; unlike math.isfinite, traceable for a SymFloat
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if isinstance(offset, bool) or not isinstance(offset, (int, torch.SymInt)) or not 0 <= offset < 2**63:
+    offset = _number("offset", offset, integer=True)
+    if not 0 <= offset < 2**63:
         raise ValueError(f"offset must be an int in [0, 2**63), got {offset!r}")
     _check_same_device(logits=logits, input_ids=input_ids, masked_positions=masked_positions)
     # Data checks: on CPU only (a sync on GPU, where the _C kernel flags bad rows with sampled = -1)
     # and not while torch.compile traces (data-dependent branches; the _C CPU op checks the same).
-    if input_ids.device.type == "cpu" and input_ids.numel() > 0 and not torch.compiler.is_compiling():
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
         if masked_positions.numel() and (masked_positions.min() < 0 or masked_positions.max() >= input_ids.numel()):
             raise ValueError(f"masked_positions must lie in [0, {input_ids.numel()}) (flat indices into input_ids)")
         if masked_positions.unique().numel() != masked_positions.numel():
             raise ValueError("masked_positions must be distinct (two rows would write one position)")
-        if input_ids.min() < 0 or input_ids.max() >= logits.shape[1]:
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= logits.shape[1]):
             raise ValueError(f"input_ids must lie in [0, vocab_size={logits.shape[1]})")
+    return temperature, offset
 
 
 def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed=None, offset=0,
@@ -469,7 +520,9 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     no host sync and every replay of a captured CUDA graph samples afresh. An int and a tensor of
     the same value give the same samples. For the eager path see :func:`replace_tokens_reference`.
     """
-    _check_replace_args(logits, input_ids, masked_positions, temperature, offset)
+    _check_backend(backend)
+    temperature, offset = _check_replace_args(logits, input_ids, masked_positions, temperature, offset)
+    seed = _rng.check_seed(seed)
     logits = logits.detach()
     if logits.dtype in KERNEL_DTYPES and _backend.use_extension(backend, "replace_tokens"):
         seed = _rng.seed_tensor(seed, logits.device)
@@ -498,6 +551,7 @@ def cross_entropy(logits, targets, *, lse=None, backend=None):
     lse must belong to these logits; it gets no gradient. Everything else (no lse, CPU, float64,
     torch.compile, which fuses the reference itself) runs F.cross_entropy.
     """
+    _check_backend(backend)
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (rows, vocab_size), got shape {tuple(logits.shape)}")
@@ -515,6 +569,15 @@ def cross_entropy(logits, targets, *, lse=None, backend=None):
     if (targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling()
             and (targets.min() < 0 or targets.max() >= logits.shape[1])):   # (F.cross_entropy would ignore -100)
         raise ValueError(f"targets must lie in [0, vocab_size={logits.shape[1]})")
+    if lse is not None and lse.device.type == "cpu" and lse.numel() and not torch.compiler.is_compiling():
+        # on the host the lse is cheap to bound: max_j x_j <= lse <= max_j x_j + ln V (a GPU check would sync)
+        top = logits.detach().float().amax(1)
+        slack = 1e-3 * (1.0 + top.abs())                                          # fp32 rounding of the lse
+        ok = (lse >= top - slack) & (lse <= top + math.log(logits.shape[1]) + slack)   # false for NaN
+        if not ok.all():
+            row = int((~ok).nonzero()[0, 0])
+            raise ValueError(f"lse must be the row log-sum-exp of logits: row {row} has lse {lse[row].item()} "
+                             f"but its largest logit is {top[row].item()} (max <= lse <= max + ln(vocab_size))")
     if lse is not None and cross_entropy_takes_lse(logits, backend):
         from .kernels.cross_entropy import cross_entropy_with_lse
 

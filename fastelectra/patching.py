@@ -100,7 +100,7 @@ def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: in
                              host_checks: bool = True) -> torch.Tensor | None:
     """The (B, Tk) bool key-padding mask (True = attend) behind the mask HF passes to self-attention.
 
-    Accepts None, a (B, Tk) 0/1 mask, or a (B, 1 or heads, Tq, Tk) mask that is bool (True = attend) or
+    Accepts None, a (B, Tk) 0/1 or bool mask, or a (B, 1 or heads, Tq, Tk) mask that is bool (True = attend) or
     additive float (0 = attend, <= -1e4 = masked) and the same for every query and head. Raises ValueError
     for anything else (causal or per-query masks, attention biases): those need the unpatched module.
     The two checks of the mask's values read them on the host (a sync on CUDA); with ``host_checks=False``
@@ -116,6 +116,10 @@ def key_padding_mask_from_hf(mask: torch.Tensor | None, batch: int, seqlen_k: in
         if mask.shape != (batch, seqlen_k):
             raise ValueError(f"attention_mask of shape {tuple(mask.shape)} does not match (batch, seqlen) = "
                              f"{(batch, seqlen_k)}")
+        if mask.dtype != torch.bool:   # 0/1, as HF's attention_mask; an additive 0/-inf mask would read inverted
+            _check_values(((mask == 0) | (mask == 1)).all(), host_checks,
+                          "patched attention got a 2-D attention mask with values other than 0 and 1; a 2-D mask "
+                          "must be HF's attention_mask (1 = attend, 0 = padding) or bool (True = attend)")
         return mask != 0
     if mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[-1] != seqlen_k:
         raise ValueError(f"patched attention expects a (batch, 1, seqlen_q, seqlen_k) attention mask, got shape "

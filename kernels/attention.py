@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import eager_function, needs_grad, use_eager
-from ..ops import _check_softmax_scale
+from ..ops import _check_dropout_p, _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
 from .layernorm import _cdiv, _next_power_of_2, _on_device
 from .launch import launch
@@ -1032,8 +1032,7 @@ def _check_qkv(q, k, v, packed: bool) -> None:
 
 
 def _check_dropout(dropout_p, *seqlens) -> float:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    dropout_p = _check_dropout_p(dropout_p)
     if dropout_p > 0.0 and any(n > MAX_DROPOUT_SEQLEN for n in seqlens):
         raise ValueError(f"dropout_p > 0 needs sequences of at most {MAX_DROPOUT_SEQLEN} tokens (the Philox "
                          f"counter of a (query, key) pair is 32 bits), got length {max(seqlens)}")
@@ -1043,8 +1042,7 @@ def _check_dropout(dropout_p, *seqlens) -> float:
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    _check_softmax_scale(softmax_scale)
-    return float(softmax_scale)
+    return float(_check_softmax_scale(softmax_scale))
 
 
 def _seed_for(seed, dropout_p: float, q: torch.Tensor) -> Optional[torch.Tensor]:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from fastelectra import ops
-from fastelectra.nn import FusedLayerNorm, FusedSelfAttention
+from fastelectra.nn import FusedLayerNorm, FusedLinear, FusedSelfAttention
 
 
 @pytest.mark.parametrize("shape", [(5, 200), (2, 3, 768), (1, 16)])
@@ -81,3 +81,27 @@ def test_fused_self_attention_uses_dropout_only_in_training(monkeypatch):
 def test_fused_self_attention_constructor_names_bad_arguments(hidden, heads, p):
     with pytest.raises(ValueError, match="num_heads|dropout_p"):
         FusedSelfAttention(hidden, heads, p)
+
+
+def test_drop_in_modules_name_bad_arguments():
+    """A misspelled backend fails at construction (not at the first forward), and so do arguments of the
+    wrong type, each named."""
+    with pytest.raises(ValueError, match="backend='fuzed'"):
+        FusedLinear(8, 5, backend="fuzed")
+    with pytest.raises(ValueError, match="backend='fuzed'"):
+        FusedLayerNorm(8, backend="fuzed")
+    with pytest.raises(ValueError, match="backend='fuzed'"):
+        FusedSelfAttention(16, 2, backend="fuzed")
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        FusedSelfAttention(16, 2.0)
+    with pytest.raises(TypeError, match="hidden_size must be an int"):
+        FusedSelfAttention(16.0, 2)
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear, got LayerNorm"):
+        FusedLinear.from_linear(torch.nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="ln must be a torch.nn.LayerNorm, got Linear"):
+        FusedLayerNorm.from_layer_norm(torch.nn.Linear(4, 4))
+    attn = FusedSelfAttention(16, 2)
+    with pytest.raises(TypeError, match="hidden_states must be a torch.Tensor, got list"):
+        attn([[0.0] * 16])
+    with pytest.raises(ValueError, match="max_seqlen goes with cu_seqlens"):
+        attn(torch.randn(2, 3, 16), max_seqlen=3)

@@ -134,7 +134,7 @@ def test_replace_reference_lse_and_determinism():
     (lambda: ops.linear(torch.randn(6, 4), torch.randn(5, 4), torch.randn(3)), ValueError, r"bias must have shape \(5,\)"),
     (lambda: ops.linear(torch.randn(6, 4).double(), torch.randn(5, 4), None), TypeError, "share one dtype"),
     (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
-                                seed=1, offset=1.5), ValueError, "offset must be an int"),
+                                seed=1, offset=1.5), TypeError, "offset must be an int"),
     (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
                                 seed=1, offset=-1), ValueError, "offset must be an int"),
     (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long),
@@ -145,6 +145,42 @@ def test_replace_reference_lse_and_determinism():
     (lambda: ops.cross_entropy(torch.randn(3, 10), torch.tensor([1, 0, 2]), lse=torch.zeros(2)), TypeError,
      r"lse must be a float32 tensor of shape \(3,\)"),
     (lambda: ops.cross_entropy(torch.randn(3, 0), torch.tensor([1, 0, 2])), ValueError, "empty vocabulary"),
+    # a misspelled backend fails wherever it is given, also where no kernel would run
+    (lambda: ops.linear(torch.randn(6, 4), torch.randn(5, 4), backend="fuzed"), ValueError, "backend='fuzed'"),
+    (lambda: ops.cross_entropy(torch.randn(3, 10), torch.tensor([1, 0, 2]), backend="fuzed"), ValueError,
+     "backend='fuzed'"),
+    (lambda: ops.layer_norm(torch.randn(4, 8).double(), None, None, backend="fuzed"), ValueError, "backend='fuzed'"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8).double()] * 3, backend="fuzed"), ValueError, "backend='fuzed'"),
+    (lambda: ops.replace_tokens(torch.randn(3, 10).double(), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
+                                backend="fuzed"), ValueError, "backend='fuzed'"),
+    # numbers of the wrong type are named, not compared ("'<=' not supported")
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, "a"), TypeError, "eps must be a number"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, None), TypeError, "eps must be a number"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, dropout_p="0.1"), TypeError, "dropout_p must be a number"),
+    (lambda: ops.replace_tokens(torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
+                                temperature="1"), TypeError, "temperature must be a number"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8)] * 3, dropout_p=torch.tensor(0.1)), TypeError,
+     "dropout_p must be a number"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8)] * 3, [[True] * 5] * 2), TypeError,
+     "key_padding_mask must be a"),
+    # one rule for both paths: the seed is checked even where dropout is off or the reference runs
+    (lambda: ops.attention(*[torch.randn(2, 5, 2, 8)] * 3, seed="abc"), TypeError, "seed must be"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, seed="abc"), TypeError, "seed must be"),
+    (lambda: ops.attention(*[torch.randn(2, 5, 0, 8)] * 3), ValueError, "nheads >= 1"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(8, dtype=torch.float64), None), TypeError,
+     "weight is float64 but x is torch.float32"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), None, None, residual=torch.randn(4, 8).double()), TypeError,
+     "residual is float64"),
+    (lambda: ops.attention_qkvpacked(torch.randn(2, 5, 3, 2, 8), max_seqlen=5), ValueError,
+     "max_seqlen goes with cu_seqlens"),
+    (lambda: ops.replace_tokens(torch.randn(10, 3).t(), torch.zeros(1, 4, dtype=torch.long), torch.arange(3),
+                                backend="eager"), ValueError, "logits must be contiguous"),
+    (lambda: ops.replace_tokens(torch.randn(1, 10), torch.zeros(0, 4, dtype=torch.long), torch.tensor([0]),
+                                backend="eager"), ValueError, r"masked_positions must lie in \[0, 0\)"),
+    (lambda: ops.cross_entropy(torch.randn(3, 7), torch.tensor([0, 3, 6]), lse=torch.zeros(3)), ValueError,
+     "lse must be the row log-sum-exp"),
+    (lambda: ops.cross_entropy(torch.randn(3, 7), torch.tensor([0, 3, 6]), lse=torch.full((3,), float("nan"))),
+     ValueError, "lse must be the row log-sum-exp"),
 ])
 def test_bad_arguments_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -190,13 +226,14 @@ def test_fused_without_extension_is_a_clear_error(monkeypatch):
 
 def test_reference_paths_take_the_inputs_the_kernels_take():
     """What the fused paths accept, the references compute too (and right): mixed layer-norm parameter
-    dtypes, float64 logits for replace_tokens under the default backend, K = 0 in linear."""
+    and residual dtypes (float64 ones only with a float64 x, which the kernels do not take), float64 logits
+    for replace_tokens under the default backend, K = 0 in linear."""
     torch.manual_seed(0)
     x, w, b = torch.randn(4, 8), 1 + 0.1 * torch.randn(8), 0.1 * torch.randn(8)
     expect = F.layer_norm(x.double(), (8,), w.double(), b.double(), 1e-5)
-    for xd, wd in [(torch.float32, torch.float64), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                   (torch.float64, torch.float32)]:
-        y = ops.layer_norm(x.to(xd), w.to(wd), b.to(wd), 1e-5, residual=torch.zeros(4, 8, dtype=torch.float64))
+    for xd, wd, rd in [(torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32, torch.float32),
+                       (torch.float64, torch.float32, torch.float16), (torch.float64, torch.float64, torch.float64)]:
+        y = ops.layer_norm(x.to(xd), w.to(wd), b.to(wd), 1e-5, residual=torch.zeros(4, 8, dtype=rd))
         assert y.dtype == xd
         torch.testing.assert_close(y.double(), expect, atol=0.05 if torch.bfloat16 in (xd, wd) else 1e-5, rtol=0)
     ids = torch.randint(0, 10, (2, 3))
@@ -232,3 +269,33 @@ def test_backend_status_is_a_constant_under_torch_compile():
 
     expected = 1.0 if backend.triton_status()[0] and backend.extension_status()[0] else -1.0
     assert torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [expected] * 2
+
+
+def test_numpy_scalars_are_numbers():
+    """Arguments that are numbers take numpy's too, with the results of Python's."""
+    import numpy as np
+
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(ops.layer_norm(x, None, None, np.float32(1e-5)), ops.layer_norm(x, None, None, 1e-5))
+    q = torch.randn(2, 5, 2, 8)
+    torch.testing.assert_close(ops.attention(q, q, q, softmax_scale=np.float32(0.5)),
+                               ops.attention(q, q, q, softmax_scale=0.5))
+    args = (torch.randn(3, 10), torch.zeros(1, 4, dtype=torch.long), torch.arange(3))
+    got = ops.replace_tokens(*args, seed=np.int64(3), offset=np.int64(2), temperature=np.float32(0.5))
+    want = ops.replace_tokens(*args, seed=3, offset=2, temperature=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_reference_sampling_at_a_temperature_whose_inverse_overflows_is_argmax():
+    """As the C++ op: 1/τ beyond float32 is argmax, not the first +inf of x / τ."""
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0], [-1.0, -3.0, -0.5, -2.0]])
+    ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)
+    for backend_name in ("eager", "fused"):
+        sampled = ops.replace_tokens(logits, ids, pos, temperature=1e-39, seed=0, backend=backend_name)[2]
+        assert sampled.tolist() == [1, 2], backend_name
+
+
+def test_cross_entropy_takes_a_true_lse_on_the_host():
+    logits, targets = torch.randn(4, 9), torch.tensor([0, 8, 3, 3])
+    loss = ops.cross_entropy(logits, targets, lse=torch.logsumexp(logits, 1))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, reduction="none"))

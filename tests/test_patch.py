@@ -240,6 +240,10 @@ def test_masks_that_are_not_key_padding_are_rejected():
         key_padding_mask_from_hf(torch.randn(b, 1, t, t), b, t)
     with pytest.raises(ValueError, match="expects a"):
         key_padding_mask_from_hf(torch.ones(b, t, t), b, t)
+    assert torch.equal(key_padding_mask_from_hf(valid.float(), b, t), expected)     # 0/1 floats: HF's attention_mask
+    additive2d = torch.zeros(b, t).masked_fill(~valid, -1e9)                         # would read inverted as != 0
+    with pytest.raises(ValueError, match="2-D attention mask with values other than 0 and 1"):
+        key_padding_mask_from_hf(additive2d, b, t)
 
     with pytest.raises(ValueError, match="got a BlockMask"):
         key_padding_mask_from_hf(type("BlockMask", (), {})(), b, t)      # flex attention's mask object

@@ -215,7 +215,7 @@ def _args(**over):
     (dict(cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32)), ValueError, "cu_seqlens must rise"),
     (dict(max_seqlen=4), ValueError, "max_seqlen = 4"),
     (dict(max_seqlen=0), ValueError, "max_seqlen must be a positive int"),
-    (dict(max_seqlen=5.0), ValueError, "max_seqlen must be a positive int"),
+    (dict(max_seqlen=5.0), TypeError, "max_seqlen must be an int, got float"),
     (dict(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32, device="meta")), ValueError, "cu_seqlens is on meta"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
 ])
