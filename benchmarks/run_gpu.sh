@@ -13,8 +13,8 @@
 #   STAGES=conv bash benchmarks/run_gpu.sh
 #   STAGES="build quick" bash benchmarks/run_gpu.sh   # the figures the open targets hinge on, in minutes: the
 #                         graphed training step (Small, Base), attention with mask + dropout, the
-#                         replacement op, the layer-norm launch-shape sweep at N = 768, and the
-#                         README's main job
+#                         replacement op, the column sums (bf16, fp32), the layer-norm launch-shape
+#                         sweep at N = 768, and the README's main job
 #   STAGES=sweep bash benchmarks/run_gpu.sh            # the attention kernels under each autotuning candidate
 #                         (bench_attention --sweep) and the column sums under each launch constant
 #                         (bench_linear --sweep): the data to choose the shipped values from
@@ -113,6 +113,9 @@ if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is
   run_module quick_replace "${T_QUICK:-300}" benchmarks.bench_replace --no-loss \
     --out "$RES/replace_quick_${slug}_${date}.json"
   tail -16 "$RES/quick_replace.log"
+  run_module quick_linear "${T_QUICK:-300}" benchmarks.bench_linear --no-layers \
+    --out "$RES/linear_quick_${slug}_${date}.json"
+  tail -12 "$RES/quick_linear.log"
   run_module quick_layernorm_sweep "${T_QUICK:-300}" benchmarks.bench_layernorm --sweep --hidden 768 \
     --out "$RES/layernorm_sweep_${slug}_${date}.json"
   tail -16 "$RES/quick_layernorm_sweep.log"
