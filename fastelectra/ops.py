@@ -540,6 +540,17 @@ def cross_entropy_takes_lse(logits, backend=None) -> bool:
     return _kernel_outside_compile(logits, backend, "cross_entropy")
 
 
+def _check_lse_values(logits, lse) -> None:
+    """On the host the lse is cheap to bound: max_j x_j <= lse <= max_j x_j + ln V (on a GPU, a sync)."""
+    top = logits.detach().float().amax(1)
+    slack = 1e-3 * (1.0 + top.abs())                                          # fp32 rounding of the lse
+    ok = (lse >= top - slack) & (lse <= top + math.log(logits.shape[1]) + slack)   # false for NaN
+    if not ok.all():
+        row = int((~ok).nonzero()[0, 0])
+        raise ValueError(f"lse must be the row log-sum-exp of logits: row {row} has lse {lse[row].item()} "
+                         f"but its largest logit is {top[row].item()} (max <= lse <= max + ln(vocab_size))")
+
+
 def cross_entropy(logits, targets, *, lse=None, backend=None):
     """Per-row cross-entropy (N,) fp32 of logits (N, V) against int64 targets (N,): the loss of
     ``F.cross_entropy(logits.float(), targets, reduction="none")``, its own reference.
@@ -570,14 +581,7 @@ def cross_entropy(logits, targets, *, lse=None, backend=None):
             and (targets.min() < 0 or targets.max() >= logits.shape[1])):   # (F.cross_entropy would ignore -100)
         raise ValueError(f"targets must lie in [0, vocab_size={logits.shape[1]})")
     if lse is not None and lse.device.type == "cpu" and lse.numel() and not torch.compiler.is_compiling():
-        # on the host the lse is cheap to bound: max_j x_j <= lse <= max_j x_j + ln V (a GPU check would sync)
-        top = logits.detach().float().amax(1)
-        slack = 1e-3 * (1.0 + top.abs())                                          # fp32 rounding of the lse
-        ok = (lse >= top - slack) & (lse <= top + math.log(logits.shape[1]) + slack)   # false for NaN
-        if not ok.all():
-            row = int((~ok).nonzero()[0, 0])
-            raise ValueError(f"lse must be the row log-sum-exp of logits: row {row} has lse {lse[row].item()} "
-                             f"but its largest logit is {top[row].item()} (max <= lse <= max + ln(vocab_size))")
+        _check_lse_values(logits, lse)
     if lse is not None and cross_entropy_takes_lse(logits, backend):
         from .kernels.cross_entropy import cross_entropy_with_lse
 
