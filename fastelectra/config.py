@@ -26,6 +26,34 @@ PRESETS = {
                   embedding_size=1024, generator_hidden_size=256, mask_prob=0.25),
 }
 
+# transformers' label-name keys: not ElectraConfig fields (they travel in ``extra``) but settable as overrides
+HF_LABEL_KEYS = ("id2label", "label2id")
+SPECIAL_TOKEN_FIELDS = ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id")
+
+
+def _check_int(name: str, v, minimum: int | None, what: str | None = None) -> None:
+    """``v`` must be an int (not a bool) >= ``minimum`` (None: any int), else a ValueError naming the field."""
+    if isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum):
+        return
+    if what is None:
+        what = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise ValueError(f"ElectraConfig.{name} must be {what}, got {v!r}")
+
+
+def _check_number(name: str, v, low: float, high: float = math.inf, *, low_open: bool = False,
+                  high_open: bool = True, what: str = "a number") -> None:
+    """``v`` must be a real number (not a bool) in the interval, else a ValueError naming the field.
+    With ``high=inf`` the interval is open there, so NaN and infinities are rejected too."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if number and (low < v if low_open else low <= v) and (v < high if high_open else v <= high):
+        return
+    if high == math.inf:
+        expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"ElectraConfig.{name} must be {expected}, got {v!r}")
+
+
 @dataclass
 class ElectraConfig:
     # --- transformers' ElectraConfig fields (same names, same defaults)
@@ -46,8 +74,8 @@ class ElectraConfig:
     classifier_dropout: float | None = None
     num_labels: int = 2
     # --- fastelectra's pretraining fields
-    generator_hidden_size: int | None = None   # None: hidden_size // 4
-    generator_size_fraction: float = 0.25       # used when generator_hidden_size is None
+    generator_hidden_size: int | None = None   # None: generator_size_fraction of hidden_size (0 is an error)
+    generator_size_fraction: float = 0.25       # in (0, 1]; used when generator_hidden_size is None
     mask_prob: float = 0.15                     # fraction of non-special, non-pad tokens chosen
     mask_token_prob: float = 0.85               # of the chosen: become [MASK]; the rest keep the original
     sampling_temperature: float = 1.0
@@ -66,31 +94,56 @@ class ElectraConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range or of the wrong type."""
         for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"ElectraConfig.{name} must be a positive integer, got {v!r}")
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            _check_int(name, getattr(self, name), 1)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"ElectraConfig.hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
-        if self.hidden_act not in ("gelu", "gelu_new", "relu", "silu"):
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ("gelu", "gelu_new", "relu", "silu"):
             raise ValueError(f"ElectraConfig.hidden_act={self.hidden_act!r} is not supported; "
                              "expected gelu, gelu_new, relu or silu")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "mask_prob", "mask_token_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0 and not (name == "mask_token_prob" and v == 1.0):
-                raise ValueError(f"ElectraConfig.{name} must be in [0, 1), got {v}")
-        if not 0.0 <= self.sampling_temperature < math.inf:   # false for NaN too
-            raise ValueError(f"ElectraConfig.sampling_temperature must be a finite number >= 0, got "
-                             f"{self.sampling_temperature}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "mask_prob"):
+            _check_number(name, getattr(self, name), 0.0, 1.0)
+        _check_number("mask_token_prob", self.mask_token_prob, 0.0, 1.0, high_open=False)
+        if self.classifier_dropout is not None:
+            _check_number("classifier_dropout", self.classifier_dropout, 0.0, 1.0, what="None or a number")
+        for name in ("initializer_range", "layer_norm_eps", "sampling_temperature", "mlm_weight", "rtd_weight"):
+            _check_number(name, getattr(self, name), 0.0)
+        _check_int("pad_token_id", self.pad_token_id, 0, what=f"an integer in [0, vocab_size={self.vocab_size})")
+        if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"ElectraConfig.pad_token_id={self.pad_token_id} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
+        for name in ("cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id"):  # range: special_token_ids
+            _check_int(name, getattr(self, name), None)
+        if self.generator_hidden_size is not None:
+            _check_int("generator_hidden_size", self.generator_hidden_size, 1, what="None or a positive integer")
+        _check_number("generator_size_fraction", self.generator_size_fraction, 0.0, 1.0, low_open=True,
+                      high_open=False)
         if not isinstance(self.unpad, bool):
             raise ValueError(f"ElectraConfig.unpad must be True or False, got {self.unpad!r}")
-        if self.backend not in ("auto", "fused", "eager"):
+        if not isinstance(self.backend, str) or self.backend not in ("auto", "fused", "eager"):
             raise ValueError(f"ElectraConfig.backend={self.backend!r}; expected 'auto', 'fused' or 'eager'")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"ElectraConfig.extra must be a dict, got {type(self.extra).__name__}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The settable fields (``extra`` excluded), in declaration order."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    def with_overrides(self, **overrides) -> "ElectraConfig":
+        """A validated copy with ``overrides`` applied through the HF dict: ElectraConfig fields, keys this
+        config already carries in ``extra``, and transformers' ``id2label`` / ``label2id``. Any other key
+        (a misspelt field) is a TypeError naming it."""
+        allowed = set(self.field_names()) | set(self.to_dict()) | set(HF_LABEL_KEYS)
+        unknown = sorted(k for k in overrides if k not in allowed)
+        if unknown:
+            raise TypeError(f"unknown ElectraConfig override{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(repr, unknown))}; valid fields: {', '.join(self.field_names())} "
+                            f"(and {', '.join(HF_LABEL_KEYS)})")
+        return type(self).from_dict({**self.to_dict(), **overrides})
 
     # ------------------------------------------------------------------ presets and derived configs
     @classmethod
@@ -108,7 +161,7 @@ class ElectraConfig:
     def special_token_ids(self) -> tuple[int, ...]:
         """[PAD], [CLS], [SEP], [MASK], [UNK] ids; checked against the vocabulary (pretraining needs them)."""
         ids = {}
-        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id"):
+        for name in SPECIAL_TOKEN_FIELDS:
             v = getattr(self, name)
             if not 0 <= v < self.vocab_size:
                 raise ValueError(f"ElectraConfig.{name}={v} is outside the vocabulary [0, {self.vocab_size}); "
@@ -124,10 +177,16 @@ class ElectraConfig:
     def generator(self) -> "ElectraConfig":
         """The generator's config: same depth and embeddings, hidden = generator_hidden_size (or the
         fraction of hidden_size), heads = hidden // 64 (at least 1), FFN = 4·hidden."""
-        hidden = self.generator_hidden_size or max(1, int(self.hidden_size * self.generator_size_fraction))
+        if self.generator_hidden_size is not None:
+            hidden, source = self.generator_hidden_size, f"generator_hidden_size={self.generator_hidden_size}"
+        else:
+            hidden = max(1, int(self.hidden_size * self.generator_size_fraction))
+            source = (f"generator_size_fraction={self.generator_size_fraction} of hidden_size={self.hidden_size} "
+                      f"(= {hidden})")
         heads = max(1, hidden // 64)
         if hidden % heads:
-            raise ValueError(f"generator hidden size {hidden} is not divisible by its {heads} heads")
+            raise ValueError(f"ElectraConfig.{source} gives a generator hidden size not divisible by its "
+                             f"{heads} heads (hidden // 64); use a multiple of 64 or a size below 128")
         return dataclasses.replace(self, hidden_size=hidden, num_attention_heads=heads,
                                    intermediate_size=4 * hidden, generator_hidden_size=None, extra={})
 
@@ -141,7 +200,9 @@ class ElectraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ElectraConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if not isinstance(d, dict):
+            raise TypeError(f"ElectraConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = set(cls.field_names())
         known = {k: v for k, v in d.items() if k in names}
         if "num_labels" not in known and isinstance(d.get("id2label"), dict):
             known["num_labels"] = len(d["id2label"])
@@ -152,8 +213,9 @@ class ElectraConfig:
             if d.get(key):
                 raise ValueError(f"config has {key}=true (a causal or encoder-decoder checkpoint, e.g. "
                                  "ElectraForCausalLM); fastelectra's ELECTRA is a bidirectional encoder")
-        if known.get("pad_token_id") is None:
-            known.pop("pad_token_id", None)
+        for name in SPECIAL_TOKEN_FIELDS:   # HF writes null for an unset token id: keep ours
+            if name in known and known[name] is None:
+                del known[name]
         return cls(**known, extra=extra)
 
     def to_json_file(self, path: str) -> None:
@@ -165,4 +227,14 @@ class ElectraConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except ValueError as e:   # JSONDecodeError, or bytes that are not text
+                raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path} must hold a JSON object (key: value pairs), got a "
+                             f"{type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"config file {path}: {e}") from e

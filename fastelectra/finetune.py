@@ -39,7 +39,7 @@ from . import backend as _backend
 from .config import ElectraConfig
 from .data import FastElectraError, load_tokenizer, save_tokenizer_files
 from .model import ElectraForSequenceClassification
-from .pretrain import clip_and_step, decays, lr_lambda
+from .pretrain import check_seed, clip_and_step, decays, lr_lambda
 
 __all__ = ["Examples", "read_examples", "read_config", "load_classifier_tokenizer", "resolve_checkpoint",
            "layerwise_param_groups", "make_batches", "evaluate", "finetune", "add_cli_arguments", "run_cli"]
@@ -325,6 +325,7 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
     _check_options(epochs=(epochs, 1, True), batch_size=(batch_size, 1, True), max_seq_length=(max_seq_length, 3, True),
                    patience=(patience, 1, True), lr=(lr, 0.0, False), layer_decay=(layer_decay, 0.0, False),
                    weight_decay=(weight_decay, 0.0, False), warmup=(warmup, 0.0, False))
+    check_seed(seed)
     if lr <= 0 or not layer_decay > 0 or layer_decay > 1 or warmup >= 1:
         raise FastElectraError(f"need --lr > 0, 0 < --layer-decay <= 1 and 0 <= --warmup < 1; got lr={lr}, "
                                f"layer_decay={layer_decay}, warmup={warmup}")

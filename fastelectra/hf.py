@@ -29,11 +29,17 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     for name in WEIGHT_FILES:
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
 
-                return load_file(f)
-            return torch.load(f, map_location="cpu", weights_only=True)
+                    return load_file(f)
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except OSError:
+                raise
+            except Exception as e:   # SafetensorError, UnpicklingError, ...: corrupt or truncated
+                raise ValueError(f"cannot read weights file {f} (corrupt or truncated?): "
+                                 f"{type(e).__name__}: {e}") from e
     if any(n.endswith(".index.json") for n in os.listdir(path)):
         raise ValueError(f"{path} holds a sharded checkpoint; fastelectra reads single-file checkpoints "
                          f"({' or '.join(WEIGHT_FILES)})")
@@ -46,10 +52,13 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
 
     ``new_head=True`` (fine-tuning on a new task) loads only the encoder (``electra.*``, which must be
     complete): the checkpoint's head keys are dropped and ``cls``'s head keeps its fresh initialisation.
-    A bare ElectraModel checkpoint (keys without the ``electra.`` prefix) is then accepted too."""
+    A bare ElectraModel checkpoint (keys without the ``electra.`` prefix) is then accepted too.
+
+    ``config_overrides`` replace config.json's values: ElectraConfig fields (or keys the file carries, or
+    ``id2label`` / ``label2id``); any other key is a TypeError (see ElectraConfig.with_overrides)."""
     config = ElectraConfig.from_json_file(os.path.join(path, "config.json"))
     if config_overrides:
-        config = ElectraConfig.from_dict({**config.to_dict(), **config_overrides})
+        config = config.with_overrides(**config_overrides)
     model = cls(config)
     state = load_state_dict_file(path)
     if new_head:

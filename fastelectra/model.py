@@ -69,6 +69,36 @@ def check_inputs(config: ElectraConfig, input_ids, attention_mask=None, token_ty
                          f"values in [{stats[2]}, {stats[3]}]")
 
 
+def check_config(config, name: str = "config") -> None:
+    """``config`` must be an ElectraConfig (validated again here: its fields may have been set since)."""
+    if not isinstance(config, ElectraConfig):
+        raise TypeError(f"{name} must be an ElectraConfig, got {type(config).__name__} (build one with "
+                        "ElectraConfig(**fields) or ElectraConfig.from_dict)")
+    config.validate()
+
+
+def check_masked_positions(masked_positions, num_tokens: int, device: torch.device) -> None:
+    """``masked_positions`` must be a 1-D int64 (or int32) tensor of flat indices into the B·T tokens.
+    The value range is checked on CPU tensors only, outside torch.compile: on CUDA it would cost a host
+    sync in every training step (there, the caller builds the positions in range)."""
+    if not isinstance(masked_positions, torch.Tensor):
+        raise TypeError(f"masked_positions must be a torch.Tensor, got {type(masked_positions).__name__}")
+    if masked_positions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"masked_positions must be an int64 (or int32) tensor of flat token indices, got "
+                        f"{masked_positions.dtype}")
+    if masked_positions.dim() != 1:
+        raise ValueError(f"masked_positions must be 1-D (flat indices into batch·seqlen), got shape "
+                         f"{tuple(masked_positions.shape)}")
+    if masked_positions.device != device:
+        raise ValueError(f"masked_positions is on {masked_positions.device} but input_ids is on {device}")
+    if masked_positions.device.type != "cpu" or not masked_positions.numel() or torch.compiler.is_compiling():
+        return
+    low, high = (v.item() for v in torch.aminmax(masked_positions))
+    if low < 0 or high >= num_tokens:
+        raise ValueError(f"masked_positions must lie in [0, batch·seqlen={num_tokens}), got values in "
+                         f"[{low}, {high}]")
+
+
 # ----------------------------------------------------------------------------- building blocks
 class Embeddings(nn.Module):
     """word + token type + position embeddings → LayerNorm → dropout: (B, T) ids → (B, T, E)."""
@@ -170,6 +200,7 @@ class ElectraModel(nn.Module):
 
     def __init__(self, config: ElectraConfig):
         super().__init__()
+        check_config(config)
         self.config = config
         self.embeddings = Embeddings(config)
         if config.embedding_size != config.hidden_size:
@@ -296,6 +327,7 @@ class ElectraGenerator(ElectraPreTrainedModel):
         """Logits (B, T, V), or only at ``masked_positions`` (flat indices into (B·T)) → (N, V)."""
         h = self.electra(input_ids, attention_mask, token_type_ids)                  # (B, T, Hg)
         if masked_positions is not None:
+            check_masked_positions(masked_positions, input_ids.numel(), input_ids.device)
             h = h.reshape(-1, h.shape[-1]).index_select(0, masked_positions)        # (N, Hg)
         return self.lm_logits(h)
 
@@ -367,6 +399,9 @@ class ElectraPretrainingModel(nn.Module):
 
     def __init__(self, config: ElectraConfig, generator_config: ElectraConfig | None = None):
         super().__init__()
+        check_config(config)
+        if generator_config is not None:
+            check_config(generator_config, "generator_config")
         self.config = config
         gen_config = generator_config or config.generator()
         if gen_config.embedding_size != config.embedding_size or gen_config.vocab_size != config.vocab_size:

@@ -101,6 +101,15 @@ class PretrainConfig:
 
 
 # ----------------------------------------------------------------------------- options
+MAX_SEED = 2**32 - 1   # numpy's (np.random.seed) range; torch's is wider
+
+
+def check_seed(seed) -> None:
+    """--seed must be an integer in [0, 2**32 - 1] (checked before any data work)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise FastElectraError(f"--seed must be an integer in [0, 2**32 - 1 = {MAX_SEED}], got {seed!r}")
+
+
 def resolve_options(config: PretrainConfig) -> PretrainConfig:
     """A copy with the preset's defaults filled in; raises FastElectraError naming a bad option."""
     if config.preset not in PRESET_DEFAULTS:
@@ -125,6 +134,7 @@ def resolve_options(config: PretrainConfig) -> PretrainConfig:
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise FastElectraError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+    check_seed(c.seed)
     for name in ("lr", "weight_decay", "max_grad_norm"):
         v = getattr(c, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
@@ -138,7 +148,7 @@ def resolve_options(config: PretrainConfig) -> PretrainConfig:
         raise FastElectraError(f"--device must be cpu or cuda, got {c.device!r}")
     if c.cuda_graphs and c.compile:
         raise FastElectraError("--cuda-graphs and --compile do not go together: pick one")
-    unknown = set(c.model_overrides) - {f.name for f in dataclasses.fields(ElectraConfig)}
+    unknown = set(c.model_overrides) - set(ElectraConfig.field_names())
     if unknown:
         raise FastElectraError(f"model_overrides has unknown ElectraConfig fields: {sorted(unknown)}")
     return c

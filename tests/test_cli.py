@@ -39,6 +39,9 @@ def test_pretrain_help_lists_the_options(capsys):
     (lambda tmp: ["--corpus", str(tmp / "ok.txt"), "--tokenizer", str(tmp / "nowhere")], "error: tokenizer not found"),
     (lambda tmp: ["--corpus", str(tmp / "ok.txt"), "--steps", "0"], "error: --steps must be an integer >= 1"),
     (lambda tmp: ["--corpus", str(tmp / "ok.txt"), "--resume"], "error: --resume: no checkpoint at "),
+    # --seed is checked before the corpus is looked at (else numpy's error came after the tokenizer work)
+    (lambda tmp: ["--corpus", str(tmp / "missing.txt"), "--seed", "-1"], "error: --seed must be an integer in [0, 2"),
+    (lambda tmp: ["--corpus", str(tmp / "missing.txt"), "--seed", str(2**64)], "error: --seed must be an integer in"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, make_args, message):
     (tmp_path / "empty.txt").write_text("")

@@ -46,10 +46,90 @@ def test_unknown_preset_is_a_clear_error():
     (dict(unpad="yes"), "unpad must be True or False"),
     (dict(sampling_temperature=float("nan")), "sampling_temperature"),
     (dict(sampling_temperature=-1.0), "sampling_temperature"),
+    (dict(initializer_range=-0.02), r"initializer_range must be a finite number >= 0"),
+    (dict(initializer_range=float("nan")), "initializer_range"),
+    (dict(pad_token_id=0.5), r"pad_token_id must be an integer in \[0, vocab_size=30522\)"),
+    (dict(pad_token_id=None), "pad_token_id must be an integer"),
+    (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(num_labels=0), "num_labels must be a positive integer"),
+    (dict(num_labels=-1), "num_labels"),
+    (dict(classifier_dropout=1.5), r"classifier_dropout must be None or a number in \[0, 1\)"),
+    (dict(layer_norm_eps=-1.0), "layer_norm_eps must be a finite number >= 0"),
+    (dict(layer_norm_eps=float("nan")), "layer_norm_eps"),
+    (dict(generator_hidden_size=0), "generator_hidden_size must be None or a positive integer, got 0"),
+    (dict(generator_hidden_size=-64), "generator_hidden_size must be None or a positive integer"),
+    (dict(generator_hidden_size=32.5), "generator_hidden_size must be None or a positive integer"),
+    (dict(generator_size_fraction=-1.0), r"generator_size_fraction must be a number in \(0, 1\]"),
+    (dict(generator_size_fraction=0.0), "generator_size_fraction"),
+    (dict(generator_size_fraction=float("nan")), "generator_size_fraction"),
+    (dict(mlm_weight=float("nan")), "mlm_weight must be a finite number >= 0"),
+    (dict(rtd_weight=-1.0), "rtd_weight must be a finite number >= 0"),
+    (dict(rtd_weight="a"), "rtd_weight must be a finite number >= 0, got 'a'"),
+    (dict(rtd_weight=float("inf")), "rtd_weight"),
+    (dict(vocab_size=True), "vocab_size must be a positive integer, got True"),
+    (dict(num_hidden_layers=2.0), "num_hidden_layers must be a positive integer"),
+    (dict(hidden_dropout_prob="0.1"), r"hidden_dropout_prob must be a number in \[0, 1\), got '0.1'"),
+    (dict(attention_probs_dropout_prob=None), "attention_probs_dropout_prob"),
+    (dict(mask_token_prob=1.5), r"mask_token_prob must be a number in \[0, 1\]"),
+    (dict(mask_prob=True), "mask_prob"),
+    (dict(cls_token_id="101"), "cls_token_id must be an integer"),
+    (dict(extra=None), "extra must be a dict"),
 ])
 def test_invalid_configs_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ElectraConfig(**kwargs)
+
+
+def test_boundary_values_are_accepted():
+    c = ElectraConfig(layer_norm_eps=0.0, initializer_range=0, classifier_dropout=0.0, num_labels=1, mlm_weight=0,
+                      generator_size_fraction=1.0, mask_token_prob=1.0)
+    assert c.generator().hidden_size == c.hidden_size
+
+
+def test_validate_is_called_by_presets_replace_and_from_dict():
+    with pytest.raises(ValueError, match="ElectraConfig.num_labels"):
+        ElectraConfig.preset("tiny", num_labels=0)
+    with pytest.raises(ValueError, match="ElectraConfig.rtd_weight"):
+        dataclasses.replace(ElectraConfig(), rtd_weight=-1.0)
+    with pytest.raises(ValueError, match="ElectraConfig.layer_norm_eps"):
+        ElectraConfig.from_dict({"layer_norm_eps": -1})
+    with pytest.raises(TypeError, match="from_dict expects a dict, got list"):
+        ElectraConfig.from_dict([1, 2])
+
+
+def test_generator_size_that_does_not_split_into_heads_names_the_field():
+    with pytest.raises(ValueError, match=r"generator_hidden_size=200 gives a generator hidden size not divisible"):
+        ElectraConfig(generator_hidden_size=200).generator()
+    with pytest.raises(ValueError, match=r"generator_size_fraction=0.25 of hidden_size=800 \(= 200\)"):
+        ElectraConfig(hidden_size=800, num_attention_heads=4).generator()
+
+
+def test_hf_null_token_ids_keep_the_defaults():
+    c = ElectraConfig.from_dict({"pad_token_id": None, "sep_token_id": None})
+    assert (c.pad_token_id, c.sep_token_id) == (0, 102)
+
+
+def test_config_file_must_be_a_json_object(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config file .*config.json must hold a JSON object .*got a list"):
+        ElectraConfig.from_json_file(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config file .*config.json is not valid JSON"):
+        ElectraConfig.from_json_file(str(path))
+    path.write_text('{"num_labels": 0}')
+    with pytest.raises(ValueError, match=r"config file .*config.json: ElectraConfig.num_labels must be"):
+        ElectraConfig.from_json_file(str(path))
+
+
+def test_overrides_must_name_fields():
+    c = ElectraConfig(vocab_size=300, extra={"architectures": ["ElectraForPreTraining"]})
+    with pytest.raises(TypeError, match=r"unknown ElectraConfig override 'num_label'; valid fields: .*num_labels"):
+        c.with_overrides(num_label=5)
+    d = c.with_overrides(num_labels=5, id2label={"0": "a"}, architectures=["X"])
+    assert d.num_labels == 5 and d.extra["id2label"] == {"0": "a"} and d.extra["architectures"] == ["X"]
+    with pytest.raises(ValueError, match="ElectraConfig.num_labels"):
+        c.with_overrides(num_labels=0)
 
 
 def test_special_ids_outside_vocab_are_reported_when_used():

@@ -162,6 +162,16 @@ def test_layerwise_learning_rates():
     assert lr_of[id(named["electra.embeddings_project.bias"])] == (0.0625, 0.0)
 
 
+def test_seed_is_checked_first_with_pretrains_range(tmp_path, capsys):
+    for seed in (-1, 2**32, 0.5):
+        with pytest.raises(FastElectraError, match=r"--seed must be an integer in \[0, 2\*\*32 - 1"):
+            finetune(str(tmp_path / "nowhere"), str(tmp_path / "missing.csv"), str(tmp_path / "o"), seed=seed)
+    code = main(["finetune", "--model", str(tmp_path / "nowhere"), "--train", str(tmp_path / "missing.csv"),
+                 "--out", str(tmp_path / "o"), "--seed", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --seed must be") and "Traceback" not in err
+
+
 def test_bad_inputs_are_clear_errors(work, tmp_path, capsys):
     d = tmp_path
     rows = sentences(20, 7)

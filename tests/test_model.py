@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastelectra.config import ElectraConfig
-from fastelectra.model import ElectraDiscriminator, ElectraForSequenceClassification, ElectraGenerator
+from fastelectra.model import (ElectraDiscriminator, ElectraForSequenceClassification, ElectraGenerator,
+                               ElectraPretrainingModel)
 from electra_fixtures import hf_config, padded_batch, randomise
 
 transformers = pytest.importorskip("transformers")
@@ -151,3 +152,66 @@ def tiny():
 def test_bad_input_is_a_clear_error(tiny, make, exc, match):
     with pytest.raises(exc, match=match):
         tiny(**make())
+
+
+def tiny_config(**kw):
+    return ElectraConfig(**{**dict(vocab_size=50, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                   intermediate_size=64, embedding_size=32, max_position_embeddings=16), **kw})
+
+
+def test_unknown_from_pretrained_overrides_are_errors(tmp_path):
+    """A misspelt override must not vanish into ``extra``; the HF keys a config.json carries still load."""
+    torch.manual_seed(0)
+    transformers.ElectraForSequenceClassification(hf_config()).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"unknown ElectraConfig override 'num_label'; valid fields: .*num_labels"):
+        ElectraForSequenceClassification.from_pretrained(str(tmp_path), num_label=5)
+    clf = ElectraForSequenceClassification.from_pretrained(str(tmp_path), backend="eager", num_labels=3,
+                                                           id2label={"0": "a", "1": "b", "2": "c"},
+                                                           architectures=["ElectraForSequenceClassification"])
+    assert clf.config.num_labels == 3 and clf.config.extra["id2label"]["2"] == "c"
+    assert clf.config.extra["transformers_version"]                 # the file's own HF keys are kept
+    with pytest.raises(ValueError, match="ElectraConfig.num_labels must be a positive integer"):
+        ElectraForSequenceClassification.from_pretrained(str(tmp_path), new_head=True, num_labels=0)
+
+
+def test_corrupt_weights_file_names_its_path(tmp_path):
+    ElectraDiscriminator(tiny_config()).save_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match=r"cannot read weights file .*model.safetensors"):
+        ElectraDiscriminator.from_pretrained(str(tmp_path))
+
+
+def test_models_need_an_electra_config():
+    cfg = tiny_config()
+    with pytest.raises(TypeError, match="generator_config must be an ElectraConfig, got dict"):
+        ElectraPretrainingModel(cfg, {"hidden_size": 16})
+    with pytest.raises(TypeError, match="config must be an ElectraConfig, got dict"):
+        ElectraPretrainingModel(dict(vars(cfg)))
+    with pytest.raises(TypeError, match="config must be an ElectraConfig, got dict"):
+        ElectraDiscriminator({"hidden_size": 32})
+    cfg.num_labels = 0                                              # set after construction: checked again
+    with pytest.raises(ValueError, match="ElectraConfig.num_labels"):
+        ElectraForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("positions,exc,match", [
+    (torch.tensor([0, 10]), ValueError, r"masked_positions must lie in \[0, batch·seqlen=10\), got .*\[0, 10\]"),
+    (torch.tensor([-1, 3]), ValueError, "masked_positions must lie in"),
+    (torch.tensor([[0, 1]]), ValueError, r"masked_positions must be 1-D .*got shape \(1, 2\)"),
+    (torch.tensor([0.0, 1.0]), TypeError, "masked_positions must be an int64 .*got torch.float32"),
+    ([0, 1], TypeError, "masked_positions must be a torch.Tensor, got list"),
+])
+def test_bad_masked_positions_are_clear_errors(positions, exc, match):
+    gen = ElectraGenerator(tiny_config()).eval()
+    with pytest.raises(exc, match=match):
+        gen(torch.randint(0, 50, (2, 5)), masked_positions=positions)
+
+
+def test_masked_positions_select_rows():
+    gen = ElectraGenerator(tiny_config()).eval()
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = gen(ids).reshape(10, -1)
+        for positions in (torch.tensor([0, 9, 4]), torch.tensor([9, 1], dtype=torch.int32)):
+            torch.testing.assert_close(gen(ids, masked_positions=positions), full[positions.long()])
+        assert gen(ids, masked_positions=torch.zeros(0, dtype=torch.long)).shape == (0, 50)

@@ -77,9 +77,14 @@ def test_preset_defaults_follow_the_paper():
             mcfg.backend) == (300, 4, 0.0, 256, "eager")
     for bad, match in ((dict(steps=0), "--steps must be an integer >= 1"), (dict(lr=-1.0), "--lr must be a positive"),
                        (dict(seq_len=2), "--seq-len"), (dict(preset="huge"), "unknown preset 'huge'"),
-                       (dict(backend="cuda"), "--backend"), (dict(model_overrides={"hiden": 1}), "hiden")):
+                       (dict(backend="cuda"), "--backend"), (dict(model_overrides={"hiden": 1}), "hiden"),
+                       (dict(model_overrides={"extra": {}}), "extra"),
+                       (dict(seed=-1), r"--seed must be an integer in \[0, 2\*\*32 - 1"),
+                       (dict(seed=2**32), "--seed must be an integer in"), (dict(seed=1.5), "--seed"),
+                       (dict(seed=True), "--seed")):
         with pytest.raises(FastElectraError, match=match):
             pt.resolve_options(PretrainConfig(**bad))
+    assert pt.resolve_options(PretrainConfig(seed=2**32 - 1)).seed == 2**32 - 1
 
 
 def test_lr_schedule_and_weight_decay_groups():
