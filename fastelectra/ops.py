@@ -62,6 +62,9 @@ def _check_same_device(**tensors: torch.Tensor | None) -> None:
 def _number(name: str, value, integer: bool = False):
     """``value`` as a Python int or float (numpy scalars converted; torch.compile's symbolic numbers kept),
     or a TypeError naming ``name`` for anything else (bool, str, None, tensors)."""
+    kind = type(value)
+    if kind is int or (kind is float and not integer):     # the common case, without the ABC checks below
+        return value
     if isinstance(value, (torch.SymInt, torch.SymFloat)):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
