@@ -103,9 +103,8 @@ std::string text(const c10::Device& d) { return d.str(); }
 std::string text(c10::DeviceType t) { return c10::DeviceTypeName(t, /*lower_case=*/true); }
 
 bool inverse_temperature(double temperature, float* inv_tau) {
-  if (!(temperature > 0.0)) return false;
+  if (!(temperature > 0.0) || !(1.0 / temperature <= kMaxInverseTemperature)) return false;
   const float inv = (float)(1.0 / temperature);
-  if (!std::isfinite(inv)) return false;
   *inv_tau = inv;
   return true;
 }

@@ -15,9 +15,14 @@ void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input
                                const at::Tensor& masked_positions, double temperature, const at::Tensor& seed,
                                c10::DeviceType device_type);
 
+// Temperatures below 2^-32 sample as temperature 0 (plain argmax): logits / temperature would overflow fp32
+// for logits past FLT_MAX * temperature, and ties among the overflowed ones would go to the first column
+// instead of the largest logit; at such temperatures the noise only decides between logits within ~1e-8.
+constexpr double kMaxInverseTemperature = 4294967296.0;  // 2^32
+
 // 1 / temperature as the fp32 factor both implementations multiply the logits with. Returns
 // false (plain argmax, the temperature -> 0 limit) when temperature is 0 or 1/temperature
-// overflows fp32.
+// exceeds kMaxInverseTemperature.
 bool inverse_temperature(double temperature, float* inv_tau);
 
 // Checks the arguments of gumbel_noise: logits 2-D, floating, on `device_type`; seed as in check_seed_arg.

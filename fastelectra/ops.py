@@ -40,6 +40,7 @@ ACTIVATIONS = {
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 always takes the reference
+MAX_INVERSE_TEMPERATURE = 2.0**32   # replace_tokens: τ below 1 / this is plain argmax (csrc/replace_tokens.h)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -433,10 +434,10 @@ def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature
     a fresh torch.Generator seeded from (seed, offset), the same draws for an int and a tensor of
     equal value; a tensor is read with ``.item()`` (a host sync: explicit seeds are for tests)."""
     x = logits.float()
-    # the C++ op's rule: a temperature whose inverse is not a finite float32 is argmax (x / τ would be
-    # ±inf, and argmax would take the first +inf); x is scaled by the float32 1/τ as there
+    # the C++ op's rule: τ < 2^-32 is τ = 0, plain argmax (x / τ could overflow, and argmax would take the
+    # first +inf instead of the largest logit); x is scaled by the float32 1/τ as there
     inv_tau = 1.0 / temperature if temperature > 0.0 else math.inf
-    if inv_tau <= torch.finfo(torch.float32).max:
+    if inv_tau <= MAX_INVERSE_TEMPERATURE:
         if seed is None:
             u = torch.rand_like(x)        # (rand_like also traces with symbolic shapes under torch.compile)
         else:
@@ -506,7 +507,8 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     logits: (N, V) generator logits of the masked rows (fp32/bf16/fp16, no gradient flows).
     input_ids: (B, T) int64 original ids. masked_positions: (N,) int64 flat indices into
     ``input_ids.view(-1)``, in the order of the logits' rows.
-    sample = argmax(logits/τ + Gumbel noise) (τ = 0: plain argmax); the original may be sampled.
+    sample = argmax(logits/τ + Gumbel noise) (τ = 0, and any τ < 2^-32: plain argmax); the original may
+    be sampled.
     Returns (discriminator input ids (B, T), is-replaced labels (B, T) bool, sampled ids (N,))
     and, with ``return_lse``, the row log-sum-exp of the logits (N,) in fp32.
 

@@ -61,7 +61,8 @@ import triton.language as tl
 from ..autograd import eager_function, needs_grad, use_eager
 from ..ops import _check_dropout_p, _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
-from .layernorm import _cdiv, _next_power_of_2, _on_device
+from .layernorm import DRAW_RANGE as LN_DRAW_RANGE
+from .layernorm import _cdiv, _next_power_of_2, _on_device, dropout_constants
 from .launch import launch
 
 __all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_qkvpacked", "dropout_mask",
@@ -74,6 +75,7 @@ DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
 PHILOX_ROUNDS = tl.constexpr(7)      # Philox2x32-7 (see "Dropout" above)
 DROP_BLOCK = tl.constexpr(16)        # a call decides rows {r, r+8} x keys {n, n+8} of a 16 x 16 block
 DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
+assert DRAW_RANGE == LN_DRAW_RANGE, "the layer norm's dropout_constants assume its 16-bit draws"
 # _zero_dropped's PTX: x ($1) if the draw in word $2 is >= $3, else 0. The low half is masked inside
 # the block: masked outside it, the dQ loop compiles to 4 more instructions (Triton 3.9, sm_90)
 _SELECT_TAIL = "setp.hs.u32 k, d, $3; selp.f32 $0, $1, 0f00000000, k; }"
@@ -398,7 +400,7 @@ def _attn_fwd_kernel(
     qk_scale,        # softmax_scale / ln 2, so scores go straight into exp2
     Seed,            # (1,) int64 Philox key of the dropout mask; read when IS_DROPOUT
     drop_threshold,  # a probability is dropped when its 16-bit draw is below this
-    drop_scale,      # 1 / (1 - dropout_p)
+    drop_scale,      # 1 / P(keep), ~1 / (1 - dropout_p) (dropout_constants)
     seq_bucket,      # next power of two of max(seqlen_q, seqlen_k): autotuning key only
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -470,7 +472,7 @@ def _attn_bwd_dkdv_kernel(
     DK,              # like K: written here
     DV,              # like K: written here
     Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O) · (1 - dropout_p), from the dQ kernel
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O) · P(keep), from the dQ kernel
     KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
     KeyLens,         # (batch,) int32; read when HAS_LENS
     CuSeqlens,       # (batch + 1,) int32; read when VARLEN
@@ -601,7 +603,7 @@ def _attn_bwd_dq_kernel(
     DO,              # like Q: gradient of the output
     DQ,              # like Q: written here
     Lse,             # (batch, nheads, seqlen_q) fp32 from the forward
-    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O) · (1 - dropout_p): written for dK/dV
+    Delta,           # (batch, nheads, seqlen_q) fp32 rowsum(dO * O) · P(keep): written for dK/dV
     KeyMask,         # (batch, seqlen_k) uint8; read when HAS_MASK
     KeyLens,         # (batch,) int32; read when HAS_LENS
     CuSeqlens,       # (batch + 1,) int32; read when VARLEN
@@ -797,9 +799,9 @@ class _Layout:
 
 
 def _dropout_args(dropout_p: float):
-    """(drop_threshold, drop_scale): drop when a 16-bit draw < round(p * 2^16)."""
-    threshold = min(int(round(dropout_p * DRAW_RANGE)), DRAW_RANGE - 1)
-    return threshold, 1.0 / (1.0 - dropout_p)
+    """(drop_threshold, drop_scale): drop when a 16-bit draw < round(p * 2^16); kept values scaled by
+    1 / P(keep) (the layer norm's rule, kernels/layernorm.dropout_constants)."""
+    return dropout_constants(dropout_p)
 
 
 def _mask_args(key_mask, key_lens, device):

@@ -43,7 +43,7 @@ def _grad_block(
     DLogits,                # pointer to this block's first gradient
     limit,                  # int32: columns of the block that exist (read only when MASKED)
     target,                 # int32: the row's target column, counted from this block's first
-    shift,                  # fp32: the row's lse · log2 e
+    lse,                    # fp32: the row's log-sum-exp
     g,                      # fp32: the row's upstream gradient
     BLOCK: tl.constexpr,
     MASKED: tl.constexpr,
@@ -53,7 +53,10 @@ def _grad_block(
         x = tl.load(Logits + offs, mask=offs < limit, other=0.0).to(tl.float32)
     else:
         x = tl.load(Logits + offs).to(tl.float32)
-    p = tl.exp2(x * 1.4426950408889634 - shift)               # softmax (1.4427 = log2 e: exp(x) = exp2(x log2 e))
+    # softmax (1.4427 = log2 e: exp(y) = exp2(y log2 e)); x - lse first, which is exact near the row's top
+    # logits, so fp32 logits of large magnitude lose no more than the lse's own rounding (x log2 e - lse log2 e
+    # would add the rounding of lse · log2 e: twice the error)
+    p = tl.exp2((x - lse) * 1.4426950408889634)
     d = (g * (p - tl.where(offs == target, 1.0, 0.0))).to(DLogits.dtype.element_ty)
     if MASKED:
         tl.store(DLogits + offs, d, mask=offs < limit)
@@ -79,12 +82,12 @@ def _cross_entropy_bwd_kernel(
     (the tail) are masked, and the whole blocks between run unmasked on 16-byte vectors."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(DLoss + row)
-    shift = tl.load(Lse + row) * 1.4426950408889634
+    lse = tl.load(Lse + row)
     target = tl.load(Targets + row).to(tl.int32)
     row_l = row * stride_l
     row_d = row * stride_d
     head = tl.minimum((ALIGN - row_l % ALIGN) % ALIGN, vocab).to(tl.int32)
-    _grad_block(Logits + row_l, DLogits + row_d, head, target, shift, g, ALIGN, True)
+    _grad_block(Logits + row_l, DLogits + row_d, head, target, lse, g, ALIGN, True)
     full = (vocab - head) // BLOCK_V
     for i in range(full):
         start = head + i * BLOCK_V
@@ -92,9 +95,9 @@ def _cross_entropy_bwd_kernel(
         # passes ALIGN > 1 only when both rows share their stride and base alignment)
         off_l = tl.multiple_of(row_l + start, ALIGN)
         off_d = tl.multiple_of(row_d + start, ALIGN)
-        _grad_block(Logits + off_l, DLogits + off_d, BLOCK_V, target - start, shift, g, BLOCK_V, False)
+        _grad_block(Logits + off_l, DLogits + off_d, BLOCK_V, target - start, lse, g, BLOCK_V, False)
     start = head + full * BLOCK_V
-    _grad_block(Logits + row_l + start, DLogits + row_d + start, vocab - start, target - start, shift, g,
+    _grad_block(Logits + row_l + start, DLogits + row_d + start, vocab - start, target - start, lse, g,
                 BLOCK_V, True)
 
 

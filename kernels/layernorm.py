@@ -111,7 +111,7 @@ def _layer_norm_fwd_kernel(
     m,                      # rows
     n,                      # columns = row stride
     eps,                    # fp32
-    scale,                  # fp32: 1 / (1 - p)
+    scale,                  # fp32: 1 / P(keep) (dropout_constants)
     threshold,              # int: dropout keep threshold (see _keep_mask)
     Seed,                   # (1,) int64 Philox key (read only when HAS_DROPOUT)
     HAS_RESIDUAL: tl.constexpr,
@@ -165,7 +165,7 @@ def _layer_norm_bwd_kernel(
     m,                      # rows
     n,                      # columns = row stride
     rows_per_program,       # int, a multiple of BLOCK_M
-    scale,                  # fp32: 1 / (1 - p)
+    scale,                  # fp32: 1 / P(keep) (dropout_constants)
     threshold,              # int: dropout keep threshold (see _keep_mask)
     Seed,                   # (1,) int64 Philox key (read only when HAS_DROPOUT)
     HAS_RESIDUAL: tl.constexpr,
@@ -296,9 +296,13 @@ def _launch_config(n: int, tile: int, elems_per_thread: int) -> tuple[int, int, 
     return block_m, block_n, num_warps
 
 
-def _threshold(p: float) -> int:
-    """Keep iff a uniform 16-bit draw >= this: P(keep) = 1 - p up to 2**-17."""
-    return min(round(p * DRAW_RANGE), DRAW_RANGE - 1)
+def dropout_constants(p: float) -> tuple[int, float]:
+    """(threshold, scale) of dropout with probability ``p`` on uniform 16-bit draws, for the layer-norm and
+    attention kernels alike: a value is kept iff its draw >= threshold = round(p · 2^16) (at most 2^16 - 1),
+    so P(keep) = 1 - threshold / 2^16, within 2^-17 of 1 - p; kept values are scaled by 1 / P(keep), which
+    keeps the expectation exact (1 / (1 - p) would be off by up to 2^-17 / (1 - p)², 7% at p = 0.9999)."""
+    threshold = min(round(p * DRAW_RANGE), DRAW_RANGE - 1)
+    return threshold, DRAW_RANGE / (DRAW_RANGE - threshold)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -369,7 +373,7 @@ def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[tor
         launch(_layer_norm_fwd_kernel, (_cdiv(m, block_m),),
                x, x if residual is None else residual, x if weight is None else weight,
                x if bias is None else bias, y, mean, rstd,
-               m, n, eps, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
+               m, n, eps, *reversed(dropout_constants(dropout_p)), seed,
                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_STATS=stats,
                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
@@ -409,7 +413,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], we
             launch(_layer_norm_bwd_kernel, (programs,),
                    dy, x, x if residual is None else residual, x if weight is None else weight, mean, rstd,
                    dx, dx if not store_dres else dres, part[0] if sums else x, part[-1] if sums else x,
-                   m, n, rows_per_program, 1.0 / (1.0 - dropout_p), _threshold(dropout_p), seed,
+                   m, n, rows_per_program, *reversed(dropout_constants(dropout_p)), seed,
                    HAS_RESIDUAL=residual is not None, STORE_DRES=store_dres, HAS_DROPOUT=dropout_p > 0.0,
                    HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
@@ -531,8 +535,9 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
 
     ``seed``: an int or a one-element integer tensor (as given to ``fused_layer_norm``).
 
-    ``fused_layer_norm(x, ..., dropout_p=p, seed=seed)`` computes ``x * mask / (1 - p)`` before the
-    residual add, for x of this shape (rows are the flattened leading dimensions).
+    ``fused_layer_norm(x, ..., dropout_p=p, seed=seed)`` computes ``x * mask * dropout_constants(p)[1]``
+    (1 / P(keep), within 2^-17 / (1 - p)² of 1 / (1 - p)) before the residual add, for x of this shape (rows
+    are the flattened leading dimensions).
     """
     shape = tuple(shape)
     if len(shape) == 0 or shape[-1] == 0 or shape[-1] > MAX_N:
@@ -548,6 +553,6 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     if m > 0:
         block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
         with _on_device(keep):
-            launch(_dropout_mask_kernel, (_cdiv(m, block_m),), keep, m, n, _threshold(p), seed_t, BLOCK_M=block_m,
+            launch(_dropout_mask_kernel, (_cdiv(m, block_m),), keep, m, n, dropout_constants(p)[0], seed_t, BLOCK_M=block_m,
                    BLOCK_N=block_n, num_warps=num_warps)
     return keep.view(shape).bool()

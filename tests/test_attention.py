@@ -24,9 +24,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}  # absolute error floor
 
 
+def keep_scale(p):
+    """The documented dropout scale, 1 / P(keep): a value is kept iff its uniform 16-bit draw is >=
+    round(p · 2^16) (at most 2^16 - 1), so P(keep) = 1 - that / 2^16 (not exactly 1 - p)."""
+    return 2**16 / (2**16 - min(round(p * 2**16), 2**16 - 1))
+
+
 # ----------------------------------------------------------------------------- references
 def reference(q, k, v, mask=None, keep=None, p=0.0, scale=None):
-    """softmax(q kᵀ·scale, padded keys -inf) [* keep / (1 - p)] @ v in q's dtype; rows with no valid
+    """softmax(q kᵀ·scale, padded keys -inf) [* keep / P(keep)] @ v in q's dtype; rows with no valid
     key give 0. q: (B, Tq, H, D); mask: (B, Tk) bool; keep: (B, H, Tq, Tk) bool."""
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
@@ -35,7 +41,7 @@ def reference(q, k, v, mask=None, keep=None, p=0.0, scale=None):
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
     if keep is not None:
-        probs = probs * keep.to(probs.dtype) / (1.0 - p)
+        probs = probs * keep.to(probs.dtype) * keep_scale(p)
     return torch.matmul(probs, vh).transpose(1, 2)
 
 
@@ -194,6 +200,20 @@ def test_dropout_matches_reference_with_kernel_mask(dtype, p):
     keep = dropout_mask(1234, 2, 2, 33, 33, p, DEVICE)
     assert_close_to_reference(lambda q, k, v: flash_attention(q, k, v, mask, dropout_p=p, seed=1234),
                               lambda q, k, v: reference(q, k, v, mask, keep, p), q, k, v, do)
+
+
+def test_dropout_at_high_p_scales_by_the_keep_probability_of_its_draws():
+    """fp32 at p = 0.9: 1 / P(keep) of the 16-bit draws differs from 1 / (1 - p) by 6e-5 (relative)."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v, do = (rand(1, 17, 1, 16, dtype=torch.float32, generator=g) for _ in range(4))
+    keep = dropout_mask(77, 1, 1, 17, 17, 0.9, DEVICE)
+    assert_close_to_reference(lambda q, k, v: flash_attention(q, k, v, dropout_p=0.9, seed=77),
+                              lambda q, k, v: reference(q, k, v, None, keep, 0.9), q, k, v, do)
+    # ten times closer to the output of 1 / P(keep) than that of 1 / (1 - p) is
+    got = flash_attention(q, k, v, dropout_p=0.9, seed=77).double()
+    want = reference(q.double(), k.double(), v.double(), None, keep, 0.9)
+    one_minus_p = want / keep_scale(0.9) / (1 - 0.9)
+    assert (got - want).abs().max() * 10 < (one_minus_p - want).abs().max()
 
 
 def test_dropout_mask_statistics():

@@ -6,6 +6,8 @@ against a float64 reference at most twice that of torch in the same dtype, or a 
 """
 import os
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,22 @@ def test_matches_f_cross_entropy(n, vocab, dtype):
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
     assert_accurate(got, same, exact, dtype)
     assert torch.equal(got[1][dloss == 0], torch.zeros_like(got[1][dloss == 0]))   # weight 0: zero gradient
+
+
+def test_fp32_logits_far_from_zero():
+    """fp32 logits around 1000: an fp32 lse is off by up to half its ulp (3e-5), which shifts each
+    probability by that relative amount; the kernel's error stays within that. It takes exp2((x - lse) log2 e),
+    whose x - lse is exact near the top logits; as x log2 e - lse log2 e, the rounding of lse log2 e added
+    as much again (3.2e-5 against 1.5e-5 here, for a budget of 2.4e-5)."""
+    logits, targets, _ = make(8, 333, torch.float32, seed=0)
+    logits, dloss = logits + 1000.0, torch.ones(8, device=DEVICE)
+    lse = torch.logsumexp(logits.double(), dim=-1).float()
+    _, dlogits = loss_and_grad(lambda x: cross_entropy_with_lse(x, targets, lse), logits, dloss)
+    _, exact = loss_and_grad(lambda x: reference(x, targets), logits.double(), dloss.double())
+    half_ulp = (torch.nextafter(lse, torch.tensor(math.inf, device=DEVICE)) - lse).double() / 2
+    p_top = torch.softmax(logits.double(), dim=-1).amax(-1)
+    budget = (p_top * half_ulp).max().item()                 # the lse's own rounding
+    assert (dlogits.double() - exact).abs().max().item() <= budget
 
 
 def test_with_the_lse_of_replace_tokens(extension_built):

@@ -18,7 +18,8 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported below
 
-from fastelectra.kernels.layernorm import MAX_N, _on_device, _sum_partials, dropout_mask, fused_layer_norm  # noqa: E402,E501
+from fastelectra.kernels.layernorm import (MAX_N, _on_device, _sum_partials, dropout_constants, dropout_mask,  # noqa: E402
+                                          fused_layer_norm)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |ref|
@@ -40,6 +41,12 @@ def make_inputs(shape, dtype, *, residual=True, weight=True, bias=True, res_dtyp
     return x, r, w, b
 
 
+def keep_scale(p):
+    """The documented dropout scale, 1 / P(keep): a value is kept iff its uniform 16-bit draw is >=
+    round(p · 2^16) (at most 2^16 - 1), so P(keep) = 1 - that / 2^16 (not exactly 1 - p)."""
+    return 2**16 / (2**16 - min(round(p * 2**16), 2**16 - 1))
+
+
 def torch_tail(x, r, w, b, eps, keep, p, dtype=None):
     """dropout(x) with the given keep-mask, + residual, LayerNorm; in ``dtype`` (None: inputs' own)."""
     def cast(t):
@@ -47,7 +54,7 @@ def torch_tail(x, r, w, b, eps, keep, p, dtype=None):
 
     xs, rs, ws, bs = (cast(t) for t in (x, r, w, b))
     if keep is not None:
-        xs = xs * keep.to(xs.dtype) / (1 - p)
+        xs = xs * keep.to(xs.dtype) * keep_scale(p)
     if rs is not None:
         xs = xs + rs.to(xs.dtype)
     out_dtype = xs.dtype
@@ -105,6 +112,23 @@ def test_residual_layer_norm_matches_reference(shape, dtype):
 @pytest.mark.parametrize("shape", [(7, 1000), (40, 200), (2, 3, 16)], ids=lambda s: "x".join(map(str, s)))
 def test_dropout_residual_layer_norm_matches_reference_with_kernel_mask(shape, dtype):
     check_against_reference(shape, dtype, p=0.1)
+
+
+def test_dropout_keeps_the_expectation_exact_at_any_p():
+    """Kept values are scaled by 1 / P(keep) of the 16-bit draw, not 1 / (1 - p): at p = 0.9999 the two
+    differ by 7% (16-bit thresholds), and at p = 0.9 by 6e-5, which fp32 sees."""
+    for p in (0.1, 0.5, 0.9, 0.9999, 0.99999, 1 - 2**-17):
+        threshold, scale = dropout_constants(p)
+        assert abs(threshold - p * 2**16) <= 0.5 and threshold < 2**16
+        assert (1 - threshold / 2**16) * scale == 1.0 and scale == keep_scale(p)
+    # the kernel's output is that of 1 / P(keep): ten times closer to it than 1 / (1 - p) is
+    p, seed = 0.9, 21
+    x, r, w, b = (t.detach() for t in make_inputs((6, 200), torch.float32))
+    keep = dropout_mask(seed, (6, 200), p, device=x.device)
+    got = fused_layer_norm(x, w, b, 1e-5, residual=r, dropout_p=p, seed=seed).double()
+    want = torch_tail(x, r, w, b, 1e-5, keep, p, torch.float64)
+    one_minus_p = F.layer_norm(x.double() * keep / (1 - p) + r.double(), (200,), w.double(), b.double(), 1e-5)
+    assert (got - want).abs().max() * 10 < (one_minus_p - want).abs().max()
 
 
 @pytest.mark.parametrize("residual,weight,bias", [(False, True, True), (True, False, False), (True, True, False),

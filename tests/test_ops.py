@@ -287,12 +287,13 @@ def test_numpy_scalars_are_numbers():
 
 
 def test_reference_sampling_at_a_temperature_whose_inverse_overflows_is_argmax():
-    """As the C++ op: 1/τ beyond float32 is argmax, not the first +inf of x / τ."""
+    """As the C++ op: τ < 2^-32 is argmax, not the first +inf of x / τ."""
     logits = torch.tensor([[0.5, 3.0, 1.0, -2.0], [-1.0, -3.0, -0.5, -2.0]])
     ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)
     for backend_name in ("eager", "fused"):
-        sampled = ops.replace_tokens(logits, ids, pos, temperature=1e-39, seed=0, backend=backend_name)[2]
-        assert sampled.tolist() == [1, 2], backend_name
+        for temperature in (1e-39, 3e-39, 1e-20):     # 1/τ overflows fp32; x/τ does; τ < 2^-32
+            sampled = ops.replace_tokens(logits, ids, pos, temperature=temperature, seed=0, backend=backend_name)[2]
+            assert sampled.tolist() == [1, 2], (backend_name, temperature)
 
 
 def test_cross_entropy_takes_a_true_lse_on_the_host():

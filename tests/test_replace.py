@@ -267,7 +267,8 @@ def test_sample_distribution_is_softmax(temperature):
 def test_temperature_zero_is_argmax():
     logits = torch.randn(20, 30522)
     ids, pos = torch.zeros(4, 10, dtype=torch.long), torch.randperm(40)[:20]
-    for temperature in (0.0, 1e-300):  # 1/tau overflowing fp32 is the tau -> 0 limit too
+    # tau < 2^-32 is the tau -> 0 limit too: logits / tau would overflow fp32 where 1/tau alone does not (3e-39)
+    for temperature in (0.0, 1e-300, 3e-39, 1e-38, 1e-20, 2.0**-33):
         _, _, sampled, _ = op(logits, ids, pos, temperature, 1, 0, False)
         torch.testing.assert_close(sampled, torch.argmax(logits, dim=1))
     ties = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0]])
@@ -550,7 +551,7 @@ def host_op(lib, logits, input_ids, masked_positions, temperature, seed, offset,
     _, positions = _guarded(masked_positions, 0)
     positions.copy_(masked_positions)
     inv = np.float32(1.0 / temperature) if temperature > 0 else np.float32(np.inf)
-    noise_on = bool(temperature > 0 and np.isfinite(inv))
+    noise_on = bool(temperature > 0 and 1.0 / temperature <= 2.0**32)     # csrc's kMaxInverseTemperature
     ids_buf, out_ids = _guarded(input_ids, -7)
     out_ids.copy_(input_ids.reshape(-1))
     labels_buf, labels = _guarded(input_ids.to(torch.bool), True)
