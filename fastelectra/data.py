@@ -259,8 +259,21 @@ def save_tokenizer_files(tok, folder: str, model_max_length: int = 512) -> None:
     with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
         json.dump(specials, f, indent=2)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "ElectraTokenizer", "do_lower_case": True,
-                   "model_max_length": model_max_length, **specials}, f, indent=2)
+        json.dump({**_hf_tokenizer_class(tok), "model_max_length": model_max_length, **specials}, f, indent=2)
+
+
+def _hf_tokenizer_class(tok) -> dict:
+    """tokenizer_config.json's class and options, so that transformers tokenizes as ``tok`` does: a BERT-style
+    WordPiece tokenizer is an ElectraTokenizer with its normalizer's own options (transformers rebuilds the
+    normalizer from do_lower_case & co, so a fixed do_lower_case=True would lowercase a cased vocabulary);
+    any other (BPE, Unigram, other normalizers) is a PreTrainedTokenizerFast, which runs tokenizer.json as is."""
+    spec = json.loads(tok.to_str())
+    norm = spec.get("normalizer") or {}
+    if spec.get("model", {}).get("type") == "WordPiece" and norm.get("type") == "BertNormalizer":
+        return {"tokenizer_class": "ElectraTokenizer", "do_lower_case": bool(norm.get("lowercase", True)),
+                "strip_accents": norm.get("strip_accents"),
+                "tokenize_chinese_chars": bool(norm.get("handle_chinese_chars", True))}
+    return {"tokenizer_class": "PreTrainedTokenizerFast"}
 
 
 def tokenizer_fingerprint(tok) -> str:

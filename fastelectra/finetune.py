@@ -219,18 +219,20 @@ def make_batches(encoded, labels: list[int] | None, batch_size: int, pad_id: int
 # ----------------------------------------------------------------------------- optimizer
 def layerwise_param_groups(model: ElectraForSequenceClassification, lr: float, layer_decay: float,
                            weight_decay: float) -> list[dict]:
-    """AdamW parameter groups with ELECTRA's layer-wise lr decay: head lr, encoder layer l (0-based) of L
-    lr·decay^(L-l), embeddings and embeddings_project lr·decay^(L+1). Biases and LayerNorm weights get no
-    weight decay."""
+    """AdamW parameter groups with ELECTRA's layer-wise lr decay (google-research/electra,
+    model/optimization.py ``_get_layer_lrs``: embeddings at depth 0, layer l at depth l + 1, the head at
+    depth L + 2, lr·decay^(L + 2 - depth)): head lr, encoder layer l (0-based) of L lr·decay^(L + 1 - l),
+    embeddings and embeddings_project lr·decay^(L + 2). Biases and LayerNorm weights get no weight decay.
+    The groups' "depth" is the exponent of decay."""
     n_layers = model.config.num_hidden_layers
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith("electra.encoder.layer."):
-            depth = n_layers - int(name.split(".")[3])
+            depth = n_layers + 1 - int(name.split(".")[3])
         elif name.startswith(("electra.embeddings.", "electra.embeddings_project.")):
-            depth = n_layers + 1
+            depth = n_layers + 2
         else:
             depth = 0
         decay = decays(name)

@@ -150,6 +150,34 @@ def test_exported_tokenizer_files_load_in_transformers(trained, tmp_path):
     assert hf.mask_token_id == 4 and hf.pad_token_id == 0 and hf.model_max_length == 128
 
 
+@pytest.mark.parametrize("kind", ["cased WordPiece", "BPE"])
+def test_exported_tokenizer_files_keep_a_given_tokenizers_behaviour(kind, tmp_path):
+    """A --tokenizer that is cased or not WordPiece: transformers must give the ids the model was trained on
+    (a fixed do_lower_case=True made it lowercase and strip accents: other ids, silently)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    texts = ["The Cat sat on a MAT.", "Café naïve résumé, Python's module", "birds SANG songs about rivers"] * 40
+    if kind == "BPE":
+        t = Tokenizer(models.BPE(unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=data.SPECIAL_TOKENS)
+    else:
+        t = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        t.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+        t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=data.SPECIAL_TOKENS)
+    t.train_from_iterator(texts, trainer)
+    t.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(x, t.token_to_id(x)) for x in ("[CLS]", "[SEP]")])
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    data.save_tokenizer_files(tok, str(tmp_path / "export"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    for text in texts[:3]:
+        assert hf(text)["input_ids"] == tok.encode(text).ids, text
+
+
 # ----------------------------------------------------------------------------- token cache and examples
 def test_token_cache_written_once_and_keyed(trained, tmp_path):
     corpus, tok, _, _ = trained

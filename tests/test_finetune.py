@@ -126,7 +126,7 @@ def test_finetune_hf_checkpoint_with_text_pairs_and_held_out_dev(work, tmp_path)
     train = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "clf"
     s = finetune(str(hf_dir), train, str(out), tokenizer=str(work["dir"] / "vocab.txt"),
-                 **{**FAST, "max_seq_length": 40, "metric": "f1", "patience": 8})   # it plateaus a few epochs first
+                 **{**FAST, "max_seq_length": 40, "metric": "f1", "patience": 8, "epochs": 12})   # it plateaus first
     assert s["dev"]["n"] == 30 and s["dev"]["f1"] > 0.7
     hf = transformers.ElectraForSequenceClassification.from_pretrained(str(out))
     assert hf.config.label2id == {"mid": 0, "neg": 1, "pos": 2}
@@ -155,11 +155,13 @@ def test_layerwise_learning_rates():
     named = dict(model.named_parameters())
     assert len(lr_of) == len(named)
     assert lr_of[id(named["classifier.out_proj.weight"])] == (1.0, 0.01)
-    assert lr_of[id(named["electra.encoder.layer.2.attention.self.query.weight"])] == (0.5, 0.01)   # top: decay^1
-    assert lr_of[id(named["electra.encoder.layer.0.output.dense.weight"])] == (0.125, 0.01)         # decay^3
-    assert lr_of[id(named["electra.encoder.layer.0.output.LayerNorm.weight"])] == (0.125, 0.0)
-    assert lr_of[id(named["electra.embeddings.word_embeddings.weight"])] == (0.0625, 0.01)          # decay^(L+1)
-    assert lr_of[id(named["electra.embeddings_project.bias"])] == (0.0625, 0.0)
+    # google-research/electra's _get_layer_lrs: lr·decay^(L + 2 - depth), embeddings at depth 0, layer l at
+    # l + 1, the head at L + 2
+    assert lr_of[id(named["electra.encoder.layer.2.attention.self.query.weight"])] == (0.25, 0.01)  # top: decay^2
+    assert lr_of[id(named["electra.encoder.layer.0.output.dense.weight"])] == (0.0625, 0.01)        # decay^4
+    assert lr_of[id(named["electra.encoder.layer.0.output.LayerNorm.weight"])] == (0.0625, 0.0)
+    assert lr_of[id(named["electra.embeddings.word_embeddings.weight"])] == (0.03125, 0.01)         # decay^(L+2)
+    assert lr_of[id(named["electra.embeddings_project.bias"])] == (0.03125, 0.0)
 
 
 def test_seed_is_checked_first_with_pretrains_range(tmp_path, capsys):
