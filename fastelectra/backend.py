@@ -29,14 +29,23 @@ BACKENDS = ("auto", "fused", "eager")
 ENV_VAR = "FASTELECTRA_BACKEND"
 
 
+def check_name(requested: str | None) -> None:
+    """A ValueError unless ``requested`` is None or a backend's name. The ops call it before anything else,
+    so a misspelled backend is an error also where no kernel would run (and whatever FASTELECTRA_BACKEND)."""
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"backend={requested!r} is not a backend; expected one of {BACKENDS} or None")
+
+
 def resolve(requested: str | None = None) -> str:
     """The backend in force for a call: ``FASTELECTRA_BACKEND`` if set, else ``requested``,
     else ``auto``. Raises ValueError for an unknown name."""
     env = os.environ.get(ENV_VAR)
-    name = env if env else (requested or "auto")
-    if name not in BACKENDS:
-        source = f"environment variable {ENV_VAR}" if env else "backend"
-        raise ValueError(f"{source}={name!r} is not a backend; expected one of {BACKENDS}")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR}={env!r} is not a backend; expected one of {BACKENDS}")
+        return env
+    name = requested or "auto"
+    check_name(name)
     return name
 
 

@@ -12,6 +12,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .backend import BACKENDS
+
 # hidden / layers / heads / FFN / embedding of the paper's discriminators (Clark et al. 2020, Table 6),
 # the generator hidden size for each (the paper's multipliers: 1/4, 1/3, 1/4 of the discriminator: 64, 256,
 # 256) and its mask percent (15, 15, 25).
@@ -123,7 +125,7 @@ class ElectraConfig:
                       high_open=False)
         if not isinstance(self.unpad, bool):
             raise ValueError(f"ElectraConfig.unpad must be True or False, got {self.unpad!r}")
-        if not isinstance(self.backend, str) or self.backend not in ("auto", "fused", "eager"):
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise ValueError(f"ElectraConfig.backend={self.backend!r}; expected 'auto', 'fused' or 'eager'")
         if not isinstance(self.extra, dict):
             raise ValueError(f"ElectraConfig.extra must be a dict, got {type(self.extra).__name__}")

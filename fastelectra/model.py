@@ -416,9 +416,9 @@ class ElectraPretrainingModel(nn.Module):
         """ELECTRA's masking (DESIGN.md step 2): per sequence, k = round(mask_prob · n) of its n eligible
         (non-special, non-pad) tokens, at least 1 (0 if n = 0), chosen uniformly without replacement; of
         those, mask_token_prob become [MASK] and the rest keep the original (no random tokens, as in the
-        original code). Unlike the original code, which counts k from all non-pad tokens, draws positions
-        with replacement and may choose [UNK], [PAD], [CLS], [SEP], [MASK] and [UNK] are never chosen and k
-        counts only eligible tokens (a difference of ~2 tokens in 128).
+        original code). The original code counts k from all non-pad tokens, draws positions with replacement
+        and may choose [UNK]; here [PAD], [CLS], [SEP], [MASK] and [UNK] are never chosen and k counts only
+        eligible tokens (a difference of ~2 tokens in 128).
 
         Every sequence has K = config.max_predictions(T) ≥ k slots, so all shapes are static (no host
         sync, no data-dependent shapes): slot j of sequence b is real when ``valid[b, j]``.

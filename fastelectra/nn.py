@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import backend as _backend
 from . import ops
 
 __all__ = ["FusedLinear", "FusedLayerNorm", "FusedSelfAttention"]
@@ -34,7 +35,7 @@ class FusedLinear(nn.Linear):
                  activation: str | None = None, backend: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         ops._check_activation(activation)
-        ops._check_backend(backend)
+        _backend.check_name(backend)
         self.activation = activation
         self.backend = backend
 
@@ -44,7 +45,7 @@ class FusedLinear(nn.Linear):
         """A FusedLinear sharing ``linear``'s parameters (no copy)."""
         _check_module("linear", linear, nn.Linear)
         ops._check_activation(activation)
-        ops._check_backend(backend)
+        _backend.check_name(backend)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
@@ -74,14 +75,14 @@ class FusedLayerNorm(nn.LayerNorm):
         if len(self.normalized_shape) != 1:
             raise ValueError(f"FusedLayerNorm normalises the last dimension only; normalized_shape="
                              f"{tuple(self.normalized_shape)} must have one entry")
-        ops._check_backend(backend)
+        _backend.check_name(backend)
         self.backend = backend
 
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm, backend: str | None = None) -> "FusedLayerNorm":
         """A FusedLayerNorm sharing ``ln``'s parameters (no copy)."""
         _check_module("ln", ln, nn.LayerNorm)
-        ops._check_backend(backend)
+        _backend.check_name(backend)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.normalized_shape, new.eps, new.elementwise_affine = tuple(ln.normalized_shape), ln.eps, ln.elementwise_affine
@@ -117,7 +118,7 @@ class FusedSelfAttention(nn.Module):
         if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})")
         dropout_p = ops._check_dropout_p(dropout_p)
-        ops._check_backend(backend)
+        _backend.check_name(backend)
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)   # parameters only: one fused GEMM below
         self.key = nn.Linear(hidden_size, hidden_size)

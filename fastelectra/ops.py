@@ -73,12 +73,6 @@ def _number(name: str, value, integer: bool = False):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-def _check_backend(backend) -> None:
-    """A misspelled backend is an error even where no kernel would run (see fastelectra/backend.py)."""
-    if backend is not None and backend not in _backend.BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a backend; expected one of {_backend.BACKENDS} or None")
-
-
 def _check_activation(activation) -> None:
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -161,7 +155,7 @@ def linear(x, weight, bias=None, *, activation=None, return_input=False, backend
     (benchmarks/host_overhead.py), the fused linear layers added 5 to 8 ms to a 43 to 46 ms step
     (about 65 µs per layer's forward + backward), for GPU savings of a few µs per layer.
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     _check_float("x", x)
     _check_float("weight", weight)
     if bias is not None:
@@ -211,7 +205,7 @@ def layer_norm(x, weight, bias, eps=1e-12, *, residual=None, dropout_p=0.0, seed
     integer tensor) keys the fused kernel's in-kernel dropout, which reads it on x's device; None
     draws it from torch's generator of that device (no host sync). The reference ignores it.
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     _check_float("x", x)
     n = x.shape[-1] if x.dim() > 0 else 0
     if x.dim() == 0 or n == 0:
@@ -300,7 +294,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
     the reference ignores it). The fused kernel takes headdim 16/32/64/128 in fp16/bf16/fp32; other
     head sizes and float64 run the reference.
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     key_padding_mask, dropout_p, softmax_scale = _check_attention_args(q, k, v, key_padding_mask, dropout_p,
                                                                        softmax_scale)
     seed = _rng.check_seed(seed)
@@ -371,7 +365,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_sca
     choice of kernel (headdim 16/32/64/128, not float64) are as in :func:`attention`. The values of
     cu_seqlens are checked for CPU tensors only (on a GPU that would cost a host sync).
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     max_seqlen, dropout_p, softmax_scale = _check_varlen_args(q, k, v, cu_seqlens, max_seqlen, dropout_p,
                                                               softmax_scale)
     seed = _rng.check_seed(seed)
@@ -394,7 +388,7 @@ def attention_qkvpacked(qkv, key_padding_mask=None, dropout_p=0.0, softmax_scale
     that stacks dq, dk and dv back into the projection's output.
     Returns (batch, seqlen, nheads, headdim), or (total, nheads, headdim), in qkv's dtype.
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     _check_float("qkv", qkv)
     varlen = cu_seqlens is not None
     if not varlen and max_seqlen is not None:
@@ -525,7 +519,7 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     no host sync and every replay of a captured CUDA graph samples afresh. An int and a tensor of
     the same value give the same samples. For the eager path see :func:`replace_tokens_reference`.
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     temperature, offset = _check_replace_args(logits, input_ids, masked_positions, temperature, offset)
     seed = _rng.check_seed(seed)
     logits = logits.detach()
@@ -567,7 +561,7 @@ def cross_entropy(logits, targets, *, lse=None, backend=None):
     lse must belong to these logits; it gets no gradient. Everything else (no lse, CPU, float64,
     torch.compile, which fuses the reference itself) runs F.cross_entropy.
     """
-    _check_backend(backend)
+    _backend.check_name(backend)
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (rows, vocab_size), got shape {tuple(logits.shape)}")

@@ -798,12 +798,6 @@ class _Layout:
         return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _dropout_args(dropout_p: float):
-    """(drop_threshold, drop_scale): drop when a 16-bit draw < round(p * 2^16); kept values scaled by
-    1 / P(keep) (the layer norm's rule, kernels/layernorm.dropout_constants)."""
-    return dropout_constants(dropout_p)
-
-
 def _mask_args(key_mask, key_lens, device):
     """(uint8 mask or placeholder, int32 lengths or placeholder, batch stride, HAS_MASK, HAS_LENS).
 
@@ -831,7 +825,7 @@ def _grid(seqlen, block, layout):
 
 
 def _common_args(layout, dropout_p, softmax_scale, seed, q):
-    threshold, drop_scale = _dropout_args(dropout_p)
+    threshold, drop_scale = dropout_constants(dropout_p)   # the layer norm's 16-bit rule
     return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), drop_threshold=threshold,
                 drop_scale=drop_scale, seq_bucket=_next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
                 IS_DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -1179,7 +1173,7 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     if device.type == "cpu" and not _INTERPRET:
         raise ValueError("dropout_mask runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1)")
     seed = seed_tensor(seed, device)
-    threshold, _ = _dropout_args(_check_dropout(p, seqlen_q, seqlen_k))
+    threshold, _ = dropout_constants(_check_dropout(p, seqlen_q, seqlen_k))
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
     grid = (batch * nheads, _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n))
