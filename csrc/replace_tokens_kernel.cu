@@ -29,8 +29,9 @@
 // fine Philox call and the exact noise (two logarithms), out of line, run only for the few vectors
 // whose elements may still win, and there the per-element test picks them. That changes no result:
 // the winner is the lexicographic max of (exact key, -column), which does not depend on the order
-// elements are visited, so CPU and CUDA agree bit for bit. The warp shares its best key after every
-// step (a tighter T for every lane).
+// elements are visited, so CPU and CUDA agree bit for bit. The warp shares its best key after a step
+// in which some lane improved on the last shared one (a tighter T for every lane; one vote otherwise).
+// A vector's largest logit is taken packed for 16-bit logits (two HMNMX2 levels), before the unpack.
 //
 // Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
 // tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
@@ -90,6 +91,29 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&x)[8], __half) 
     x[2 * i] = f.x;
     x[2 * i + 1] = f.y;
   }
+}
+
+// The largest of a 16-byte vector's values as fp32, fmaxf's rule (a NaN loses; all NaN: NaN). For
+// 16-bit logits the pairs are compared packed (HMNMX2: three instructions for eight values, and two
+// conversions), where unpacking first costs eight conversions and seven FMNMX; a conversion to fp32 is
+// exact and monotone, so the two give the same value (at most +0 for -0, which compares equal).
+__device__ __forceinline__ float vector_max(const uint4& raw, float) {
+  return fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
+               fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w)));
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_pair(uint32_t w) {
+  return *reinterpret_cast<const T2*>(&w);
+}
+__device__ __forceinline__ float vector_max(const uint4& raw, __nv_bfloat16) {
+  const __nv_bfloat162 m = __hmax2(__hmax2(as_pair<__nv_bfloat162>(raw.x), as_pair<__nv_bfloat162>(raw.y)),
+                                   __hmax2(as_pair<__nv_bfloat162>(raw.z), as_pair<__nv_bfloat162>(raw.w)));
+  return fmaxf(__low2float(m), __high2float(m));
+}
+__device__ __forceinline__ float vector_max(const uint4& raw, __half) {
+  const __half2 m = __hmax2(__hmax2(as_pair<__half2>(raw.x), as_pair<__half2>(raw.y)),
+                            __hmax2(as_pair<__half2>(raw.z), as_pair<__half2>(raw.w)));
+  return fmaxf(__low2float(m), __high2float(m));
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -193,14 +217,12 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g,
   return st;
 }
 
-// Folds N logits x (columns col0 .. col0+N-1; coarse halves of their random words in hw, from src)
-// into the lane state.
+// Folds N logits x (columns col0 .. col0+N-1; group_max their fmaxf; coarse halves of their random
+// words in hw, from src) into the lane state.
 template <int N, bool kNoise, bool kLse, bool kUnitTau>
-__device__ __forceinline__ void fold(const float (&x)[N], int col0, const uint32_t (&hw)[kHalfWords<N>],
-                                     const NoiseSource& src, float inv_tau, float threshold, LaneState& st) {
-  float group_max = x[0];
-#pragma unroll
-  for (int e = 1; e < N; ++e) group_max = fmaxf(group_max, x[e]);
+__device__ __forceinline__ void fold(const float (&x)[N], float group_max, int col0,
+                                     const uint32_t (&hw)[kHalfWords<N>], const NoiseSource& src, float inv_tau,
+                                     float threshold, LaneState& st) {
   if (group_max > st.max) {  // rare after the first steps
     if (kLse) st.sum *= fast_exp2((st.max - group_max) * kLog2e);  // 0 for the first finite max
     st.max = group_max;
@@ -277,7 +299,7 @@ __device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int6
     const NoiseSource src{(uint64_t)flat >> 3, (int)(flat & 7), seed, offset};
     uint32_t hw[1] = {0u};
     if (kNoise) hw[0] = half_at(philox_octet(src.octet, false, seed, offset), src.half0);
-    fold<1, kNoise, kLse, kUnitTau>(x, (int)(flat - row_begin), hw, src, inv_tau, threshold, st);
+    fold<1, kNoise, kLse, kUnitTau>(x, x[0], (int)(flat - row_begin), hw, src, inv_tau, threshold, st);
   }
 }
 
@@ -354,10 +376,13 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
       float x[VEC];
       unpack(raw[k], x, T());
       const NoiseSource src{octets[k], lane_half0, seed, offset};
-      fold<VEC, kNoise, kLse, kUnitTau>(x, (int)(head_end - row_begin) + i * VEC, hw_all[k], src, inv_tau,
-                                        threshold, st);
+      fold<VEC, kNoise, kLse, kUnitTau>(x, vector_max(raw[k], T()), (int)(head_end - row_begin) + i * VEC,
+                                        hw_all[k], src, inv_tau, threshold, st);
     }
-    if (kNoise) {  // share the best key so far: a tighter filter for the whole warp
+    // Share the best key so far: a tighter filter for the whole warp. Every lane's best is at most the
+    // threshold after a share, so unless a lane has found a better one since (rare after the first
+    // steps) the share would change nothing: one vote instead of five shuffles.
+    if (kNoise && __any_sync(kFullWarp, st.best_key > threshold)) {
       float t = st.best_key;
 #pragma unroll
       for (int d = kWarpSize / 2; d > 0; d /= 2) t = fmaxf(t, __shfl_xor_sync(kFullWarp, t, d));

@@ -618,6 +618,39 @@ def test_cuda_kernel_on_the_host_flags_invalid_rows_and_matches_special_values(h
     _assert_same(host_op(host_kernels, special, ids, pos, 1.0, 0, 0, True), op(special, ids, pos, 1.0, 0, 0, True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature,return_lse", [(1.0, True), (1.0, False), (0.5, True), (0.0, False)])
+def test_cuda_kernel_on_the_host_special_values_inside_vectors(host_kernels, dtype, temperature, return_lse):
+    """NaN, +-inf and signed zeros next to finite logits in the same 16-byte vector, in every dtype: the
+    kernel takes a vector's max packed (16-bit pairs) before it unpacks and filters the vector on it, so
+    the CPU op's samples must come out whatever that max makes of NaN (a NaN max only lets the whole
+    vector through to the exact per-element test), and -0 ties with +0 (the lower column wins). Rows
+    9.. hold NaN in most vectors."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(25, 203, generator=g)
+    logits[9:] = logits[9:].masked_fill(torch.rand(16, 203, generator=g) < 0.3, float("nan"))  # most vectors
+    logits[0, 8:16] = float("nan")                      # a whole vector of NaN
+    logits[1, 9] = float("nan")                         # NaN beside the row's largest logit
+    logits[1, 10] = 50.0
+    logits[2] = float("nan")
+    logits[2, 100:108] = torch.tensor([-0.0, 0.0, float("nan"), -0.0, float("nan"), 0.0, -0.0, 0.0])
+    logits[3] = -float("inf")
+    logits[3, 17] = -0.0
+    logits[3, 19] = 0.0                                 # ties with column 17 under argmax
+    logits[4, ::2] = float("nan")
+    logits[5, 40:48] = float("inf")
+    logits[5, 44] = float("nan")
+    logits[6] = -float("inf")
+    logits[6, 5::16] = float("nan")
+    logits[7, 120:128] = torch.tensor([-float("inf"), float("nan")] * 4)
+    logits[8] = float("nan")
+    logits[8, 202] = -float("inf")                      # one -inf in the row's tail, every other NaN
+    logits = logits.to(dtype)
+    ids, pos = torch.randint(0, 203, (5, 6), generator=g), torch.randperm(30, generator=g)[:25]
+    _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 3, 1, return_lse),
+                 op(logits, ids, pos, temperature, 3, 1, return_lse))
+
+
 def test_cuda_noise_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels):
     for shape, seed, offset in (((7, 30522), 2**62 - 1, 3), ((3, 5), 1, 2**40 + 1)):
         out = torch.empty(shape)

@@ -1,5 +1,5 @@
 // Stand-in for CUDA's fp16 header (tests only; see cuda_runtime.h here): the storage type and the
-// exact conversions to fp32 that csrc/replace_tokens_kernel.cu uses.
+// exact conversions to fp32 and the packed max that csrc/replace_tokens_kernel.cu uses.
 #pragma once
 
 #include <math.h>
@@ -26,3 +26,9 @@ inline float __half2float(__half h) {
   return __uint_as_float(bits);
 }
 inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
+inline float __low2float(__half2 h) { return __half2float(h.x); }
+inline float __high2float(__half2 h) { return __half2float(h.y); }
+inline __half2 __hmax2(__half2 a, __half2 b) {
+  return {{fe_host::max_bits(a.x.bits, __half2float(a.x), b.x.bits, __half2float(b.x))},
+          {fe_host::max_bits(a.y.bits, __half2float(a.y), b.y.bits, __half2float(b.y))}};
+}

@@ -220,6 +220,13 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   memcpy(&out, &word, 4);
   return out;
 }
+// Whether any lane's predicate is set (one VOTE.ANY on the device): here, an OR over the same butterfly
+// of full-mask shuffles, so every lane must reach it, as with a shuffle.
+inline int __any_sync(unsigned mask, int predicate) {
+  unsigned any = predicate != 0;
+  for (int d = fe_host::kLanes / 2; d > 0; d /= 2) any |= __shfl_xor_sync(mask, any, d);
+  return (int)any;
+}
 template <typename T>
 inline T __ldg(const T* p) {
   return fe_host::load(p, "__ldg");
@@ -244,3 +251,15 @@ inline unsigned __vminu2(unsigned a, unsigned b) {
   const unsigned hi = (a >> 16) < (b >> 16) ? a >> 16 : b >> 16;
   return hi << 16 | lo;
 }
+
+namespace fe_host {
+// Elementwise max of two 16-bit floats given as bits and their fp32 values, with CUDA's __hmax rule:
+// a NaN loses to a number, two NaNs give the canonical NaN (0x7fff), +0 beats -0.
+inline uint16_t max_bits(uint16_t a, float fa, uint16_t b, float fb) {
+  if (fa != fa && fb != fb) return 0x7fffu;
+  if (fa != fa) return b;
+  if (fb != fb) return a;
+  if (fa == fb) return (a & 0x8000u) ? b : a;  // equal: the same bits, or +0 and -0
+  return fa > fb ? a : b;
+}
+}  // namespace fe_host
