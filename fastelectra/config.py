@@ -28,8 +28,9 @@ PRESETS = {
                   embedding_size=1024, generator_hidden_size=256, mask_prob=0.25),
 }
 
-# transformers' label-name keys: not ElectraConfig fields (they travel in ``extra``) but settable as overrides
-HF_LABEL_KEYS = ("id2label", "label2id")
+# transformers' keys for a classifier's task (label names, loss): not ElectraConfig fields (they travel in
+# ``extra``) but settable as overrides; a new classification head drops the checkpoint's (fastelectra.hf.load_model)
+HF_TASK_KEYS = ("id2label", "label2id", "problem_type")
 SPECIAL_TOKEN_FIELDS = ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id")
 
 
@@ -137,14 +138,14 @@ class ElectraConfig:
 
     def with_overrides(self, **overrides) -> "ElectraConfig":
         """A validated copy with ``overrides`` applied through the HF dict: ElectraConfig fields, keys this
-        config already carries in ``extra``, and transformers' ``id2label`` / ``label2id``. Any other key
-        (a misspelt field) is a TypeError naming it."""
-        allowed = set(self.field_names()) | set(self.to_dict()) | set(HF_LABEL_KEYS)
+        config already carries in ``extra``, and transformers' ``id2label`` / ``label2id`` / ``problem_type``.
+        Any other key (a misspelt field) is a TypeError naming it."""
+        allowed = set(self.field_names()) | set(self.to_dict()) | set(HF_TASK_KEYS)
         unknown = sorted(k for k in overrides if k not in allowed)
         if unknown:
             raise TypeError(f"unknown ElectraConfig override{'s' if len(unknown) > 1 else ''} "
                             f"{', '.join(map(repr, unknown))}; valid fields: {', '.join(self.field_names())} "
-                            f"(and {', '.join(HF_LABEL_KEYS)})")
+                            f"(and {', '.join(HF_TASK_KEYS)})")
         return type(self).from_dict({**self.to_dict(), **overrides})
 
     # ------------------------------------------------------------------ presets and derived configs

@@ -4,7 +4,8 @@
                   docstrings of the Python standard library (read with ``ast``, nothing imported)
                   plus the pydoc topics, so a fresh machine pretrains with no download
     tokenizer     a HF tokenizer directory / tokenizer.json, a WordPiece vocab.txt (BERT
-                  normalisation: lowercase, strip accents), or a WordPiece vocab trained on the corpus
+                  normalisation as its tokenizer_config.json says; by default lowercase, strip
+                  accents), or a WordPiece vocab trained on the corpus (lowercase, strip accents)
     token cache   the whole corpus tokenized once into ``tokens-<hash>.bin`` (uint16 / uint32 ids,
                   read back as a numpy memmap); documents are separated by [SEP]; the hash covers
                   the corpus and the tokenizer
@@ -143,12 +144,16 @@ def resolve_corpus(path: str | None) -> Corpus:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _bert_pipeline(tok):
-    """BERT-style normalisation (lowercase, strip accents), pre-tokenizer, [CLS]/[SEP] template, decoder."""
+def _bert_pipeline(tok, lowercase: bool = True, strip_accents: bool | None = True,
+                   handle_chinese_chars: bool = True):
+    """BERT-style normalisation, pre-tokenizer, [CLS]/[SEP] template, decoder. The normaliser's options are
+    BertTokenizer's: ``lowercase`` (do_lower_case), ``strip_accents`` (None: strip when lowercasing) and
+    ``handle_chinese_chars`` (tokenize_chinese_chars: a space around each CJK character); the defaults, which
+    the trained tokenizer uses, lowercase and strip accents."""
     from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=True, lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=handle_chinese_chars,
+                                                strip_accents=strip_accents, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -159,9 +164,38 @@ def _bert_pipeline(tok):
     return tok
 
 
+def _vocab_txt_options(vocab_path: str) -> dict:
+    """The BERT normaliser options for ``vocab_path`` from the tokenizer_config.json beside it, read as
+    transformers' BertTokenizer reads them: do_lower_case (default true), strip_accents (default null: strip
+    when lowercasing), tokenize_chinese_chars (default true). No tokenizer_config.json: those defaults."""
+    path = os.path.join(os.path.dirname(os.path.abspath(vocab_path)), "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return dict(lowercase=True, strip_accents=True, handle_chinese_chars=True)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise FastElectraError(f"cannot read {path}: {e}") from e
+    except ValueError as e:      # JSONDecodeError, UnicodeDecodeError
+        raise FastElectraError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise FastElectraError(f"{path} must hold a JSON object (key: value pairs), got a {type(cfg).__name__}")
+    for key, allowed, expected in (("do_lower_case", (True, False), "true or false"),
+                                   ("strip_accents", (True, False, None), "true, false or null"),
+                                   ("tokenize_chinese_chars", (True, False), "true or false")):
+        if key in cfg and not any(cfg[key] is v for v in allowed):
+            raise FastElectraError(f"{path}: {key} must be {expected}, got {cfg[key]!r}")
+    lowercase = cfg.get("do_lower_case", True)
+    strip_accents = cfg.get("strip_accents")
+    return dict(lowercase=lowercase, strip_accents=lowercase if strip_accents is None else strip_accents,
+                handle_chinese_chars=cfg.get("tokenize_chinese_chars", True))
+
+
 def load_tokenizer(path: str):
     """A ``tokenizers.Tokenizer`` from a HF tokenizer directory (tokenizer.json, else vocab.txt),
-    a tokenizer.json file, or a WordPiece vocab.txt (BERT normalisation: lowercase, strip accents)."""
+    a tokenizer.json file, or a WordPiece vocab.txt. A vocab.txt gets BERT normalisation with the
+    do_lower_case / strip_accents / tokenize_chinese_chars of the tokenizer_config.json beside it, as
+    transformers' BertTokenizer does (without one: lowercase, strip accents, split CJK characters)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordPiece
 
@@ -174,11 +208,12 @@ def load_tokenizer(path: str):
                 break
         else:
             raise FastElectraError(f"tokenizer directory {path} has neither tokenizer.json nor vocab.txt")
+    options = None if path.endswith(".json") else _vocab_txt_options(path)
     try:
         if path.endswith(".json"):
             tok = Tokenizer.from_file(path)
         else:
-            tok = _bert_pipeline(Tokenizer(WordPiece.from_file(path, unk_token="[UNK]")))
+            tok = _bert_pipeline(Tokenizer(WordPiece.from_file(path, unk_token="[UNK]")), **options)
     except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
         raise FastElectraError(f"cannot read tokenizer {path}: {e}") from e
     if tok.get_vocab_size() == 0:

@@ -2,16 +2,20 @@
 
     data         a CSV/TSV or JSON-lines file with a text column, an optional text_pair column and a
                  label column; labels are strings (JSON numbers are written as strings); the label
-                 order is sorted, or the checkpoint's when it is already a classifier for the same labels
+                 order is sorted, or the checkpoint's when it is already a single-label classifier for
+                 the same labels
     model        fastelectra.model.ElectraForSequenceClassification loaded from a fastelectra or HF
                  checkpoint directory (a pretraining run's folder works: its discriminator/ is used);
-                 the encoder is loaded, a new classification head is initialised
+                 the encoder is loaded, a new classification head is initialised (the checkpoint's own
+                 head is kept when it is already a single-label classifier for the same labels); the
+                 saved config.json carries the new labels, never the checkpoint's problem_type
     batches      dynamic padding to the longest sequence of the batch; unless the backend is eager the
                  encoder then runs on the real tokens only (ElectraConfig.unpad, varlen attention),
                  else the attention mask goes to the masked attention
-    optimizer    AdamW with layer-wise learning-rate decay: head lr, layer l (0 = bottom) of L
-                 lr·decay^(L-l), embeddings (and the E→H projection) lr·decay^(L+1); no weight decay on
-                 biases and LayerNorm weights; linear warmup then linear decay to 0; grad clip 1.0
+    optimizer    AdamW with google-research/electra's layer-wise learning-rate decay: head lr, layer l
+                 (0 = bottom) of L lr·decay^(L+1-l), embeddings (and the E→H projection) lr·decay^(L+2);
+                 no weight decay on biases and LayerNorm weights; linear warmup then linear decay to 0;
+                 grad clip 1.0
     selection    the dev metric (accuracy or macro F1) after each epoch; the best model is saved to
                  ``out`` in HF format with the tokenizer files and id2label/label2id in config.json;
                  training stops after ``patience`` epochs without improvement
@@ -42,7 +46,8 @@ from .model import ElectraForSequenceClassification
 from .pretrain import check_seed, clip_and_step, decays, lr_lambda
 
 __all__ = ["Examples", "read_examples", "read_config", "load_classifier_tokenizer", "resolve_checkpoint",
-           "layerwise_param_groups", "make_batches", "evaluate", "finetune", "add_cli_arguments", "run_cli"]
+           "check_pair_column", "layerwise_param_groups", "make_batches", "evaluate", "finetune", "add_cli_arguments",
+           "run_cli"]
 
 CSV_SUFFIXES = (".csv", ".tsv")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -183,6 +188,15 @@ def load_classifier_tokenizer(model_dir: str, tokenizer: str | None, config: Ele
         raise FastElectraError(f"checkpoint {model_dir} has pad_token_id={config.pad_token_id} but the tokenizer "
                                f"{tokenizer} has [PAD] = {tok.token_to_id('[PAD]')}; they do not belong together")
     return tok, tokenizer
+
+
+def check_pair_column(examples: Examples, config: ElectraConfig, model_dir: str, pair_column: str) -> None:
+    """Text pairs put the second text in segment 1: a checkpoint with type_vocab_size=1 has no embedding for
+    it, so a file with a pair column is a FastElectraError for it (the model would reject token type 1)."""
+    if examples.pairs is not None and config.type_vocab_size < 2:
+        raise FastElectraError(f"{examples.path} has a pair column {pair_column!r} but checkpoint {model_dir} has "
+                               f"type_vocab_size={config.type_vocab_size} (one segment); remove the column or set "
+                               "--pair-column to one the file lacks")
 
 
 def encode(tok, examples: Examples, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -363,10 +377,12 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
     # model and tokenizer
     model_dir = resolve_checkpoint(checkpoint)
     config = read_config(model_dir)
+    check_pair_column(train, config, model_dir, pair_column)
     tok, tok_source = load_classifier_tokenizer(model_dir, tokenizer, config)
     old = config.extra.get("label2id")
     keep_head = (isinstance(old, dict) and sorted(old) == label_set and "ElectraForSequenceClassification"
-                 in config.extra.get("architectures", []))
+                 in config.extra.get("architectures", [])
+                 and config.extra.get("problem_type") in (None, "single_label_classification"))
     label_names = sorted(old, key=old.get) if keep_head else label_set
     label2id = {name: i for i, name in enumerate(label_names)}
     torch.manual_seed(seed)
@@ -461,7 +477,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tokenizer", help="tokenizer folder, tokenizer.json or vocab.txt (default: the checkpoint's)")
     a("--epochs", type=int, default=3)
     a("--batch-size", type=int, default=32)
-    a("--lr", type=float, default=1e-4, help="peak learning rate of the head and top layer (default: 1e-4)")
+    a("--lr", type=float, default=1e-4, help="peak learning rate of the classification head; encoder layer l "
+      "(0 = bottom) of L gets lr·layer_decay^(L+1-l), the embeddings lr·layer_decay^(L+2) (default: 1e-4)")
     a("--layer-decay", type=float, default=0.8, help="layer-wise learning-rate decay (default: 0.8)")
     a("--weight-decay", type=float, default=0.0)
     a("--warmup", type=float, default=0.1, help="fraction of the steps spent in linear warmup (default: 0.1)")

@@ -6,20 +6,31 @@ ElectraForSequenceClassification; our models have the same state-dict keys.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import torch
 
-from .config import ElectraConfig
+from .config import HF_TASK_KEYS, ElectraConfig
 
-__all__ = ["load_model", "save_model", "load_state_dict_file"]
+__all__ = ["load_model", "save_model", "load_state_dict_file", "CheckpointMismatchError"]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # keys transformers may store that carry no parameters of ours (old checkpoints saved buffers)
 IGNORED_KEYS = ("electra.embeddings.position_ids", "electra.embeddings.token_type_ids")
 TIED_KEYS = ("generator_lm_head.weight",)
 EMBEDDING_KEY = "electra.embeddings.word_embeddings.weight"   # what TIED_KEYS are tied to
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys are not the model's: ``missing`` (the model's keys it lacks) and ``unexpected``
+    (its keys the model does not have), e.g. a discriminator loaded as a sequence classifier."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str]):
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -52,11 +63,16 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
 
     ``new_head=True`` (fine-tuning on a new task) loads only the encoder (``electra.*``, which must be
     complete): the checkpoint's head keys are dropped and ``cls``'s head keeps its fresh initialisation.
-    A bare ElectraModel checkpoint (keys without the ``electra.`` prefix) is then accepted too.
+    A bare ElectraModel checkpoint (keys without the ``electra.`` prefix) is then accepted too. The old
+    task's ``id2label`` / ``label2id`` / ``problem_type`` are dropped from the config with its head (pass
+    new ones as overrides), so save_model never writes them for the new head.
 
     ``config_overrides`` replace config.json's values: ElectraConfig fields (or keys the file carries, or
-    ``id2label`` / ``label2id``); any other key is a TypeError (see ElectraConfig.with_overrides)."""
+    ``id2label`` / ``label2id`` / ``problem_type``); any other key is a TypeError (see
+    ElectraConfig.with_overrides). A checkpoint whose keys do not match raises CheckpointMismatchError."""
     config = ElectraConfig.from_json_file(os.path.join(path, "config.json"))
+    if new_head:
+        config = dataclasses.replace(config, extra={k: v for k, v in config.extra.items() if k not in HF_TASK_KEYS})
     if config_overrides:
         config = config.with_overrides(**config_overrides)
     model = cls(config)
@@ -70,9 +86,9 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
     missing = [k for k in own if k not in state and k not in TIED_KEYS and (k.startswith("electra.") or not new_head)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match {cls.__name__}: missing keys {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
+        raise CheckpointMismatchError(f"checkpoint {path} does not match {cls.__name__}: missing keys {missing[:8]}"
+                                      f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                                      f"{'...' if len(unexpected) > 8 else ''}", missing, unexpected)
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(f"checkpoint {path}: {k} has shape {tuple(v.shape)} but the config gives "
@@ -90,12 +106,19 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
 
 
 def save_model(model, path: str) -> None:
-    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads. The config's
+    ``dtype`` is the saved tensors' (transformers loads them in it by default), whatever dtype or torch_dtype
+    the source config carried (fastelectra loads a bf16 checkpoint in fp32); with mixed floating dtypes it has
+    none."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    config = {**model.config.to_dict(), "architectures": [model.hf_architecture], "tie_word_embeddings": True}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    config.update(architectures=[model.hf_architecture], tie_word_embeddings=True)
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

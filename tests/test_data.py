@@ -1,4 +1,5 @@
 """fastelectra.data: corpus, tokenizer, token cache, packed examples, batch sampling."""
+import json
 import os
 import random
 import sys
@@ -138,6 +139,38 @@ def test_load_tokenizer_errors(tmp_path, trained):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
     with pytest.raises(FastElectraError, match=r"lacks the special tokens \['\[MASK\]'\]"):
         data.load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+@pytest.mark.parametrize("options", [None, {}, {"do_lower_case": False},
+                                     {"do_lower_case": False, "strip_accents": True},
+                                     {"do_lower_case": True, "strip_accents": False}, {"tokenize_chinese_chars": False},
+                                     {"do_lower_case": False, "strip_accents": None, "tokenize_chinese_chars": False}])
+def test_vocab_txt_follows_its_tokenizer_config_like_transformers(options, tmp_path):
+    """A HF checkpoint folder often ships vocab.txt + tokenizer_config.json and no tokenizer.json: its
+    do_lower_case / strip_accents / tokenize_chinese_chars decide the ids (a cased model was lowercased)."""
+    transformers = pytest.importorskip("transformers")
+    vocab = data.SPECIAL_TOKENS + ["Paris", "paris", "Café", "café", "cafe", "Cafe", "中", "国", "中国", "is",
+                                   "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    if options is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ElectraTokenizer", **options}))
+    hf = transformers.ElectraTokenizer.from_pretrained(str(tmp_path))
+    for path in (tmp_path, tmp_path / "vocab.txt"):
+        tok = data.load_tokenizer(str(path))
+        for text in ("Paris is Café 中国 .", "PARIS cafe 中 国"):
+            assert tok.encode(text).ids == hf(text)["input_ids"], (path, text)
+
+
+def test_bad_tokenizer_config_beside_vocab_txt_is_a_clear_error(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(data.SPECIAL_TOKENS + ["hello"]) + "\n")
+    for text, message in [("{ not json", r"tokenizer_config.json is not valid JSON"),
+                          ("[1, 2]", r"tokenizer_config.json must hold a JSON object"),
+                          ('{"do_lower_case": "no"}', r"tokenizer_config.json: do_lower_case must be true or false, "
+                                                      r"got 'no'"),
+                          ('{"strip_accents": 1}', r"strip_accents must be true, false or null, got 1")]:
+        (tmp_path / "tokenizer_config.json").write_text(text)
+        with pytest.raises(FastElectraError, match=message):
+            data.load_tokenizer(str(tmp_path))
 
 
 def test_exported_tokenizer_files_load_in_transformers(trained, tmp_path):

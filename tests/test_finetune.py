@@ -260,3 +260,169 @@ def test_held_out_split_keeps_every_label_in_train_and_reads_excel_csv(tmp_path)
     path = tmp_path / "excel.csv"
     path.write_bytes("\ufefftext,label\nfine,pos\n".encode("utf-8"))
     assert read_examples(str(path)).texts == ["fine"]
+
+
+def save_classifier(folder, **config):
+    """A random-init classifier folder with the test vocabulary: for predict's behaviour, not its accuracy."""
+    torch.manual_seed(0)
+    labels = ["mid", "neg", "pos"]
+    cfg = tiny_config(num_labels=3, extra={"id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in
+                                                                                              enumerate(labels)}})
+    ElectraForSequenceClassification(cfg.with_overrides(**config)).save_pretrained(str(folder))
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("problem_type, num_labels", [("regression", 1), (None, 1), ("multi_label_classification", 4)])
+def test_predict_regression_and_multi_label_classifiers_like_transformers(work, tmp_path, problem_type, num_labels):
+    """A regression head's output is its raw value and a multi-label head's is a sigmoid per label, never a
+    softmax over one class (always LABEL_0 with score 1.0) or over independent labels."""
+    transformers = pytest.importorskip("transformers")
+    names = {i: "abcd"[i] for i in range(num_labels)}
+    cfg = transformers.ElectraConfig(vocab_size=len(VOCAB), embedding_size=32, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                                     id2label=names, problem_type=problem_type, initializer_range=0.5)
+    torch.manual_seed(0)
+    hf = transformers.ElectraForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    rows = [{"id": i, **r} for i, r in enumerate(sentences(24, 4))]
+    tok = transformers.ElectraTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        logits = hf(**tok([r["text"] for r in rows], padding=True, return_tensors="pt")).logits
+    for suffix in (".csv", ".jsonl"):
+        out = tmp_path / f"out{suffix}"
+        r = predict(str(tmp_path / "hf"), write_csv(tmp_path / "in.csv", rows), str(out), device="cpu")
+        assert "metrics" not in r and r["problem_type"] == (problem_type or "regression")
+        if suffix == ".csv":
+            with open(out) as f:
+                got = list(csv.DictReader(f))
+            columns = list(got[0])
+            got = [{k: json.loads(v) if k in ("predicted_label", "score") else v for k, v in x.items()} for x in got]
+        else:
+            got = [json.loads(line) for line in out.read_text().splitlines()]
+            columns = list(got[0])
+        assert [x["id"] for x in got] == [str(r["id"]) for r in rows]                     # input order
+        if num_labels == 1:
+            assert columns == ["id", "text", "label", "predicted_label"]                   # the value; no score
+            assert [x["predicted_label"] for x in got] == pytest.approx(logits[:, 0].tolist(), abs=1e-5)
+        else:
+            assert columns == ["id", "text", "label", "predicted_label", "score"]
+            probs = logits.sigmoid()
+            want = [[i for i in range(num_labels) if p[i] > 0.5] for p in probs]
+            assert len({len(w) for w in want}) > 1                                  # 0, 1, 2... labels a row
+            assert [x["predicted_label"] for x in got] == [[names[i] for i in w] for w in want]
+            for x, p, w in zip(got, probs, want):
+                assert x["score"] == pytest.approx(p[w].tolist(), abs=1e-5)
+
+
+def test_predict_rejects_an_unknown_problem_type(work, tmp_path):
+    folder = save_classifier(tmp_path / "clf")
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    for problem_type, num_labels, message in [("ranking", 3, "problem_type must be .*got 'ranking'"),
+                                              ("single_label_classification", 1, "needs num_labels >= 2")]:
+        (tmp_path / "clf" / "config.json").write_text(json.dumps({**config, "problem_type": problem_type,
+                                                                  "num_labels": num_labels, "id2label": None}))
+        with pytest.raises(FastElectraError, match=message):
+            predict(folder, work["test"], str(tmp_path / "p.csv"), device="cpu")
+
+
+@pytest.mark.parametrize("problem_type, labels", [("regression", None),
+                                                  ("multi_label_classification", ["mid", "neg", "pos"])])
+def test_finetune_exports_a_single_label_classifier_whatever_the_checkpoints_task(work, tmp_path, problem_type,
+                                                                                   labels):
+    """Fine-tuning trains a softmax head: the exported config must not keep the checkpoint's problem_type,
+    which made transformers train the export with MSELoss (regression) or BCE (multi-label)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ElectraConfig(vocab_size=len(VOCAB), embedding_size=64, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=32,
+                                     problem_type=problem_type, **({"num_labels": 1} if labels is None else
+                                                                   {"id2label": dict(enumerate(labels))}))
+    torch.manual_seed(0)
+    transformers.ElectraForSequenceClassification(cfg).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    finetune(str(tmp_path / "hf"), work["train"], str(tmp_path / "out"), work["dev"], **{**FAST, "epochs": 1})
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["num_labels"] == 3 and saved.get("problem_type") in (None, "single_label_classification")
+    assert saved["id2label"] == {"0": "mid", "1": "neg", "2": "pos"}
+    hf = transformers.ElectraForSequenceClassification.from_pretrained(str(tmp_path / "out"))
+    y = torch.tensor([1, 2])
+    out = hf(input_ids=torch.tensor([[2, 10, 11, 3], [2, 12, 5, 3]]), labels=y)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, y))
+
+
+def test_documented_learning_rates_are_the_codes(capsys):
+    """The module docstring and --lr's help state google-research/electra's rule, which the code follows
+    (test_layerwise_learning_rates): the top layer gets lr·decay^2, not lr."""
+    import fastelectra.finetune
+
+    doc = " ".join(fastelectra.finetune.__doc__.split())
+    assert "layer l (0 = bottom) of L lr·decay^(L+1-l), embeddings (and the E→H projection) lr·decay^(L+2)" in doc
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--lr LR peak learning rate of the classification head; encoder layer l (0 = bottom) of L gets "
+            "lr·layer_decay^(L+1-l), the embeddings lr·layer_decay^(L+2)") in text and "top layer" not in text
+
+
+def test_predict_output_columns_never_overwrite_input_columns(work, tmp_path, capsys):
+    folder = save_classifier(tmp_path / "clf")
+    rows = [{"id": i, "text": r["text"], "score": f"human rating {i}"} for i, r in enumerate(sentences(6, 6))]
+    scored = write_csv(tmp_path / "scored.csv", rows)
+    with pytest.raises(FastElectraError, match=r"--score-column 'score' is already a column of .*scored.csv; choose "
+                                               r"another name"):
+        predict(folder, scored, str(tmp_path / "p.csv"), device="cpu")
+    with pytest.raises(FastElectraError, match=r"--output-column 'text' is already a column of .*scored.csv"):
+        predict(folder, scored, str(tmp_path / "p.csv"), device="cpu", output_column="text", score_column="s")
+    with pytest.raises(FastElectraError, match=r"--output-column and --score-column are both 'p'"):
+        predict(folder, work["test"], str(tmp_path / "p.csv"), device="cpu", output_column="p", score_column="p")
+    assert not (tmp_path / "p.csv").exists()
+
+    predict(folder, scored, str(tmp_path / "p.csv"), device="cpu", score_column="model_score")
+    with open(tmp_path / "p.csv") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == ["id", "text", "score", "predicted_label", "model_score"]
+    assert [x["score"] for x in got] == [r["score"] for r in rows]                  # the user's column is kept
+    assert all(x["predicted_label"] in ("mid", "neg", "pos") and 0 < float(x["model_score"]) <= 1 for x in got)
+
+    base = ["predict", "--model", folder, "--input", scored, "--output", str(tmp_path / "cli.csv"), "--device", "cpu"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --score-column 'score' is already a column") and "Traceback" not in err
+    assert main(base + ["--score-column", "model_score"]) == 0
+
+
+def test_pair_column_with_a_single_segment_checkpoint_is_a_clear_error(work, tmp_path, capsys):
+    """type_vocab_size=1 has no embedding for the second segment: a text_pair column is a FastElectraError
+    (the model's ValueError escaped the CLI as a traceback)."""
+    folder = save_classifier(tmp_path / "clf", type_vocab_size=1)
+    pairs = write_csv(tmp_path / "pairs.csv", [{**r, "text_pair": "the plot"} for r in sentences(12, 8)])
+    message = (r"pairs.csv has a pair column 'text_pair' but checkpoint .*clf has type_vocab_size=1 \(one segment\); "
+               r"remove the column or set --pair-column to one the file lacks")
+    with pytest.raises(FastElectraError, match=message):
+        predict(folder, pairs, str(tmp_path / "p.csv"), device="cpu")
+    with pytest.raises(FastElectraError, match=message):
+        finetune(folder, pairs, str(tmp_path / "o"), **FAST)
+    assert predict(folder, pairs, str(tmp_path / "p.csv"), device="cpu", pair_column="none")["n"] == 12
+    for argv in (["predict", "--model", folder, "--input", pairs, "--output", str(tmp_path / "p.csv")],
+                 ["finetune", "--model", folder, "--train", pairs, "--out", str(tmp_path / "o")]):
+        assert main(argv + ["--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "type_vocab_size=1" in err and "Traceback" not in err
+
+
+def test_predict_says_what_is_wrong_with_the_checkpoint(work, tmp_path):
+    """Only missing classifier weights make a checkpoint "not a sequence classifier"; a corrupt weights file and
+    a bad config.json are reported as what they are."""
+    corrupt = save_classifier(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x01\x00")
+    badact = save_classifier(tmp_path / "badact")
+    config = json.loads((tmp_path / "badact" / "config.json").read_text())
+    (tmp_path / "badact" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_fast"}))
+    for folder, message in [(corrupt, r"cannot read weights file .*model.safetensors \(corrupt or truncated\?\)"),
+                            (badact, r"config.json is not a usable ELECTRA config: .*hidden_act='gelu_fast'")]:
+        with pytest.raises(FastElectraError, match=message) as e:
+            predict(folder, work["test"], str(tmp_path / "p.csv"), device="cpu")
+        assert "not a sequence classifier" not in str(e.value)
+    with pytest.raises(FastElectraError, match=r"ours is not a sequence classifier \(it has no classifier weights"):
+        predict(work["ours"], work["test"], str(tmp_path / "p.csv"), device="cpu")

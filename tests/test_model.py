@@ -174,6 +174,52 @@ def test_unknown_from_pretrained_overrides_are_errors(tmp_path):
         ElectraForSequenceClassification.from_pretrained(str(tmp_path), new_head=True, num_labels=0)
 
 
+def test_new_head_drops_the_old_tasks_labels_and_problem_type(tmp_path):
+    """A new classification head knows nothing of the checkpoint's task: its id2label / label2id (here of
+    another length) and problem_type must not reach the exported config, where transformers would read them."""
+    torch.manual_seed(0)
+    transformers.ElectraForSequenceClassification(hf_config(num_labels=2, id2label={0: "neg", 1: "pos"},
+                                                            problem_type="multi_label_classification")
+                                                  ).save_pretrained(tmp_path / "hf")
+    clf = ElectraForSequenceClassification.from_pretrained(str(tmp_path / "hf"), new_head=True, num_labels=4)
+    assert not {"id2label", "label2id", "problem_type"} & set(clf.config.extra)
+    clf.save_pretrained(str(tmp_path / "ours"))
+    with open(tmp_path / "ours" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["num_labels"] == 4 and not {"id2label", "label2id", "problem_type"} & set(saved)
+    hf = transformers.ElectraForSequenceClassification.from_pretrained(str(tmp_path / "ours"))
+    assert hf.config.id2label == {i: f"LABEL_{i}" for i in range(4)} and hf.config.problem_type is None
+    named = ElectraForSequenceClassification.from_pretrained(str(tmp_path / "hf"), new_head=True, num_labels=3,
+                                                             id2label={"0": "a", "1": "b", "2": "c"})
+    assert named.config.extra["id2label"] == {"0": "a", "1": "b", "2": "c"}       # overrides still apply
+    kept = ElectraForSequenceClassification.from_pretrained(str(tmp_path / "hf"))  # the same head: the same task
+    assert kept.config.extra["problem_type"] == "multi_label_classification"
+    assert kept.config.extra["id2label"] == {"0": "neg", "1": "pos"}
+
+
+@pytest.mark.parametrize("source_dtype", [torch.bfloat16, torch.float16])
+def test_saved_config_dtype_is_the_saved_tensors(source_dtype, tmp_path):
+    """fastelectra loads a 16-bit checkpoint into fp32 and saves fp32 tensors: config.json must say float32
+    (a stale "bfloat16" made transformers load the fp32 weights as bf16 by default)."""
+    torch.manual_seed(0)
+    hf16 = transformers.ElectraForSequenceClassification(hf_config()).to(source_dtype)
+    hf16.save_pretrained(tmp_path / "hf16")
+    with open(tmp_path / "hf16" / "config.json") as f:
+        assert json.load(f).get("dtype") == str(source_dtype).removeprefix("torch.")
+    ours = ElectraForSequenceClassification.from_pretrained(str(tmp_path / "hf16"), backend="eager").eval()
+    ours.save_pretrained(str(tmp_path / "ours"))
+    with open(tmp_path / "ours" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["dtype"] == "float32" and "torch_dtype" not in saved
+    hf = transformers.ElectraForSequenceClassification.from_pretrained(str(tmp_path / "ours"),
+                                                                      attn_implementation="eager").eval()
+    assert {p.dtype for p in hf.parameters()} == {torch.float32}
+    ids, mask, types = padded_batch(211)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask, types), hf(input_ids=ids, attention_mask=mask,
+                                                              token_type_ids=types).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_corrupt_weights_file_names_its_path(tmp_path):
     ElectraDiscriminator(tiny_config()).save_pretrained(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"\x01\x00")
