@@ -101,20 +101,17 @@ __device__ __forceinline__ float vector_max(const uint4& raw, float) {
   return fmaxf(fmaxf(__uint_as_float(raw.x), __uint_as_float(raw.y)),
                fmaxf(__uint_as_float(raw.z), __uint_as_float(raw.w)));
 }
-template <typename T2>
-__device__ __forceinline__ T2 as_pair(uint32_t w) {
-  return *reinterpret_cast<const T2*>(&w);
+template <typename T2>  // __nv_bfloat162 or __half2: the pairs of a vector's four words
+__device__ __forceinline__ float packed_max(const uint4& raw) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  const T2* p = reinterpret_cast<const T2*>(w);
+  const T2 m = __hmax2(__hmax2(p[0], p[1]), __hmax2(p[2], p[3]));
+  return fmaxf(__low2float(m), __high2float(m));
 }
 __device__ __forceinline__ float vector_max(const uint4& raw, __nv_bfloat16) {
-  const __nv_bfloat162 m = __hmax2(__hmax2(as_pair<__nv_bfloat162>(raw.x), as_pair<__nv_bfloat162>(raw.y)),
-                                   __hmax2(as_pair<__nv_bfloat162>(raw.z), as_pair<__nv_bfloat162>(raw.w)));
-  return fmaxf(__low2float(m), __high2float(m));
+  return packed_max<__nv_bfloat162>(raw);
 }
-__device__ __forceinline__ float vector_max(const uint4& raw, __half) {
-  const __half2 m = __hmax2(__hmax2(as_pair<__half2>(raw.x), as_pair<__half2>(raw.y)),
-                            __hmax2(as_pair<__half2>(raw.z), as_pair<__half2>(raw.w)));
-  return fmaxf(__low2float(m), __high2float(m));
-}
+__device__ __forceinline__ float vector_max(const uint4& raw, __half) { return packed_max<__half2>(raw); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -34,6 +34,19 @@ HF_TASK_KEYS = ("id2label", "label2id", "problem_type")
 SPECIAL_TOKEN_FIELDS = ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "unk_token_id")
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """The JSON object (key: value pairs) in file ``path``; ValueError naming ``what`` and ``path`` if the file
+    is not valid JSON or holds another JSON value. OSError from opening it propagates."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except ValueError as e:   # JSONDecodeError, or bytes that are not text
+            raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object (key: value pairs), got a {type(d).__name__}")
+    return d
+
+
 def _check_int(name: str, v, minimum: int | None, what: str | None = None) -> None:
     """``v`` must be an int (not a bool) >= ``minimum`` (None: any int), else a ValueError naming the field."""
     if isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum):
@@ -229,14 +242,7 @@ class ElectraConfig:
     def from_json_file(cls, path: str) -> "ElectraConfig":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except ValueError as e:   # JSONDecodeError, or bytes that are not text
-                raise ValueError(f"config file {path} is not valid JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"config file {path} must hold a JSON object (key: value pairs), got a "
-                             f"{type(d).__name__}")
+        d = read_json_object(path, "config file")
         try:
             return cls.from_dict(d)
         except ValueError as e:

@@ -27,6 +27,8 @@ import sysconfig
 
 import numpy as np
 
+from .config import read_json_object
+
 __all__ = ["FastElectraError", "SPECIAL_TOKENS", "Corpus", "resolve_corpus", "embedded_documents",
            "load_tokenizer", "train_tokenizer", "get_tokenizer", "special_token_ids", "save_tokenizer_files",
            "tokenize_corpus", "PackedExamples", "BatchSampler", "MicroBatches", "micro_batches"]
@@ -172,14 +174,11 @@ def _vocab_txt_options(vocab_path: str) -> dict:
     if not os.path.isfile(path):
         return dict(lowercase=True, strip_accents=True, handle_chinese_chars=True)
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = read_json_object(path, "tokenizer config")
     except OSError as e:
         raise FastElectraError(f"cannot read {path}: {e}") from e
-    except ValueError as e:      # JSONDecodeError, UnicodeDecodeError
-        raise FastElectraError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise FastElectraError(f"{path} must hold a JSON object (key: value pairs), got a {type(cfg).__name__}")
+    except ValueError as e:
+        raise FastElectraError(str(e)) from e
     for key, allowed, expected in (("do_lower_case", (True, False), "true or false"),
                                    ("strip_accents", (True, False, None), "true, false or null"),
                                    ("tokenize_chinese_chars", (True, False), "true or false")):
