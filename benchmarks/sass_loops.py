@@ -361,7 +361,8 @@ def _nvcc() -> str | None:
 
 def replace_kernel_stats() -> list[dict]:
     """Per variant of the replace_tokens CUDA kernel (dtype, noise, lse, tau = 1): instructions on the
-    hot path of the vector loop, per step and per logit element, and registers / spills."""
+    hot path of the vector loop, per iteration (a window of two steps) and per logit element, and
+    registers / spills (in the whole kernel and in the loop)."""
     from fastelectra.extension import CSRC
 
     nvcc = _nvcc()
@@ -397,6 +398,8 @@ def replace_kernel_stats() -> list[dict]:
                      "per_element": round(len(hot) / elements, 2), "hot_calls": ops["CALL"],
                      "hot_mufu": ops["MUFU"], "registers": registers.get(name),
                      "spill_stores": _spills(instrs),
+                     "loop_spill_stores": _spills(instrs[start:end + 1]),
+                     "loop_spill_loads": sum("LDL" in t for t in instrs[start:end + 1]),
                      "top_ops": dict(ops.most_common(8))})
     return rows
 
@@ -424,8 +427,8 @@ def main(argv=None) -> list[dict]:
     if args.replace:
         return _report(replace_kernel_stats(), {
             "dtype": "dtype", "noise": "noise", "lse": "lse", "tau = 1": "unit_tau",
-            "hot instrs / step": "hot_instructions", "per element": "per_element", "MUFU": "hot_mufu",
-            "regs": "registers", "spill stores": "spill_stores"}, args.json)
+            "hot instrs / window": "hot_instructions", "per element": "per_element", "MUFU": "hot_mufu",
+            "regs": "registers", "spill stores": "spill_stores", "loop spill loads": "loop_spill_loads"}, args.json)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the kernels would be built with their interpreter "
                      "branches; unset it to read the code a GPU runs")

@@ -7,18 +7,29 @@
 // layout. Every function is __host__ __device__, so replace_tokens.cpp (CPU) and
 // replace_tokens_kernel.cu (CUDA) run the same source.
 //
-// Counter layout: two 16-bit halves per element. For logits of shape (N, V), element (row, col)
-// has the flat index flat = row * V + col; eight consecutive flat indices form an octet,
-// o = flat / 8. Philox is keyed on (seed lo32, seed hi32) and makes two calls per octet, on the
-// counters (o lo32, o hi32 | stream, offset lo32, offset hi32): the coarse call (stream 0) and the
-// fine call (stream 2^31; o < 2^61 leaves that bit free). Element 8 o + j takes half j of each
-// call's 128 bits (the low 16 bits of word j / 2 for even j, the high 16 for odd j), and its random
-// word is r = coarse half << 16 | fine half: a uniform 32-bit word like any other. The split is for
-// speed: the noise filter below needs only a lower bound of r, and coarse half << 16 is one, so on
-// the hot path one Philox call serves eight elements (one 16-byte vector of bf16/fp16 logits, half a
-// vector of fp32), and the fine call runs only for the few octets whose elements may still win.
-// Octets follow the flat index, not the column, so a 16-byte vector of a contiguous logits tensor
-// always lies in one octet, whatever the row length and its alignment.
+// Noise layout: an exponential race per octet. For logits of shape (N, V), element (row, col) has
+// the flat index flat = row * V + col; eight consecutive flat indices form an octet, o = flat / 8, in
+// which the element sits at position j = flat % 8. Its noise is g = -log(E), E ~ Exponential(1), and
+// the eight E of an octet are drawn smallest first:
+//   E_min = E0 / 8, E0 from the octet's min word: the minimum of 8 Exponential(1) is Exponential(8);
+//   J = the top 3 bits of fine word 7: the position that holds E_min, uniform over the 8;
+//   every other position j: E = E_min + E' with E' from fine word j (j < J) or j - 1 (j > J): given the
+//   minimum, the others exceed it by independent Exponential(1) (memorylessness).
+// So the eight E are independent Exponential(1) and the g independent Gumbel(0, 1), as if each came
+// from its own word, and no element of an octet has noise above -log(E_min). The filter below needs
+// only that bound, hence only the min word: the fine words are made for the few octets whose elements
+// may still win.
+// Words come from Philox4x32-10 keyed on (seed lo32, seed hi32), counter (c0, c1, offset lo32, offset hi32):
+//   - the min word of an octet whose 8 elements lie in one row (a whole octet): q = o - ceil(row V / 8),
+//     its index among the row's whole octets; call (row, (q >> 7) << 5 | q % 32), word (q >> 5) % 4. One
+//     call serves the row's octets q, q + 32, q + 64 and q + 96, which one lane of the CUDA kernel reads
+//     in two steps;
+//   - the min word of any other octet (one that spans two rows or the end of the logits): word 0 of the
+//     edge call (o lo32, o hi32 | 2^30);
+//   - fine words 0-3 and 4-7: calls (o lo32, o hi32 | 2^31) and (o lo32, o hi32 | 2^31 | 2^30).
+// The counters never meet: (q >> 7) << 5 | q % 32 < 2^26 as V < 2^31, and o hi32 < 2^28 as o < 2^60.
+// Rows are below 2^32 (checked by the ops). Octets follow the flat index, not the column, so a 16-byte
+// vector of a contiguous logits tensor always lies in one octet, whatever the row length and alignment.
 //
 // Bit-identical CPU and CUDA noise. The noise is built only from integer operations, integer to
 // float conversion, and IEEE-754 float additions, subtractions, multiplications and divisions,
@@ -30,12 +41,13 @@
 // bit differs between glibc and CUDA. All inputs and intermediates are normal floats, so
 // flush-to-zero settings do not matter. Same bits in, same bits out, on both sides.
 //
-// Accuracy and range. v = fl(r * 2^-32 + 2^-33), capped at 1 - 2^-24, so v lies in
-// [2^-33, 1 - 2^-24] and keeps 24-bit relative precision near 0, where the largest noise
-// values (the ones that win an argmax over 30k columns) come from. log(1 - v) is computed
-// with the exactly known rounding error of 1 - v, so the noise is accurate to a few ulps and
-// lies in [-2.82, 22.9]: the tails beyond are cut, at probability 6e-8 below and 1e-10 above per
-// draw (only the upper tail can decide a sample).
+// Accuracy and range. A word r gives v = fl(r * 2^-32 + 2^-33), capped at 1 - 2^-24, so v lies in
+// [2^-33, 1 - 2^-24] and keeps 24-bit relative precision near 0, and E = -log(1 - v), computed with the
+// exactly known rounding error of 1 - v, is accurate to a few ulps where it is small: there the largest
+// noise values (the ones that win an argmax over 30k columns) come from. E_min = E / 8 lies in
+// [2^-36, 2.08] and every other E in [E_min, 18.7], so the noise lies in [-2.93, 24.95]: the tails
+// beyond are cut, at probability 6e-8 below per element and 1.2e-10 above per octet (only the upper
+// tail can decide a sample).
 #pragma once
 
 #include <math.h>
@@ -119,40 +131,52 @@ FE_HOST_DEVICE void philox4x32_10_many(const uint32_t (&c0_in)[N], const uint32_
   }
 }
 
-constexpr uint32_t kFineStream = 0x80000000u;  // bit 31 of the counter's second word: the fine calls
+// Streams in bit 30 and 31 of the counter's second word (see the noise layout above).
+constexpr uint32_t kEdgeStream = 0x40000000u;   // the min word of an octet that is not whole in a row
+constexpr uint32_t kFineStream = 0x80000000u;   // fine words 0-3
+constexpr uint32_t kFineStream2 = 0xc0000000u;  // fine words 4-7
+constexpr int kGroupOctets = 128;  // a row's min calls: one per 4 of each 128 whole octets, stride 32
 
-// The Philox results of N octets (see the counter layout above), computed together: the coarse
-// calls (fine = false) or the fine ones.
-template <int N>
-FE_HOST_DEVICE void philox_octets(const uint64_t (&octet)[N], bool fine, uint64_t seed, uint64_t offset,
-                                  PhiloxWords (&out)[N]) {
-  uint32_t lo[N], hi[N];
-  for (int i = 0; i < N; ++i) {
-    lo[i] = (uint32_t)octet[i];
-    hi[i] = (uint32_t)(octet[i] >> 32) | (fine ? kFineStream : 0u);
+FE_HOST_DEVICE void philox_call(uint32_t c0, uint32_t c1, uint64_t seed, uint64_t offset, PhiloxWords& out) {
+  const uint32_t a[1] = {c0}, b[1] = {c1};
+  PhiloxWords o[1];
+  philox4x32_10_many<1>(a, b, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32), o);
+  out = o[0];
+}
+
+// The call of a row's min words that serves its whole octets q with q / 128 = block and q % 32 = lane:
+// word k is the min word of whole octet q = 128 block + 32 k + lane.
+FE_HOST_DEVICE PhiloxWords min_call(uint64_t row, uint32_t block, uint32_t lane, uint64_t seed, uint64_t offset) {
+  PhiloxWords out;
+  philox_call((uint32_t)row, block << 5 | lane, seed, offset, out);
+  return out;
+}
+
+// Word k (0..3) of a Philox result; k known at compile time on the hot paths. Selects rather than an
+// indexed read, which would put the words in local memory on the device.
+FE_HOST_DEVICE uint32_t word_at(const PhiloxWords& p, int k) {
+  return k < 2 ? (k == 0 ? p.w[0] : p.w[1]) : (k == 2 ? p.w[2] : p.w[3]);
+}
+
+// The min word of octet o, asked for by an element of the row with flat range [row_begin, row_end).
+FE_HOST_DEVICE uint32_t octet_min_word(uint64_t o, uint64_t row, uint64_t row_begin, uint64_t row_end, uint64_t seed,
+                                       uint64_t offset) {
+  if (8 * o >= row_begin && 8 * o + 8 <= row_end) {  // whole in the row
+    const uint64_t q = o - (row_begin + 7) / 8;
+    return word_at(min_call(row, (uint32_t)(q / kGroupOctets), (uint32_t)(q % 32), seed, offset), (int)(q / 32 % 4));
   }
-  philox4x32_10_many<N>(lo, hi, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32),
+  PhiloxWords edge;
+  philox_call((uint32_t)o, (uint32_t)(o >> 32) | kEdgeStream, seed, offset, edge);
+  return edge.w[0];
+}
+
+// The two fine calls of octet o: words 0-3 and 4-7.
+FE_HOST_DEVICE void fine_calls(uint64_t o, uint64_t seed, uint64_t offset, PhiloxWords (&out)[2]) {
+  const uint32_t lo[2] = {(uint32_t)o, (uint32_t)o};
+  const uint32_t hi[2] = {(uint32_t)(o >> 32) | kFineStream, (uint32_t)(o >> 32) | kFineStream2};
+  philox4x32_10_many<2>(lo, hi, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32),
                         out);
 }
-
-// The coarse (fine = false) or fine Philox result of one octet.
-FE_HOST_DEVICE PhiloxWords philox_octet(uint64_t octet, bool fine, uint64_t seed, uint64_t offset) {
-  const uint64_t octets[1] = {octet};
-  PhiloxWords out[1];
-  philox_octets<1>(octets, fine, seed, offset, out);
-  return out[0];
-}
-
-// Half j (0..7) of a Philox result, as a number below 2^16; j known at compile time on the hot paths.
-// Selects rather than an indexed read, which would put the words in local memory on the device.
-FE_HOST_DEVICE uint32_t half_at(const PhiloxWords& p, int j) {
-  const int k = j >> 1;
-  const uint32_t w = k < 2 ? (k == 0 ? p.w[0] : p.w[1]) : (k == 2 ? p.w[2] : p.w[3]);
-  return (j & 1) ? w >> 16 : w & 0xffffu;
-}
-
-// The random word of element 8 octet + j from its coarse half h and the octet's fine result.
-FE_HOST_DEVICE uint32_t word_from(uint32_t h, const PhiloxWords& fine, int j) { return h << 16 | half_at(fine, j); }
 
 // ----------------------------------------------------------------------------- exact float ops
 // Each is one IEEE-754 operation rounded to nearest even, identical on host and device.
@@ -250,40 +274,61 @@ FE_HOST_DEVICE float fe_log(float x) {
   return fe_add(fe_mul(kf, kLn2Hi), fe_add(log_m, fe_mul(kf, kLn2Lo)));
 }
 
-// Gumbel(0, 1) noise g = -log(E), E = -log(1 - v) ~ Exponential(1), for v from uniform_open.
-// w = fl(1 - v) and its rounding error c = (1 - w) - v are both computed exactly, so 1 - v = w + c
-// and log(1 - v) = log(w) + log(1 + c / w) ~= log(w) + c / w keeps E accurate when v is tiny.
-FE_HOST_DEVICE float gumbel_from_uniform(float v) {
+// E = -log(1 - v) ~ Exponential(1) from one random word, v = uniform_open(r). w = fl(1 - v) and its
+// rounding error c = (1 - w) - v are both computed exactly, so 1 - v = w + c and
+// log(1 - v) = log(w) + log(1 + c / w) ~= log(w) + c / w keeps E accurate when v is tiny.
+FE_HOST_DEVICE float exponential_from_word(uint32_t r) {
+  const float v = uniform_open(r);
   const float w = fe_sub(1.0f, v);
   const float c = fe_sub(fe_sub(1.0f, w), v);
-  const float e = -fe_add(fe_log(w), fe_div(c, w));  // negation is exact
-  return -fe_log(e);
+  return -fe_add(fe_log(w), fe_div(c, w));  // negation is exact
 }
 
-// The Gumbel noise of one random word: what every implementation adds to logit / tau.
-FE_HOST_DEVICE float gumbel_from_word(uint32_t r) { return gumbel_from_uniform(uniform_open(r)); }
+// E_min of an octet from its min word: the minimum of its 8 exponentials (exact scaling by 1/8).
+FE_HOST_DEVICE float octet_min_exponential(uint32_t min_word) {
+  return fe_mul(exponential_from_word(min_word), 0.125f);
+}
 
-// The noise of the flat indices 8 octet .. 8 octet + 7 that lie below total, into out[8 octet ..]:
-// the gumbel_noise ops (CPU and CUDA), one octet per call.
-FE_HOST_DEVICE void octet_noise(float* out, int64_t octet, int64_t total, uint64_t seed, uint64_t offset) {
-  const PhiloxWords coarse = philox_octet((uint64_t)octet, false, seed, offset);
-  const PhiloxWords fine = philox_octet((uint64_t)octet, true, seed, offset);
-  for (int j = 0; j < 8 && octet * 8 + j < total; ++j)
-    out[octet * 8 + j] = gumbel_from_word(word_from(half_at(coarse, j), fine, j));
+// The exponential E of position j of an octet with minimum e_min and fine words `fine`.
+FE_HOST_DEVICE float octet_exponential(int j, float e_min, const PhiloxWords (&fine)[2]) {
+  const int J = (int)(fine[1].w[3] >> 29);  // the position of the minimum
+  if (j == J) return e_min;
+  const int k = j < J ? j : j - 1;  // the fine word of position j (selects: no indexed read, see word_at)
+  const uint32_t r = k < 4 ? word_at(fine[0], k) : word_at(fine[1], k - 4);
+  return fe_add(e_min, exponential_from_word(r));
+}
+
+// The Gumbel noise of an exponential: what every implementation adds to logit / tau (negation is exact).
+FE_HOST_DEVICE float gumbel_from_exponential(float e) { return -fe_log(e); }
+
+// The noise of the flat indices 8 o .. 8 o + 7 that lie below n_rows * vocab, into out[8 o ..]: the
+// gumbel_noise ops (CPU and CUDA), one octet per call.
+FE_HOST_DEVICE void octet_noise(float* out, uint64_t o, uint64_t n_rows, uint64_t vocab, uint64_t seed,
+                                uint64_t offset) {
+  const uint64_t total = n_rows * vocab, row = 8 * o / vocab;
+  const float e_min =
+      octet_min_exponential(octet_min_word(o, row, row * vocab, (row + 1) * vocab, seed, offset));
+  PhiloxWords fine[2];
+  fine_calls(o, seed, offset, fine);
+  for (int j = 0; j < 8 && 8 * o + j < total; ++j)
+    out[8 * o + j] = gumbel_from_exponential(octet_exponential(j, e_min, fine));
 }
 
 // ----------------------------------------------------------------------------- filter
-// Most of a row cannot win the argmax, and the exact noise (two logarithms) is by far the most
+// Most of a row cannot win the argmax, and the exact noise (fine words, logarithms) is by far the most
 // expensive part of an element, so both implementations skip it where a cheap test proves that
 // the element's key is below T, an exact key already found (or the warp's best: the CUDA kernel).
-// The test needs neither a logarithm nor an int-to-float conversion:
-//   key = y + g with y = logit/tau, and g <= -log(v) (as E = -log(1 - v) >= v), so the element
-//   can reach T only if v <= exp(y - T) = exp(y - M) * exp(M - T), M the running max of y.
+// The test needs neither a logarithm nor an int-to-float conversion, and of the random words only
+// the octet's min word r:
+//   key = y + g with y = logit/tau and g = -log(E) <= -log(E_min), E_min = E0 / 8 >= v / 8 (as
+//   E0 = -log(1 - v) >= v, v = uniform_open(r)), so the element can reach T only if
+//   v <= 8 exp(y - T) = exp(y - M) * 8 exp(M - T), M the running max of y.
 // q = exp(y - M) is the term that the log-sum-exp adds anyway (for tau = 1), so the test costs a
-// multiply-add and a compare: skip when  1 + v_low > 1 + 2^-22 + q * c,  c = exp(M - T + margin),
-// where v_low = h 2^-16 <= v for the element's coarse half h (r >= h 2^16, and uniform_open's
-// roundings are monotone), so 1 + v_low is exactly the float with bits 0x3f800000 | (h << 7): the
-// test needs only the coarse Philox call. (With probability 2^-16 h is 0 and the test passes.)
+// multiply-add and a compare: skip when  1 + v_low > 1 + 2^-22 + q * c,  c = 8 exp(M - T + margin),
+// where v_low = (r >> 9) 2^-23 <= v (uniform_open's conversion and roundings are monotone and keep
+// multiples of 2^-23 below r 2^-32), so 1 + v_low is exactly the float with bits 0x3f800000 | (r >> 9).
+// (With probability 2^-23 r >> 9 is 0 and the test passes.) As every E of the octet is at least
+// E_min, one test of the octet's largest y bounds all its elements' tests.
 // Every rounding is covered by the margin (2^-5 in log space, against ~2^-8 of accumulated error)
 // while |M| and |T| are at most 2^14; beyond that c is infinite and every element takes the exact
 // path, so huge logits (and their ties) stay exact. T = -inf, a NaN or an infinite logit also give
@@ -316,15 +361,16 @@ FE_HOST_DEVICE float fast_exp2(float x) {
 #endif
 }
 
-// c = exp(M - T + margin) for the running max M of y and the best key T (infinite: test off).
+// c = 8 exp(M - T + margin) for the running max M of y and the best key T (infinite: test off).
 FE_HOST_DEVICE float filter_scale(float m, float t) {
   if (!(fabsf(m) <= kFilterRange && fabsf(t) <= kFilterRange)) return __builtin_huge_valf();
-  return fast_exp2((m - t + kFilterMargin) * kLog2e);
+  return fast_exp2((m - t + kFilterMargin) * kLog2e + 3.0f);  // 2^3 = 8
 }
 
-// False only if the element with coarse half h (< 2^16) and q = exp(y - M) provably loses (see above).
-FE_HOST_DEVICE bool filter_may_win(uint32_t h, float q, float c) {
-  const float one_plus_v_low = fe_bits_float(0x3f800000u | (h << 7));  // 1 + h 2^-16
+// False only if every element of an octet with min word r and, for its y, q = exp(y - M) provably loses
+// (see above).
+FE_HOST_DEVICE bool filter_may_win(uint32_t r, float q, float c) {
+  const float one_plus_v_low = fe_bits_float(0x3f800000u | (r >> 9));  // 1 + (r >> 9) 2^-23
   return !(one_plus_v_low > q * c + kOnePlusFilterUlp);
 }
 

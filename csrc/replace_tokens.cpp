@@ -60,6 +60,8 @@ void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input
   TORCH_CHECK(logits.size(1) >= 1, "replace_tokens: logits has an empty vocabulary dimension");
   TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max(),
               "replace_tokens: logits vocabulary size must be below 2^31, got ", text(logits.size(1)));
+  TORCH_CHECK(logits.size(0) <= kMaxRows, "replace_tokens: logits has ", text(logits.size(0)),
+              " rows; at most 2^32 - 1 are supported (the noise is keyed on 32-bit row numbers)");
   TORCH_CHECK(logits.is_contiguous(), "replace_tokens: logits must be contiguous (row-major (num_masked, "
               "vocab_size)), got strides ", text(logits.strides()), "; call .contiguous() first");
   TORCH_CHECK(input_ids.scalar_type() == at::kLong && input_ids.dim() == 2,
@@ -114,6 +116,10 @@ void check_gumbel_noise_args(const at::Tensor& logits, const at::Tensor& seed, c
               text(logits.sizes()));
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "gumbel_noise: logits must be a floating tensor, got ",
               text(logits.scalar_type()));
+  TORCH_CHECK(logits.size(0) <= kMaxRows, "gumbel_noise: logits has ", text(logits.size(0)),
+              " rows; at most 2^32 - 1 are supported (the noise is keyed on 32-bit row numbers)");
+  TORCH_CHECK(logits.size(1) < std::numeric_limits<int32_t>::max(),
+              "gumbel_noise: logits vocabulary size must be below 2^31, got ", text(logits.size(1)));
   TORCH_CHECK(logits.device().type() == device_type, "gumbel_noise: the ", text(device_type),
               " implementation got logits on ", text(logits.device()));
   check_seed_arg("gumbel_noise", seed, logits);
@@ -129,11 +135,12 @@ void check_seed_arg(const char* op, const at::Tensor& seed, const at::Tensor& lo
 
 namespace {
 
-// The sample of one row (see better_candidate in philox.h for the order). The row goes in blocks of
-// up to 16 flat indices (2 octets, whose coarse Philox calls run together); philox.h's filter first
-// tests a block on its smallest coarse half and largest y, which bound every element's test, and only
-// a block that passes takes the per-element test and, for the elements that pass that too, the fine
-// Philox call of their octet and the exact noise.
+// The sample of one row (see better_candidate in philox.h for the order). The row goes octet by octet
+// (philox.h's layout; the octets at its two ends may hold elements of other rows, which are left out),
+// the min words of its whole octets made 32 calls at a time for 128 octets; philox.h's filter first
+// tests an octet's part of the row on its min word and largest y, which bound every element's test,
+// and only an octet that passes takes the per-element test and, if an element passes that too, its
+// fine Philox calls and the exact noise of the elements that pass.
 template <typename scalar_t, bool kNoise>
 int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau, uint64_t seed,
                    uint64_t offset) {
@@ -141,54 +148,64 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
   float best_key = -kInf;
   int64_t best_col = vocab;  // none yet
   if (kNoise) {
-    constexpr int kBlockOctets = 2, kBlock = 8 * kBlockOctets;
     float m = -kInf;     // running max of y = logit / tau
     float shift = 0.0f;  // m * log2(e) once m > -inf
     float c = kInf;      // filter_scale(m, best_key)
-    const uint64_t row_begin = (uint64_t)row * (uint64_t)vocab;
-    int64_t col = 0;
-    while (col < vocab) {
-      const uint64_t flat = row_begin + (uint64_t)col;
-      const int first = (int)(flat % kBlock);  // the block: [first, first + count) of an aligned 16
-      const int count = (int)std::min<int64_t>(kBlock - first, vocab - col);
-      uint64_t octets[kBlockOctets];
-      for (int o = 0; o < kBlockOctets; ++o) octets[o] = (flat / kBlock) * kBlockOctets + (uint64_t)o;
-      PhiloxWords coarse[kBlockOctets];
-      philox_octets<kBlockOctets>(octets, false, seed, offset, coarse);
-      float y[kBlock];
-      uint32_t h[kBlock];  // coarse halves
+    const uint64_t row_begin = (uint64_t)row * (uint64_t)vocab, row_end = row_begin + (uint64_t)vocab;
+    const uint64_t first_whole = (row_begin + 7) / 8;  // the row's whole octets start here
+    constexpr int kCalls = kGroupOctets / 4;
+    PhiloxWords min_calls[kCalls];
+    uint64_t group = ~(uint64_t)0;  // the block of 128 whole octets whose calls min_calls holds
+    for (uint64_t o = row_begin / 8; 8 * o < row_end; ++o) {
+      const uint64_t lo = std::max(8 * o, row_begin), hi = std::min(8 * o + 8, row_end);  // the row's part
+      uint32_t r;
+      if (hi - lo == 8) {
+        const uint64_t q = o - first_whole;
+        if (q / kGroupOctets != group) {
+          group = q / kGroupOctets;
+          uint32_t c0[kCalls], c1[kCalls];
+          for (int l = 0; l < kCalls; ++l) {
+            c0[l] = (uint32_t)row;
+            c1[l] = (uint32_t)group << 5 | (uint32_t)l;
+          }
+          philox4x32_10_many<kCalls>(c0, c1, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed,
+                                     (uint32_t)(seed >> 32), min_calls);
+        }
+        r = word_at(min_calls[q % 32], (int)(q / 32 % 4));
+      } else {
+        r = octet_min_word(o, (uint64_t)row, row_begin, row_end, seed, offset);
+      }
+      const int j0 = (int)(lo - 8 * o), count = (int)(hi - lo);
+      const int64_t col0 = (int64_t)(lo - row_begin);
+      float y[8];
       float y_max = -kInf;
-      uint32_t h_min = 0xffffu;
-      for (int j = 0; j < count; ++j) {
-        y[j] = fe_mul(static_cast<float>(x[col + j]), inv_tau);
-        h[j] = half_at(coarse[(first + j) / 8], (first + j) % 8);
-        if (y[j] > y_max) y_max = y[j];  // NaN skipped: it never wins
-        if (h[j] < h_min) h_min = h[j];
+      for (int e = 0; e < count; ++e) {
+        y[e] = fe_mul(static_cast<float>(x[col0 + e]), inv_tau);
+        if (y[e] > y_max) y_max = y[e];  // NaN skipped: it never wins
       }
       if (y_max > m) {
         m = y_max;
         shift = m * kLog2e;
         c = filter_scale(m, best_key);
       }
-      if (filter_may_win(h_min, fast_exp2(y_max * kLog2e - shift), c)) {
-        PhiloxWords fine[kBlockOctets];
-        bool have_fine[kBlockOctets] = {false, false};
-        for (int j = 0; j < count; ++j) {
-          if (!filter_may_win(h[j], fast_exp2(y[j] * kLog2e - shift), c)) continue;
-          const int o = (first + j) / 8;
-          if (!have_fine[o]) {
-            fine[o] = philox_octet(octets[o], true, seed, offset);
-            have_fine[o] = true;
-          }
-          const float key = fe_add(y[j], gumbel_from_word(word_from(h[j], fine[o], (first + j) % 8)));
-          if (better_candidate(key, col + j, best_key, best_col)) {
-            best_key = key;
-            best_col = col + j;
-            c = filter_scale(m, best_key);
-          }
+      if (!filter_may_win(r, fast_exp2(y_max * kLog2e - shift), c)) continue;
+      PhiloxWords fine[2];
+      float e_min = 0.0f;
+      bool have_fine = false;
+      for (int e = 0; e < count; ++e) {
+        if (!filter_may_win(r, fast_exp2(y[e] * kLog2e - shift), c)) continue;
+        if (!have_fine) {
+          fine_calls(o, seed, offset, fine);
+          e_min = octet_min_exponential(r);
+          have_fine = true;
+        }
+        const float key = fe_add(y[e], gumbel_from_exponential(octet_exponential(j0 + e, e_min, fine)));
+        if (better_candidate(key, col0 + e, best_key, best_col)) {
+          best_key = key;
+          best_col = col0 + e;
+          c = filter_scale(m, best_key);
         }
       }
-      col += count;
     }
   } else {
     for (int64_t col = 0; col < vocab; ++col) {
@@ -272,8 +289,9 @@ at::Tensor gumbel_noise_cpu(const at::Tensor& logits, const at::Tensor& seed, in
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   const int64_t total = out.numel();
   float* out_p = out.data_ptr<float>();
+  const uint64_t n_rows = (uint64_t)logits.size(0), vocab = (uint64_t)logits.size(1);
   at::parallel_for(0, (total + 7) / 8, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) octet_noise(out_p, o, total, useed, (uint64_t)offset);
+    for (int64_t o = begin; o < end; ++o) octet_noise(out_p, (uint64_t)o, n_rows, vocab, useed, (uint64_t)offset);
   });
   return out;
 }

@@ -20,12 +20,16 @@ void check_replace_tokens_args(const at::Tensor& logits, const at::Tensor& input
 // instead of the largest logit; at such temperatures the noise only decides between logits within ~1e-8.
 constexpr double kMaxInverseTemperature = 4294967296.0;  // 2^32
 
+// Rows of logits are numbered with 32 bits in the noise's Philox counters (philox.h).
+constexpr int64_t kMaxRows = 4294967295;  // 2^32 - 1
+
 // 1 / temperature as the fp32 factor both implementations multiply the logits with. Returns
 // false (plain argmax, the temperature -> 0 limit) when temperature is 0 or 1/temperature
 // exceeds kMaxInverseTemperature.
 bool inverse_temperature(double temperature, float* inv_tau);
 
-// Checks the arguments of gumbel_noise: logits 2-D, floating, on `device_type`; seed as in check_seed_arg.
+// Checks the arguments of gumbel_noise: logits 2-D, floating, at most kMaxRows rows of fewer than 2^31
+// columns, on `device_type`; seed as in check_seed_arg.
 void check_gumbel_noise_args(const at::Tensor& logits, const at::Tensor& seed, c10::DeviceType device_type);
 
 // Checks the Philox seed of `op`: an int64 tensor of one element on `logits`' device. The kernels

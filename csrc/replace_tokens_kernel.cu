@@ -10,28 +10,26 @@
 // SM are in flight: ELECTRA's ~2.5k masked rows fit one wave on an H100). A block per row, its 4
 // warps each reading a quarter and merging through shared memory, was measured slower on an H100
 // (2026-11-23: 1019 against 1364 GB/s at 2500 x 30522 bf16) and removed. The row's 16-byte
-// vectors (aligned on the flat index row*V + col, so each lies in one octet of philox.h's counter
-// layout; the loop starts on an octet) are read 16 elements per lane per step: lane l takes vectors
-// l + 32k of the step, k < 2 (16-bit logits) or k < 4 (fp32), and the loads of the next step are
-// issued before the current step is computed, so every warp keeps 1 KB (2 KB for fp32) in flight
-// while it works. The elements before the row's first octet and after its last whole vector (at most
-// 7 at each end) are read element by element after the loop; a logits pointer that is not 16-byte
-// aligned takes that path for the whole row.
+// vectors (aligned on the flat index row*V + col, so each lies in one octet of philox.h's noise
+// layout) are read from the row's first whole octet to its last, 16 elements per lane per step: lane l
+// takes vectors l + 32k of the step, k < 2 (16-bit logits) or k < 4 (fp32), and the loads of the next
+// step are issued before the current step is computed, so every warp keeps 1 KB (2 KB for fp32) in
+// flight while it works. Steps go in windows of two, the 128 octets that share the row's min calls. The
+// elements of the octets at the row's ends that span rows (at most 7 at each end) are read element by
+// element after the loop; a logits pointer that is not 16-byte aligned takes that path for the whole row.
 //
-// Per element the hot path is a share of one coarse Philox call (one call per octet: a vector of
-// fp16/bf16, two vectors of fp32, which lanes 2m and 2m + 1 hold: each makes one of the pair's two
-// calls and they swap the words the other needs; the two calls of a step run interleaved, sharing the
-// key schedule), a conversion, the running max, a
-// share of a per-halfword integer min and, with the lse, one exp2 (MUFU) and an add. The noise filter
-// (philox.h: an element with 1 + v > 1 + q c, q = exp(logit/tau - M), cannot beat the best exact
-// key T, c = exp(M - T + margin)) runs once per 16-byte vector, on the vector's smallest coarse half
-// (a lower bound of its random words) and largest logit, which bound every element's test; so the
-// fine Philox call and the exact noise (two logarithms), out of line, run only for the few vectors
-// whose elements may still win, and there the per-element test picks them. That changes no result:
-// the winner is the lexicographic max of (exact key, -column), which does not depend on the order
-// elements are visited, so CPU and CUDA agree bit for bit. The warp shares its best key after a step
-// in which some lane improved on the last shared one (a tighter T for every lane; one vote otherwise).
-// A vector's largest logit is taken packed for 16-bit logits (two HMNMX2 levels), before the unpack.
+// Per element the hot path is a share of one Philox call (per lane and window one call gives the min
+// words of its 4 octets; fp32 lanes 2m and 2m + 1, which hold the two halves of each octet, make one of
+// the pair's two calls each and take the other's words by shuffle), a conversion, the running max and,
+// with the lse, one exp2 (MUFU) and an add. The noise filter (philox.h: no element of an octet can beat
+// the best exact key T if 1 + v > 1 + q c, v from the octet's min word, q = exp(logit/tau - M),
+// c = 8 exp(M - T + margin)) runs once per 16-byte vector, on its largest logit; so the octet's fine
+// Philox calls and the exact noise (logarithms), out of line, run only for the few vectors whose
+// elements may still win, and there the per-element test picks them. That changes no result: the
+// winner is the lexicographic max of (exact key, -column), which does not depend on the order elements
+// are visited, so CPU and CUDA agree bit for bit. The warp shares its best key after a step in which
+// some lane improved on the last shared one (a tighter T for every lane; one vote otherwise). A vector's
+// largest logit is taken packed for 16-bit logits (two HMNMX2 levels), before the unpack.
 //
 // Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
 // tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
@@ -45,7 +43,7 @@
 // Tested on the CPU too: without nvcc's __CUDACC__ the launches go to fe_host::launch, which
 // tests/cuda_host/ provides to run these kernels on emulated warps (g++, in CI, no GPU needed).
 //
-// Limits: V < 2^31; rows are spread one per warp, so below ~1000 rows the GPU is under-filled.
+// Limits: V < 2^31, N < 2^32; rows are spread one per warp, so below ~1000 rows the GPU is under-filled.
 // NaN logits never win (a row of NaN samples column 0); their lse is NaN.
 // References: Gumbel-max trick (Gumbel 1954; Maddison et al. 2014, "A* sampling"); online softmax
 // normaliser (Milakov & Gimelshein 2018); ELECTRA (Clark et al. 2020) for the replacement step.
@@ -117,16 +115,19 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Exact Gumbel key of one element; kept out of line because it runs only for filter survivors.
-__device__ __noinline__ float exact_key(float y, uint32_t r) {
-  return fe_add(y, gumbel_from_word(r));
-}
+// Exact Gumbel key of one element from its exponential; kept out of line because it runs only for
+// filter survivors.
+__device__ __noinline__ float exact_key(float y, float e) { return fe_add(y, gumbel_from_exponential(e)); }
 
-// Where the random words of a group of N elements come from (philox.h's counter layout): their octet,
-// the half of the octet's Philox results that its first element takes, and the Philox key and stream.
+// Where the noise of a group of N elements of one octet comes from (philox.h's layout): the logits
+// (the octet is the group's flat index / 8), the position in the octet of the group's first element, the
+// octet's min word and the Philox key and stream. The survivor path derives the octet from the group's
+// address, so the loop keeps no octet index in registers.
+template <typename T>
 struct NoiseSource {
-  uint64_t octet;
-  int half0;
+  const T* logits;
+  int j0;
+  uint32_t min_word;
   uint64_t seed;
   uint64_t offset;
 };
@@ -139,7 +140,7 @@ struct LaneState {
   float shift;     // max * log2(e) once max > -inf, else 0
   float sum;       // log-sum-exp: sum of exp(logit - max)
   float y_shift;   // tau != 1: the same shift for y = logit / tau
-  float scale;     // noise filter: c = exp(M - T + margin) (philox.h), M = max / tau, T = best key known
+  float scale;     // noise filter: c = 8 exp(M - T + margin) (philox.h), M = max / tau, T = best key known
 };
 
 template <bool kUnitTau>
@@ -159,52 +160,22 @@ __device__ __forceinline__ float filter_q(float x, float inv_tau, const LaneStat
                   : fast_exp2(fmaf(scaled<false>(x, inv_tau), kLog2e, -st.y_shift));
 }
 
-// The coarse halves of N consecutive elements as the Philox words hold them, two per word: element e's
-// is half e % 2 (low first) of word e / 2. (N = 1: the half itself, in the low bits.)
-template <int N>
-constexpr int kHalfWords = (N + 1) / 2;
-
-template <int N>
-__device__ __forceinline__ uint32_t coarse_half(const uint32_t (&hw)[kHalfWords<N>], int e) {
-  return (hw[e >> 1] >> (16 * (e & 1))) & 0xffffu;
-}
-
-// The smallest of the N coarse halves: per-halfword minima of the words (one instruction per word on
-// the device), then the smaller of the two halves.
-template <int N>
-__device__ __forceinline__ uint32_t min_coarse_half(const uint32_t (&hw)[kHalfWords<N>]) {
-  if (N == 1) return hw[0];
-  uint32_t m = hw[0];
-#pragma unroll
-  for (int i = 1; i < kHalfWords<N>; ++i) m = __vminu2(m, hw[i]);
-  return (m & 0xffffu) < (m >> 16) ? m & 0xffffu : m >> 16;
-}
-
-// N logits and their coarse halves, passed by value to the out-of-line survivor path.
-template <int N>
-struct Group {
-  float x[N];
-  uint32_t hw[kHalfWords<N>];
-  __device__ __forceinline__ Group(const float (&x_in)[N], const uint32_t (&hw_in)[kHalfWords<N>]) {
-#pragma unroll
-    for (int e = 0; e < N; ++e) x[e] = x_in[e];
-#pragma unroll
-    for (int i = 0; i < kHalfWords<N>; ++i) hw[i] = hw_in[i];
-  }
-};
-
 // The elements of a group that the filter lets through: their exact keys against the lane's best.
-// Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small. The
-// fine Philox call of the group's octet, which completes the random words, runs only here.
-template <int N, bool kUnitTau>
-__device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g, int col0, NoiseSource src,
-                                                 float inv_tau, float threshold) {
-  const PhiloxWords fine = philox_octet(src.octet, true, src.seed, src.offset);
+// Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small. It reads
+// the group's N logits again (from L2, where the loop's read left them) rather than taking them as
+// arguments, and the octet's fine Philox calls, which complete its exponentials, run only here: a call
+// with few arguments keeps the loop's registers free (the CUDA ABI moves arguments into fixed registers).
+template <typename T, int N, bool kUnitTau>
+__device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restrict__ xs, int col0,
+                                                 NoiseSource<T> src, float inv_tau, float threshold) {
+  PhiloxWords fine[2];
+  fine_calls((uint64_t)(xs - src.logits) / 8, src.seed, src.offset, fine);
+  const float e_min = octet_min_exponential(src.min_word);
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    const uint32_t h = coarse_half<N>(g.hw, e);
-    if (!filter_may_win(h, filter_q<kUnitTau>(g.x[e], inv_tau, st), st.scale)) continue;
-    const float key = exact_key(scaled<kUnitTau>(g.x[e], inv_tau), word_from(h, fine, src.half0 + e));
+    const float x = to_float(xs[e]);
+    if (!filter_may_win(src.min_word, filter_q<kUnitTau>(x, inv_tau, st), st.scale)) continue;
+    const float key = exact_key(scaled<kUnitTau>(x, inv_tau), octet_exponential(src.j0 + e, e_min, fine));
     if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
       st.best_key = key;
       st.best_col = col0 + e;
@@ -214,12 +185,11 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const Group<N> g,
   return st;
 }
 
-// Folds N logits x (columns col0 .. col0+N-1; group_max their fmaxf; coarse halves of their random
-// words in hw, from src) into the lane state.
-template <int N, bool kNoise, bool kLse, bool kUnitTau>
-__device__ __forceinline__ void fold(const float (&x)[N], float group_max, int col0,
-                                     const uint32_t (&hw)[kHalfWords<N>], const NoiseSource& src, float inv_tau,
-                                     float threshold, LaneState& st) {
+// Folds N logits x of one octet (columns col0 .. col0+N-1; group_max their fmaxf; the octet's min word
+// in src) into the lane state.
+template <typename T, int N, bool kNoise, bool kLse, bool kUnitTau>
+__device__ __forceinline__ void fold(const float (&x)[N], const T* xs, float group_max, int col0,
+                                     const NoiseSource<T>& src, float inv_tau, float threshold, LaneState& st) {
   if (group_max > st.max) {  // rare after the first steps
     if (kLse) st.sum *= fast_exp2((st.max - group_max) * kLog2e);  // 0 for the first finite max
     st.max = group_max;
@@ -232,14 +202,12 @@ __device__ __forceinline__ void fold(const float (&x)[N], float group_max, int c
     for (int e = 0; e < N; ++e) st.sum += fast_exp2(fmaf(x[e], kLog2e, -st.shift));  // exp(logit - max)
   }
   if (kNoise) {
-    // The filter of the whole group at once: an element can win only if v <= exp(y - M) c
-    // (philox.h), and both sides are monotone, in the coarse half and in the logit. So the group's
-    // smallest coarse half against its largest logit bounds every element's test: one integer min
-    // per pair of elements on the hot path. (MUFU.EX2 is monotone to within a few ulps, far inside
-    // the filter's margin.) The rare groups that pass take the per-element test and the exact noise,
-    // out of line.
-    if (filter_may_win(min_coarse_half<N>(hw), filter_q<kUnitTau>(group_max, inv_tau, st), st.scale))
-      st = fold_survivors<N, kUnitTau>(st, Group<N>(x, hw), col0, src, inv_tau, threshold);  // rare
+    // The filter of the whole group at once: every exponential of the octet is at least its minimum,
+    // so the group's largest logit against the octet's min word bounds every element's test
+    // (philox.h). (MUFU.EX2 is monotone to within a few ulps, far inside the filter's margin.) The rare
+    // groups that pass take the per-element test and the exact noise, out of line.
+    if (filter_may_win(src.min_word, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale))
+      st = fold_survivors<T, N, kUnitTau>(st, xs, col0, src, inv_tau, threshold);  // rare
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -250,53 +218,18 @@ __device__ __forceinline__ void fold(const float (&x)[N], float group_max, int c
   }
 }
 
-// The coarse halves of a lane's vectors in one step: the words of the octets' coarse calls that hold
-// them. 16-bit logits: a vector is an octet, one call each. fp32: for each pair of its vectors
-// (k = 2j, 2j + 1), lanes 2m and 2m + 1 hold the lower and upper halves of the same two octets, so each
-// lane makes one call per pair, the even lane k = 2j's and the odd lane k = 2j + 1's, keeps the two
-// words its own vector takes and swaps the other two with its partner: two shuffles instead of a
-// second Philox call (~65 instructions).
-template <int VEC, int NV>
-__device__ __forceinline__ void coarse_words(const uint64_t (&octets)[NV], bool upper_half, uint64_t seed,
-                                             uint64_t offset, uint32_t (&hw)[NV][VEC / 2]) {
-  if constexpr (VEC == 8) {
-    PhiloxWords words[NV];
-    philox_octets<NV>(octets, false, seed, offset, words);
-#pragma unroll
-    for (int k = 0; k < NV; ++k)
-#pragma unroll
-      for (int m = 0; m < VEC / 2; ++m) hw[k][m] = words[k].w[m];
-  } else {
-    static_assert(VEC == 4 && NV % 2 == 0, "fp32: a lane pair shares the calls of vector pairs (k, k + 1)");
-    constexpr int NC = NV / 2;
-    uint64_t mine[NC];  // call j: the octet of vector 2j (even lane) or 2j + 1 (odd lane)
-#pragma unroll
-    for (int j = 0; j < NC; ++j) mine[j] = upper_half ? octets[2 * j + 1] : octets[2 * j];
-    PhiloxWords w[NC];
-    philox_octets<NC>(mine, false, seed, offset, w);
-#pragma unroll
-    for (int j = 0; j < NC; ++j)
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        const uint32_t own = upper_half ? w[j].w[m + 2] : w[j].w[m];
-        const uint32_t got = __shfl_xor_sync(kFullWarp, upper_half ? w[j].w[m] : w[j].w[m + 2], 1);
-        hw[2 * j][m] = upper_half ? got : own;
-        hw[2 * j + 1][m] = upper_half ? own : got;
-      }
-  }
-}
-
 // The flat elements lane, lane+32, ... of [begin, end) one by one (row edges, unaligned logits).
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>
-__device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int64_t begin, int64_t end,
-                                              int64_t row_begin, int lane, float inv_tau, uint64_t seed,
-                                              uint64_t offset, float threshold, LaneState& st) {
+__device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int64_t begin, int64_t end, int64_t row,
+                                              int64_t row_begin, int64_t row_end, int lane, float inv_tau,
+                                              uint64_t seed, uint64_t offset, float threshold, LaneState& st) {
   for (int64_t flat = begin + lane; flat < end; flat += kWarpSize) {
     const float x[1] = {to_float(Logits[flat])};
-    const NoiseSource src{(uint64_t)flat >> 3, (int)(flat & 7), seed, offset};
-    uint32_t hw[1] = {0u};
-    if (kNoise) hw[0] = half_at(philox_octet(src.octet, false, seed, offset), src.half0);
-    fold<1, kNoise, kLse, kUnitTau>(x, x[0], (int)(flat - row_begin), hw, src, inv_tau, threshold, st);
+    const uint64_t octet = (uint64_t)flat >> 3;
+    const uint32_t r =
+        kNoise ? octet_min_word(octet, (uint64_t)row, (uint64_t)row_begin, (uint64_t)row_end, seed, offset) : 0u;
+    const NoiseSource<T> src{Logits, (int)(flat & 7), r, seed, offset};
+    fold<T, 1, kNoise, kLse, kUnitTau>(x, Logits + flat, x[0], (int)(flat - row_begin), src, inv_tau, threshold, st);
   }
 }
 
@@ -325,11 +258,14 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   if (row >= n_rows) return;  // whole warp
   const uint64_t seed = kNoise ? (uint64_t)__ldg(Seed) : 0;  // argmax (tau = 0) needs no key
 
-  // Flat range of the row; its whole vectors [vec_begin, vec_end) go through the vector loop. The loop
-  // starts on an octet (fp32: an even vector), so lanes 2m and 2m + 1 hold the two halves of one octet.
+  // Flat range of the row; the vectors of its whole octets [vec_begin, vec_end) go through the vector
+  // loop. The loop starts on the row's first whole octet (fp32: an even vector), so lanes 2m and 2m + 1
+  // hold the two halves of one octet, and the lanes read the octets in the order of the row's min calls
+  // (philox.h).
   const int64_t row_begin = row * vocab, row_end = row_begin + vocab;
-  int64_t vec_begin = (row_begin + 7) / 8 * kVectorsPerOctet, vec_end = row_end / VEC;
-  if (!vector_loads || vec_begin >= vec_end) vec_begin = vec_end = 0;  // no whole vector: all by element
+  const int64_t first_octet = (row_begin + 7) / 8;
+  int64_t vec_begin = first_octet * kVectorsPerOctet, vec_end = row_end / 8 * kVectorsPerOctet;
+  if (!vector_loads || vec_begin >= vec_end) vec_begin = vec_end = 0;  // no whole octet: all by element
   const int64_t head_end = vec_begin < vec_end ? vec_begin * VEC : row_end;
   const int64_t tail_begin = vec_begin < vec_end ? vec_end * VEC : row_end;
 
@@ -340,41 +276,42 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   // immediate offset from it.
   const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
   const int n_vectors = (int)(vec_end - vec_begin);
-  // The octet of this lane's vector i and the half of it that the vector's first element takes: as
-  // vec_begin, steps and k * 32 are multiples of kVectorsPerOctet, the half is the same for all of them.
-  const uint64_t lane_octet = (uint64_t)(vec_begin + lane) / kVectorsPerOctet;  // at step 0, k = 0
-  const bool upper_half = kVectorsPerOctet == 2 && (lane & 1);  // fp32: the vectors take words 2 and 3
-  const int lane_half0 = upper_half ? VEC : 0;
+  // The whole octets of the row go by windows of two steps, 128 octets: the lane's vectors k of the
+  // window's step h are octets q = 128 window + 32 (2h + k) + lane (16-bit logits: a vector is an octet)
+  // or q = 128 window + 32 (2h + k / 2) + 16 (k % 2) + lane / 2 (fp32: lanes 2m and 2m + 1 hold the two
+  // halves of an octet), whose min words are word 2h + k (or 2h + k / 2) of the window's min call for
+  // q % 32. So each lane makes one min call per window: 16-bit logits their own, fp32 lanes the call of
+  // q % 32 = 16 (lane % 2) + lane / 2, whose words their partner lane (lane ^ 1) takes by shuffle.
+  const bool upper_half = kVectorsPerOctet == 2 && (lane & 1);  // fp32: the octet's elements 4..7
+  const int lane_j0 = upper_half ? VEC : 0;
+  const uint32_t call_lane = kVectorsPerOctet == 2 ? 16 * (lane & 1) + lane / 2 : lane;
 
-  uint4 raw[kVectorsPerLane];
-#pragma unroll
-  for (int k = 0; k < kVectorsPerLane; ++k) {
-    const int i = k * kWarpSize + lane;
-    if (i < n_vectors) raw[k] = __ldcs(LaneVectors + k * kWarpSize);  // streamed once
-  }
-  for (int step = 0; step < n_vectors; step += kStepVectors) {  // warp-uniform
-    uint4 next[kVectorsPerLane];  // the next step's loads, in flight while this step computes
-#pragma unroll
-    for (int k = 0; k < kVectorsPerLane; ++k) {
-      const int i = step + kStepVectors + k * kWarpSize + lane;
-      if (i < n_vectors) next[k] = __ldcs(LaneVectors + kStepVectors + k * kWarpSize);
+  // One step: the lane's vectors k of raw, the step's vectors from `step`, with the min words of half h
+  // of the window's call (own: the lane's, partner: the lane ^ 1's; fp32 only).
+  auto do_step = [&](const uint4 (&raw)[kVectorsPerLane], int step, int h, const uint32_t (&own)[4]) {
+    uint32_t partner[2] = {0u, 0u};
+    if (kNoise && kVectorsPerOctet == 2) {
+      partner[0] = __shfl_xor_sync(kFullWarp, h ? own[2] : own[0], 1);
+      partner[1] = __shfl_xor_sync(kFullWarp, h ? own[3] : own[1], 1);
     }
-    // the coarse Philox calls of the step, one per octet (philox.h); the fine ones run for survivors
-    uint64_t octets[kVectorsPerLane];
-#pragma unroll
-    for (int k = 0; k < kVectorsPerLane; ++k)
-      octets[k] = lane_octet + (uint64_t)((step + k * kWarpSize) / kVectorsPerOctet);
-    uint32_t hw_all[kVectorsPerLane][VEC / 2] = {};  // coarse halves of each vector: VEC / 2 words
-    if (kNoise) coarse_words<VEC, kVectorsPerLane>(octets, upper_half, seed, offset, hw_all);
 #pragma unroll
     for (int k = 0; k < kVectorsPerLane; ++k) {
       const int i = step + k * kWarpSize + lane;
-      if (i >= n_vectors) continue;  // only in a row's last step
+      if (i >= n_vectors) continue;  // only in a row's last window
       float x[VEC];
       unpack(raw[k], x, T());
-      const NoiseSource src{octets[k], lane_half0, seed, offset};
-      fold<VEC, kNoise, kLse, kUnitTau>(x, vector_max(raw[k], T()), (int)(head_end - row_begin) + i * VEC,
-                                        hw_all[k], src, inv_tau, threshold, st);
+      uint32_t r = 0u;
+      if (kNoise) {
+        if (kVectorsPerOctet == 1) {
+          r = own[2 * h + k];
+        } else {
+          const uint32_t mine = own[2 * h + k / 2];
+          r = (k % 2 == (int)upper_half) ? mine : partner[k / 2];
+        }
+      }
+      const NoiseSource<T> src{Logits, lane_j0, r, seed, offset};
+      fold<T, VEC, kNoise, kLse, kUnitTau>(x, Logits + head_end + (int64_t)i * VEC, vector_max(raw[k], T()),
+                                           (int)(head_end - row_begin) + i * VEC, src, inv_tau, threshold, st);
     }
     // Share the best key so far: a tighter filter for the whole warp. Every lane's best is at most the
     // threshold after a share, so unless a lane has found a better one since (rare after the first
@@ -388,14 +325,36 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
         update_scale<kUnitTau>(st, inv_tau, threshold);
       }
     }
+  };
+  // The loads of the step `ahead` steps after the window's first (at `step`): immediate offsets from
+  // LaneVectors, which moves by a window.
+  auto load_step = [&](uint4 (&raw)[kVectorsPerLane], int step, int ahead) {
 #pragma unroll
-    for (int k = 0; k < kVectorsPerLane; ++k) raw[k] = next[k];
-    LaneVectors += kStepVectors;
+    for (int k = 0; k < kVectorsPerLane; ++k) {
+      const int i = step + ahead * kStepVectors + k * kWarpSize + lane;
+      if (i < n_vectors) raw[k] = __ldcs(LaneVectors + (ahead * kStepVectors + k * kWarpSize));  // streamed once
+    }
+  };
+
+  uint4 raw0[kVectorsPerLane], raw1[kVectorsPerLane];  // the window's two steps
+  load_step(raw0, 0, 0);
+  for (int step = 0, window = 0; step < n_vectors; step += 2 * kStepVectors, ++window) {  // warp-uniform
+    uint32_t own[4] = {0u, 0u, 0u, 0u};
+    if (kNoise) {
+      const PhiloxWords w = min_call((uint64_t)row, (uint32_t)window, call_lane, seed, offset);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) own[m] = w.w[m];
+    }
+    load_step(raw1, step, 1);  // in flight while the first step computes
+    do_step(raw0, step, 0, own);
+    load_step(raw0, step, 2);  // the next window's first step
+    do_step(raw1, step + kStepVectors, 1, own);
+    LaneVectors += 2 * kStepVectors;
   }
-  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row_begin, lane, inv_tau, seed, offset,
-                                           threshold, st);
-  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, tail_begin, row_end, row_begin, lane, inv_tau, seed, offset,
-                                           threshold, st);
+  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row, row_begin, row_end, lane, inv_tau,
+                                           seed, offset, threshold, st);
+  fold_elements<T, kNoise, kLse, kUnitTau>(Logits, tail_begin, row_end, row, row_begin, row_end, lane, inv_tau,
+                                           seed, offset, threshold, st);
 
   // Warp reduction of (best key, column) and of the (max, sum) pairs; every lane ends with the result.
 #pragma unroll
@@ -437,15 +396,16 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   }
 }
 
-__global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (total,) = (n_rows * vocab,)
-                                    int64_t total,
+__global__ void gumbel_noise_kernel(float* __restrict__ Out,            // (n_rows * vocab,)
+                                    int64_t n_rows,
+                                    int64_t vocab,
                                     const int64_t* __restrict__ Seed,  // (1,) Philox key
                                     uint64_t offset) {
   const uint64_t seed = (uint64_t)__ldg(Seed);
-  const int64_t octets = (total + 7) / 8;
+  const int64_t octets = (n_rows * vocab + 7) / 8;
   for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < octets;
        o += (int64_t)gridDim.x * blockDim.x)
-    octet_noise(Out, o, total, seed, offset);
+    octet_noise(Out, (uint64_t)o, (uint64_t)n_rows, (uint64_t)vocab, seed, offset);
 }
 
 template <typename T, bool kNoise, bool kLse, bool kUnitTau>
@@ -498,10 +458,10 @@ cudaError_t launch_gumbel_noise(float* out, int64_t n_rows, int64_t vocab, const
   const int64_t blocks = (octets + threads - 1) / threads;
   const unsigned grid = (unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16);
 #if defined(__CUDACC__)
-  gumbel_noise_kernel<<<grid, threads, 0, stream>>>(out, total, seed, offset);
+  gumbel_noise_kernel<<<grid, threads, 0, stream>>>(out, n_rows, vocab, seed, offset);
 #else  // the host build of the tests (tests/cuda_host/)
   (void)stream;
-  fe_host::launch(gumbel_noise_kernel, dim3(grid), dim3(threads), out, total, seed, offset);
+  fe_host::launch(gumbel_noise_kernel, dim3(grid), dim3(threads), out, n_rows, vocab, seed, offset);
 #endif
   return cudaGetLastError();
 }

@@ -506,8 +506,9 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     Returns (discriminator input ids (B, T), is-replaced labels (B, T) bool, sampled ids (N,))
     and, with ``return_lse``, the row log-sum-exp of the logits (N,) in fp32.
 
-    The fused op (csrc/) draws its noise from Philox4x32-10 keyed on (seed, offset, element), so
-    CPU and CUDA give identical samples for the same logits, seed and offset; the eager reference
+    The fused op (csrc/) draws its noise from Philox4x32-10 keyed on the seed, the offset and the
+    element's place (row, octet of its flat index; csrc/philox.h), so CPU and CUDA give identical
+    samples for the same logits, seed and offset (logits of at most 2^32 - 1 rows); the eager reference
     samples the same distribution with other draws; float64 logits always take it. Positions must be
     distinct and logits contiguous. On CUDA, index ranges are checked inside the kernel without a
     host sync (a row whose position or original id is out of range writes nothing and reports

@@ -24,6 +24,7 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # tests of the numpy reference and of the CUDA source alone: they run without the built extension
 WITHOUT_EXTENSION = ("test_philox_reference_known_answers", "test_noise_is_gumbel_and_the_log_is_accurate",
+                     "test_noise_of_an_octet_is_eight_independent_gumbels",
                      "test_noise_filter_skips_only_elements_that_lose", "test_cuda_kernel_compiles_with_nvcc")
 
 
@@ -78,35 +79,60 @@ def log_ref(x):
     return kf * _hexf("0x1.62e4p-1") + (log_m + kf * _hexf("0x1.7f7d1cp-20"))
 
 
-def gumbel_ref(v):
+def exponential_of_uniform_ref(v):
+    """E = -log(1 - v), float32 operation for operation (the rounding error c of w = 1 - v kept)."""
     w = F32(1) - v
     c = (F32(1) - w) - v
-    e = -(log_ref(w) + c / w)
-    return -log_ref(e)
+    return -(log_ref(w) + c / w)
 
 
-def words_ref(n_rows, vocab, seed, offset):
-    """(n_rows * vocab,) uint32 random words: flat index row*V + col, octet flat // 8; Philox counter
-    (octet lo, octet hi | stream, offset lo, hi), key (seed lo, hi), stream 0 (coarse) or 2^31 (fine);
-    the word is coarse half << 16 | fine half, half j = flat % 8 of a call's 4 words, low half first."""
-    flat = np.arange(n_rows * vocab, dtype=np.uint64)
-    octet = flat >> np.uint64(3)
+def exponential_ref(r):
+    """The Exponential(1) variate of random words r."""
+    return exponential_of_uniform_ref(uniform_open(r))
+
+
+def _call(c0, c1, seed, offset):
+    """Philox4x32-10 of counters (c0, c1, offset lo, offset hi), key (seed lo, seed hi)."""
+    c0 = np.asarray(c0, dtype=np.uint64)
+    return philox4x32((c0, c1, np.full_like(c0, offset & 0xFFFFFFFF), np.full_like(c0, offset >> 32)),
+                      (seed & 0xFFFFFFFF, seed >> 32))
+
+
+def octet_min_words_ref(n_rows, vocab, seed, offset):
+    """The min word of every octet o = flat // 8 (csrc/philox.h's layout): an octet whose 8 elements lie
+    in one row is that row's whole octet q = o - ceil(row V / 8) and takes word (q >> 5) % 4 of the call
+    (row, (q >> 7) << 5 | q % 32); any other octet takes word 0 of its edge call (o lo, o hi | 2^30)."""
     seed, offset = seed % 2**64, offset % 2**64
-
-    def halves(stream):
-        words = philox4x32((octet & U32, (octet >> np.uint64(32)) | np.uint64(stream),
-                            np.full_like(octet, offset & 0xFFFFFFFF), np.full_like(octet, offset >> 32)),
-                           (seed & 0xFFFFFFFF, seed >> 32))
-        j = (flat & np.uint64(7)).astype(np.int64)
-        return (np.choose(j >> 1, words) >> (16 * (j & 1)).astype(np.uint32)) & np.uint32(0xFFFF)
-
-    return (halves(0) << np.uint32(16)) | halves(2**31)
+    o = np.arange((n_rows * vocab + 7) // 8, dtype=np.uint64)
+    v = np.uint64(vocab)
+    row = (o * np.uint64(8)) // v
+    row_begin = row * v
+    whole = o * np.uint64(8) + np.uint64(8) <= row_begin + v
+    q = o - (row_begin + np.uint64(7)) // np.uint64(8)
+    q = np.where(whole, q, np.uint64(0))
+    group = ((q >> np.uint64(7)) << np.uint64(5)) | (q & np.uint64(31))
+    row_words = np.choose(((q >> np.uint64(5)) & np.uint64(3)).astype(np.int64), _call(row & U32, group, seed, offset))
+    edge_word = _call(o & U32, (o >> np.uint64(32)) | np.uint64(2**30), seed, offset)[0]
+    return np.where(whole, row_words, edge_word)
 
 
 def noise_ref(n_rows, vocab, seed, offset):
-    """(n_rows, vocab) float32 Gumbel noise of words_ref."""
+    """(n_rows, vocab) float32 Gumbel noise: per octet, E_min = E(min word) / 8 at position
+    J = fine word 7 >> 29, every other position j: E_min + E(fine word j, or j - 1 past J), with fine
+    words 0-3 from the call (o lo, o hi | 2^31) and 4-7 from (o lo, o hi | 2^31 | 2^30); g = -log(E)."""
+    seed, offset = seed % 2**64, offset % 2**64
+    total = n_rows * vocab
+    o = np.arange((total + 7) // 8, dtype=np.uint64)
+    fine = (_call(o & U32, (o >> np.uint64(32)) | np.uint64(2**31), seed, offset)
+            + _call(o & U32, (o >> np.uint64(32)) | np.uint64(2**31 + 2**30), seed, offset))
+    J = (fine[7] >> np.uint32(29)).astype(np.int64)
     with np.errstate(all="ignore"):
-        return gumbel_ref(uniform_open(words_ref(n_rows, vocab, seed, offset))).reshape(n_rows, vocab)
+        e_min = exponential_ref(octet_min_words_ref(n_rows, vocab, seed, offset)) * F32(0.125)
+        e = np.empty((o.size, 8), dtype=F32)
+        for j in range(8):
+            k = np.minimum(np.where(j > J, j - 1, j), 6)  # (unused where j == J)
+            e[:, j] = np.where(j == J, e_min, e_min + exponential_ref(np.choose(k, fine[:7])))
+        return (-log_ref(e)).ravel()[:total].reshape(n_rows, vocab)
 
 
 def samples_ref(logits, temperature, seed, offset):
@@ -133,13 +159,11 @@ def test_philox_reference_known_answers(ctr, key, expected):
 
 
 def test_op_noise_starts_from_the_known_answer():
-    # seed 0, offset 0, flat indices 0..7: the coarse call's counter is 0 and key 0, so the upper halves
-    # of their words are the halves of the first known answer
-    got = noise(torch.empty(1, 8), 0, 0)
-    coarse = np.array(KAT[0][2], dtype=np.uint32)
-    coarse_halves = np.stack([coarse & 0xFFFF, coarse >> 16], axis=1).ravel()
-    fine_halves = words_ref(1, 8, 0, 0) & np.uint32(0xFFFF)
-    np.testing.assert_array_equal(got.numpy()[0], gumbel_ref(uniform_open((coarse_halves << 16) | fine_halves)))
+    # seed 0, offset 0, one row of 8: the row's whole octet 0 takes word 0 of the min call with counter 0
+    # and key 0, the first known answer: its noise peaks at -log(E / 8) of that word
+    got = noise(torch.empty(1, 8), 0, 0).numpy()[0]
+    e_min = exponential_ref(np.array([KAT[0][2][0]], dtype=np.uint32)) * F32(0.125)
+    assert got.max() == -log_ref(e_min)[0] and (got < got.max()).sum() == 7
 
 
 @pytest.mark.parametrize("shape,seed,offset", [((3, 7), 0, 0), ((5, 1), 1, 2), ((2, 30522), 2**62 - 1, 7),
@@ -159,34 +183,64 @@ def test_noise_is_gumbel_and_the_log_is_accurate():
     v = np.concatenate([np.exp(np.linspace(np.log(2.0**-33), 0.0, 200001)), [2.0**-33, 2.0**-24, 0.5, 1 - 2.0**-24]])
     v = np.minimum(v.astype(F32), _hexf("0x1.fffffep-1"))
     exact = -np.log(-np.log1p(-v.astype(np.float64)))
-    np.testing.assert_allclose(gumbel_ref(v), exact, rtol=0, atol=4e-6)
+    np.testing.assert_allclose(-log_ref(exponential_of_uniform_ref(v)), exact, rtol=0, atol=4e-6)
+    # and of an octet's minimum (E / 8) and the others (E_min + E'), at the extremes too
+    e_min = exponential_of_uniform_ref(v) * F32(0.125)
+    np.testing.assert_allclose(-log_ref(e_min), exact + np.log(8.0), rtol=0, atol=4e-6)
+    e = e_min[::-1] + exponential_of_uniform_ref(v)
+    exact_e = -np.log1p(-v[::-1].astype(np.float64)) / 8 - np.log1p(-v.astype(np.float64))
+    np.testing.assert_allclose(-log_ref(e), -np.log(exact_e), rtol=0, atol=4e-6)
+
+
+def test_noise_of_an_octet_is_eight_independent_gumbels():
+    """The octet's exponential race (min first, the others above it) gives each position a Gumbel(0, 1)
+    noise, independent of the others: per-position mean, variance and quantiles, the octet's maximum
+    (Gumbel + log 8), its position (uniform) and the correlations between positions. 64-column rows:
+    every octet is a whole one; 61 columns: most rows also have octets that span two rows."""
+    gamma, var = 0.5772156649, math.pi**2 / 6
+    for vocab in (64, 61):
+        g = noise_ref(131072 // vocab * 8, vocab, 11, 3).ravel()
+        g = g[: g.size // 8 * 8].reshape(-1, 8).astype(np.float64)
+        n = g.shape[0]  # ~131k octets: standard errors ~0.0035 (mean), ~0.009 (variance)
+        assert np.all(np.abs(g.mean(0) - gamma) < 0.02), g.mean(0)
+        assert np.all(np.abs(g.var(0) - var) < 0.05), g.var(0)
+        for x in (-1.0, 0.0, 1.0, 3.0, 6.0):  # the CDF exp(-exp(-x)), per position
+            p = math.exp(-math.exp(-x))
+            assert np.all(np.abs((g <= x).mean(0) - p) < 5 * math.sqrt(p * (1 - p) / n)), (x, (g <= x).mean(0), p)
+        top = g.max(1)
+        assert abs(top.mean() - (gamma + math.log(8))) < 0.02 and abs(top.var() - var) < 0.05
+        counts = np.bincount(g.argmax(1), minlength=8).astype(np.float64)
+        assert _chi_square_pvalue(torch.tensor(counts), torch.full((8,), 1 / 8, dtype=torch.float64)) > 1e-3, counts
+        corr = np.corrcoef(g.T)
+        assert np.abs(corr - np.eye(8)).max() < 0.02, corr
 
 
 def filter_skips_ref(r, y, m, t, device_error=1.0):
-    """philox.h's noise filter, float32 operation for operation (its host form): True where an
-    element with random word r (the filter reads only its coarse half r >> 16) and y = logit/tau,
-    under running max m and best key t, is skipped.
+    """philox.h's noise filter, float32 operation for operation (its host form): True where the
+    elements of an octet with min word r and y = logit/tau, under running max m and best key t, are
+    skipped.
     device_error < 1 shrinks q and c as an exp2 that is a few ulps low (the device's MUFU) would."""
     log2e = _hexf("0x1.715476p+0")
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.exp2(y * log2e - m * log2e) * F32(device_error)
         in_range = (np.abs(m) <= F32(2.0**14)) & (np.abs(t) <= F32(2.0**14))
-        c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e) * F32(device_error), F32(np.inf))
-        one_plus_v_low = (((r >> np.uint32(16)) << np.uint32(7)) | np.uint32(0x3F800000)).view(F32)
+        c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e + F32(3)) * F32(device_error), F32(np.inf))
+        one_plus_v_low = ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32)
         return one_plus_v_low > q * c + _hexf("0x1.000004p+0")
 
 
 @pytest.mark.parametrize("device_error", [1.0, 1 - 2.0**-18])
 def test_noise_filter_skips_only_elements_that_lose(device_error):
-    """The kernels skip the exact noise where the filter says the key y + g cannot reach the best key t.
-    Thresholds right at the key (ties included), near the filter's range limit of 2^14 and beyond."""
+    """The kernels skip the exact noise where the filter says no key y + g of an octet can reach the best
+    key t. The largest noise an octet can give is its minimum's, -log(E_min). Thresholds right at the key
+    (ties included), near the filter's range limit of 2^14 and beyond."""
     rng = np.random.default_rng(0)
     n = 1_000_000
     r = np.concatenate([rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32),
                         np.arange(0, 2**12, dtype=np.uint32), (2**32 - 1 - np.arange(2**12)).astype(np.uint32),
-                        (np.arange(0, 2**16, 16, dtype=np.uint32) << np.uint32(16))])  # fine half 0: the bound is tight
+                        (np.arange(0, 2**23, 2**7, dtype=np.uint32) << np.uint32(9))])  # low bits 0: the bound is tight
     size = r.size
-    g = gumbel_ref(uniform_open(r))
+    g = -log_ref(exponential_ref(r) * F32(0.125))
     base = rng.choice(np.array([0.0, 37.0, -3000.0, 2.0**13, 2.0**14 - 40, -(2.0**14) + 40, 2.0**15]), size)
     y = (base + rng.normal(0, 5, size)).astype(F32)
     m = (y + np.abs(rng.normal(0, 3, size)) * (rng.random(size) < 0.7)).astype(F32)  # m >= y, often m == y
@@ -253,14 +307,17 @@ def _chi_square_pvalue(counts, probs):
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_sample_distribution_is_softmax(temperature):
-    row = torch.tensor([1.5, 0.0, -1.0, 2.0, 0.5, -3.0, 1.0], dtype=torch.float64)
-    draws = 200_000
+@pytest.mark.parametrize("vocab", [7, 37, 64])
+def test_sample_distribution_is_softmax(temperature, vocab):
+    """7 columns: every octet spans rows (edge calls); 64: every octet is a whole one (row calls, two
+    windows of the CUDA kernel's layout); 37: both. Logits spread so that every class is drawn often."""
+    row = torch.linspace(-2.5, 2.0, vocab, dtype=torch.float64)[torch.randperm(vocab, generator=torch.Generator().manual_seed(vocab))]
+    draws = 200_000 if vocab < 64 else 100_000
     logits = row.float().expand(draws, -1).contiguous()
     ids = torch.zeros(1, draws, dtype=torch.long)
     _, _, sampled, _ = op(logits, ids, torch.arange(draws), temperature, 99, int(temperature * 10), False)
     counts = torch.bincount(sampled, minlength=row.numel()).double()
-    probs = torch.softmax(row / temperature, 0)
+    probs = torch.softmax(row.float().double() / temperature, 0)
     assert _chi_square_pvalue(counts, probs) > 1e-3, (counts / draws, probs)
 
 

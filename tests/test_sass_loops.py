@@ -97,27 +97,31 @@ def _triton_version() -> tuple[int, int]:
 
 
 def test_replace_kernel_hot_loop_is_lean():
-    """Per logit element: the share of one coarse Philox call per 16-byte vector (~6 instructions for
-    16-bit logits), a conversion, the running max, the lse's exp2 and add, and a share of the filter,
-    which tests each vector at once (its smallest coarse half against its largest logit); the fine
-    Philox call and the exact noise stay out of line. History (H100, bf16, with the lse): ~42
-    instructions per element measured 0.85 TB/s (2026-11-22); the per-vector filter, 24.2, measured
-    1.21 TB/s (2026-11-23); one coarse call per vector made it 19.4 (not yet timed), the packed vector
-    max 19.3, and without the lse 15.9 -> 14.8 (fp16 15.7). fp32 logits: a lane pair shares the coarse
-    calls of its vector pairs, 33.1 -> 25.3 with the lse (not yet timed)."""
+    """Per logit element: a share of one Philox call per lane and window of two steps (the min words of
+    4 octets), a conversion, the running max, the lse's exp2 and add, and a share of the filter, which
+    tests each vector at once (the octet's min word against its largest logit); the fine Philox calls
+    and the exact noise stay out of line. History (H100, bf16, with the lse): ~42 instructions per
+    element measured 0.85 TB/s (2026-11-22); the per-vector filter, 24.2, measured 1.21 TB/s
+    (2026-11-23); one coarse call per vector made it 19.4 and the packed vector max 19.3 (not yet
+    timed); the octets' exponential race, one call per 4 octets, 13.4, and 8.9 without the lse (from
+    14.8; not yet timed). fp32 logits: 25.3 -> 19.0 with the lse, 21.3 -> 14.8 without. fp32 needs
+    more than the 96 registers that keep 20 rows per SM in flight: ptxas keeps a few loop-invariant
+    values (the Philox call's hoisted first round) in local memory, reloaded once per window; nothing
+    is stored in the loop (at most 3 loads per window of 32 elements per lane)."""
     if _nvcc() is None or not os.path.exists(_nvidia_bin("cuobjdump")):
         pytest.skip("needs nvcc and the cuobjdump Triton ships")
     rows = {(r["dtype"], r["noise"], r["lse"], r["unit_tau"]): r for r in replace_kernel_stats()}
     assert len(rows) == 18, sorted(rows)
-    for row in rows.values():
-        assert row["spill_stores"] == 0 and row["hot_calls"] == 0, row
+    for (dtype, *_), row in rows.items():
+        assert row["hot_calls"] == 0 and row["loop_spill_stores"] == 0, row
+        assert row["spill_stores"] == 0 if dtype != "fp32" else row["loop_spill_loads"] <= 3, row
     for dtype in ("bf16", "fp16"):
         main = rows[(dtype, True, True, True)]  # ELECTRA's case: sampling at tau = 1 with the lse
-        assert main["per_element"] <= 20, main
+        assert main["per_element"] <= 14, main
         # an exp2 per element for the lse, one per vector for the filter, the rare max/threshold updates
-        assert main["hot_mufu"] <= main["elements"] + 8, main
+        assert main["hot_mufu"] <= main["elements"] + 16, main
         sampling = rows[(dtype, True, False, True)]  # without the lse: no exp2 per element at all
-        assert sampling["per_element"] <= 15.75 and sampling["hot_mufu"] <= 8, sampling
-    # fp32: 4 elements per vector, one coarse call per two vectors (shared by a lane pair)
-    assert rows[("fp32", True, True, True)]["per_element"] <= 26, rows[("fp32", True, True, True)]
-    assert rows[("fp32", True, False, True)]["per_element"] <= 22, rows[("fp32", True, False, True)]
+        assert sampling["per_element"] <= 9.5 and sampling["hot_mufu"] <= 12, sampling
+    # fp32: 4 elements per vector, lane pairs share the min calls
+    assert rows[("fp32", True, True, True)]["per_element"] <= 19.5, rows[("fp32", True, True, True)]
+    assert rows[("fp32", True, False, True)]["per_element"] <= 15.25, rows[("fp32", True, False, True)]
