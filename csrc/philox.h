@@ -289,13 +289,19 @@ FE_HOST_DEVICE float octet_min_exponential(uint32_t min_word) {
   return fe_mul(exponential_from_word(min_word), 0.125f);
 }
 
+// The position J of an octet's minimum exponential, from its fine words.
+FE_HOST_DEVICE int octet_min_position(const PhiloxWords (&fine)[2]) { return (int)(fine[1].w[3] >> 29); }
+
+// The fine word of position j != J of an octet (j < J: word j, j > J: word j - 1).
+FE_HOST_DEVICE uint32_t octet_fine_word(int j, int J, const PhiloxWords (&fine)[2]) {
+  const int k = j < J ? j : j - 1;  // selects: no indexed read (see word_at)
+  return k < 4 ? word_at(fine[0], k) : word_at(fine[1], k - 4);
+}
+
 // The exponential E of position j of an octet with minimum e_min and fine words `fine`.
 FE_HOST_DEVICE float octet_exponential(int j, float e_min, const PhiloxWords (&fine)[2]) {
-  const int J = (int)(fine[1].w[3] >> 29);  // the position of the minimum
-  if (j == J) return e_min;
-  const int k = j < J ? j : j - 1;  // the fine word of position j (selects: no indexed read, see word_at)
-  const uint32_t r = k < 4 ? word_at(fine[0], k) : word_at(fine[1], k - 4);
-  return fe_add(e_min, exponential_from_word(r));
+  const int J = octet_min_position(fine);
+  return j == J ? e_min : fe_add(e_min, exponential_from_word(octet_fine_word(j, J, fine)));
 }
 
 // The Gumbel noise of an exponential: what every implementation adds to logit / tau (negation is exact).
@@ -329,6 +335,9 @@ FE_HOST_DEVICE void octet_noise(float* out, uint64_t o, uint64_t n_rows, uint64_
 // multiples of 2^-23 below r 2^-32), so 1 + v_low is exactly the float with bits 0x3f800000 | (r >> 9).
 // (With probability 2^-23 r >> 9 is 0 and the test passes.) As every E of the octet is at least
 // E_min, one test of the octet's largest y bounds all its elements' tests.
+// An octet that passes makes its fine words and E_min; its minimum's element (position J) is keyed
+// first, as it holds the octet's largest noise, and every other element passes a second test before
+// its logarithms: E = E_min + E' >= E_min + v' (filter_may_win_above).
 // Every rounding is covered by the margin (2^-5 in log space, against ~2^-8 of accumulated error)
 // while |M| and |T| are at most 2^14; beyond that c is infinite and every element takes the exact
 // path, so huge logits (and their ties) stay exact. T = -inf, a NaN or an infinite logit also give
@@ -372,6 +381,15 @@ FE_HOST_DEVICE float filter_scale(float m, float t) {
 FE_HOST_DEVICE bool filter_may_win(uint32_t r, float q, float c) {
   const float one_plus_v_low = fe_bits_float(0x3f800000u | (r >> 9));  // 1 + (r >> 9) 2^-23
   return !(one_plus_v_low > q * c + kOnePlusFilterUlp);
+}
+
+// The second test, for an element j != J of an octet that passed the first: its exponential
+// E = E_min + E' is at least e_low = E_min + v_low(r) for its fine word r (E' >= v >= v_low, and the
+// rounded sums are monotone), so it can reach T only if e_low <= exp(y - T) = q c / 8. False only if the
+// element provably loses; one add and a multiply-compare instead of its two logarithms.
+FE_HOST_DEVICE bool filter_may_win_above(float e_min, uint32_t r, float q, float c) {
+  const float v_low = fe_sub(fe_bits_float(0x3f800000u | (r >> 9)), 1.0f);  // exact
+  return !(fe_add(e_min, v_low) > q * c * 0.125f);
 }
 
 // Ordering of (key, column) candidates: the larger key wins, ties go to the smaller column, a

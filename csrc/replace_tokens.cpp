@@ -138,9 +138,10 @@ namespace {
 // The sample of one row (see better_candidate in philox.h for the order). The row goes octet by octet
 // (philox.h's layout; the octets at its two ends may hold elements of other rows, which are left out),
 // the min words of its whole octets made 32 calls at a time for 128 octets; philox.h's filter first
-// tests an octet's part of the row on its min word and largest y, which bound every element's test,
-// and only an octet that passes takes the per-element test and, if an element passes that too, its
-// fine Philox calls and the exact noise of the elements that pass.
+// tests an octet's part of the row on its min word and largest y, which bound every element's test;
+// an octet that passes makes its fine Philox calls, keys its minimum's element and takes the others
+// through the per-element tests, the exact noise only for the elements that pass them (as the CUDA
+// kernel's fold_survivors).
 template <typename scalar_t, bool kNoise>
 int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau, uint64_t seed,
                    uint64_t offset) {
@@ -190,21 +191,27 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
       }
       if (!filter_may_win(r, fast_exp2(y_max * kLog2e - shift), c)) continue;
       PhiloxWords fine[2];
-      float e_min = 0.0f;
-      bool have_fine = false;
-      for (int e = 0; e < count; ++e) {
-        if (!filter_may_win(r, fast_exp2(y[e] * kLog2e - shift), c)) continue;
-        if (!have_fine) {
-          fine_calls(o, seed, offset, fine);
-          e_min = octet_min_exponential(r);
-          have_fine = true;
-        }
-        const float key = fe_add(y[e], gumbel_from_exponential(octet_exponential(j0 + e, e_min, fine)));
+      fine_calls(o, seed, offset, fine);
+      const float e_min = octet_min_exponential(r);
+      const int J = octet_min_position(fine);
+      // the octet's minimum first (its largest noise), then the others through the second test
+      auto fold_element = [&](int e, float e_exp) {
+        const float key = fe_add(y[e], gumbel_from_exponential(e_exp));
         if (better_candidate(key, col0 + e, best_key, best_col)) {
           best_key = key;
           best_col = col0 + e;
           c = filter_scale(m, best_key);
         }
+      };
+      const int eJ = J - j0;
+      if (eJ >= 0 && eJ < count && filter_may_win(r, fast_exp2(y[eJ] * kLog2e - shift), c)) fold_element(eJ, e_min);
+      for (int e = 0; e < count; ++e) {
+        if (e == eJ) continue;
+        const float q = fast_exp2(y[e] * kLog2e - shift);
+        if (!filter_may_win(r, q, c)) continue;
+        const uint32_t w = octet_fine_word(j0 + e, J, fine);
+        if (!filter_may_win_above(e_min, w, q, c)) continue;
+        fold_element(e, fe_add(e_min, exponential_from_word(w)));
       }
     }
   } else {

@@ -166,16 +166,35 @@ __device__ __forceinline__ float filter_q(float x, float inv_tau, const LaneStat
 // arguments, and the octet's fine Philox calls, which complete its exponentials, run only here: a call
 // with few arguments keeps the loop's registers free (the CUDA ABI moves arguments into fixed registers).
 template <typename T, int N, bool kUnitTau>
-__device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restrict__ xs, int col0,
-                                                 NoiseSource<T> src, float inv_tau, float threshold) {
+__device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restrict__ xs, int col0, NoiseSource<T> src,
+                                                 float inv_tau, float threshold) {
   PhiloxWords fine[2];
   fine_calls((uint64_t)(xs - src.logits) / 8, src.seed, src.offset, fine);
   const float e_min = octet_min_exponential(src.min_word);
+  const int J = octet_min_position(fine);
+  // The octet's minimum first, if it is in the group: it has the octet's largest noise, so its key, the
+  // lane's best if it is better, lets the second test below skip most of the others.
+  const int eJ = J - src.j0;
+  if (eJ >= 0 && eJ < N) {
+    const float x = to_float(xs[eJ]);
+    if (filter_may_win(src.min_word, filter_q<kUnitTau>(x, inv_tau, st), st.scale)) {
+      const float key = exact_key(scaled<kUnitTau>(x, inv_tau), e_min);
+      if (better_candidate(key, col0 + eJ, st.best_key, st.best_col)) {
+        st.best_key = key;
+        st.best_col = col0 + eJ;
+        update_scale<kUnitTau>(st, inv_tau, threshold);
+      }
+    }
+  }
 #pragma unroll
   for (int e = 0; e < N; ++e) {
+    if (e == eJ) continue;
     const float x = to_float(xs[e]);
-    if (!filter_may_win(src.min_word, filter_q<kUnitTau>(x, inv_tau, st), st.scale)) continue;
-    const float key = exact_key(scaled<kUnitTau>(x, inv_tau), octet_exponential(src.j0 + e, e_min, fine));
+    const float q = filter_q<kUnitTau>(x, inv_tau, st);
+    if (!filter_may_win(src.min_word, q, st.scale)) continue;
+    const uint32_t r = octet_fine_word(src.j0 + e, J, fine);
+    if (!filter_may_win_above(e_min, r, q, st.scale)) continue;
+    const float key = exact_key(scaled<kUnitTau>(x, inv_tau), fe_add(e_min, exponential_from_word(r)));
     if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
       st.best_key = key;
       st.best_col = col0 + e;
@@ -338,10 +357,11 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
 
   uint4 raw0[kVectorsPerLane], raw1[kVectorsPerLane];  // the window's two steps
   load_step(raw0, 0, 0);
-  for (int step = 0, window = 0; step < n_vectors; step += 2 * kStepVectors, ++window) {  // warp-uniform
+  for (int step = 0; step < n_vectors; step += 2 * kStepVectors) {  // warp-uniform
     uint32_t own[4] = {0u, 0u, 0u, 0u};
     if (kNoise) {
-      const PhiloxWords w = min_call((uint64_t)row, (uint32_t)window, call_lane, seed, offset);
+      const uint32_t window = (uint32_t)step / (2 * kStepVectors);  // (no second loop counter to keep)
+      const PhiloxWords w = min_call((uint64_t)row, window, call_lane, seed, offset);
 #pragma unroll
       for (int m = 0; m < 4; ++m) own[m] = w.w[m];
     }

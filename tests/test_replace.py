@@ -229,6 +229,18 @@ def filter_skips_ref(r, y, m, t, device_error=1.0):
         return one_plus_v_low > q * c + _hexf("0x1.000004p+0")
 
 
+def filter_above_skips_ref(e_min, r, y, m, t, device_error=1.0):
+    """philox.h's second test (filter_may_win_above), float32 operation for operation: True where an
+    element with fine word r in an octet with minimum e_min is skipped."""
+    log2e = _hexf("0x1.715476p+0")
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.exp2(y * log2e - m * log2e) * F32(device_error)
+        in_range = (np.abs(m) <= F32(2.0**14)) & (np.abs(t) <= F32(2.0**14))
+        c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e + F32(3)) * F32(device_error), F32(np.inf))
+        v_low = ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32) - F32(1)
+        return (e_min + v_low) > q * c * F32(0.125)
+
+
 @pytest.mark.parametrize("device_error", [1.0, 1 - 2.0**-18])
 def test_noise_filter_skips_only_elements_that_lose(device_error):
     """The kernels skip the exact noise where the filter says no key y + g of an octet can reach the best
@@ -252,6 +264,13 @@ def test_noise_filter_skips_only_elements_that_lose(device_error):
     skip = filter_skips_ref(r, y, m, t, device_error)
     assert not (skip & (key >= t)).any()
     assert skip[kind >= 0.6].mean() > 0.5  # and it does skip
+    # the second test, of an element other than the minimum's: E = E_min + E' >= E_min + v_low of its word
+    e_min = exponential_ref(rng.permutation(r)) * F32(0.125)
+    key = y - log_ref(e_min + exponential_ref(r))
+    t = np.where(kind < 0.2, key, key + above).astype(F32)
+    skip = filter_above_skips_ref(e_min, r, y, m, t, device_error)
+    assert not (skip & (key >= t)).any()
+    assert skip[kind >= 0.6].mean() > 0.5
 
 
 # ----------------------------------------------------------------------------- samples
