@@ -331,7 +331,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   LaneState st{-kInf, (int)vocab, -kInf, 0.0f, 0.0f, 0.0f, kInf};
   float threshold = -kInf;  // best exact key of the warp at the last step
   // The row's vectors, indexed from 0 with 32-bit indices (a row has fewer than 2^31 elements).
-  // This lane's vectors: step + k * 32 + lane; the pointer moves by a step, so each load is an
+  // This lane's vectors: step + k * 32 + lane; the pointer moves by a window, so each load is an
   // immediate offset from it.
   const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
   const int n_vectors = (int)(vec_end - vec_begin);
