@@ -144,13 +144,19 @@ FE_HOST_DEVICE void philox_call(uint32_t c0, uint32_t c1, uint64_t seed, uint64_
   out = o[0];
 }
 
-// The call of a row's min words that serves its whole octets q with q / 128 = block and q % 32 = lane:
-// word k is the min word of whole octet q = 128 block + 32 k + lane.
+// The second counter word of the call of a row's min words that serves its whole octets q with
+// q / 128 = block and q % 32 = lane (the first is the row): word k is the min word of whole octet
+// q = 128 block + 32 k + lane.
+FE_HOST_DEVICE uint32_t min_call_counter(uint32_t block, uint32_t lane) { return block << 5 | lane; }
+
 FE_HOST_DEVICE PhiloxWords min_call(uint64_t row, uint32_t block, uint32_t lane, uint64_t seed, uint64_t offset) {
   PhiloxWords out;
-  philox_call((uint32_t)row, block << 5 | lane, seed, offset, out);
+  philox_call((uint32_t)row, min_call_counter(block, lane), seed, offset, out);
   return out;
 }
+
+// The second counter word of octet o's calls in `stream` (edge or fine).
+FE_HOST_DEVICE uint32_t octet_counter_hi(uint64_t o, uint32_t stream) { return (uint32_t)(o >> 32) | stream; }
 
 // Word k (0..3) of a Philox result; k known at compile time on the hot paths. Selects rather than an
 // indexed read, which would put the words in local memory on the device.
@@ -166,14 +172,14 @@ FE_HOST_DEVICE uint32_t octet_min_word(uint64_t o, uint64_t row, uint64_t row_be
     return word_at(min_call(row, (uint32_t)(q / kGroupOctets), (uint32_t)(q % 32), seed, offset), (int)(q / 32 % 4));
   }
   PhiloxWords edge;
-  philox_call((uint32_t)o, (uint32_t)(o >> 32) | kEdgeStream, seed, offset, edge);
+  philox_call((uint32_t)o, octet_counter_hi(o, kEdgeStream), seed, offset, edge);
   return edge.w[0];
 }
 
-// The two fine calls of octet o: words 0-3 and 4-7.
+// The two fine calls of octet o, run together: words 0-3 and 4-7.
 FE_HOST_DEVICE void fine_calls(uint64_t o, uint64_t seed, uint64_t offset, PhiloxWords (&out)[2]) {
   const uint32_t lo[2] = {(uint32_t)o, (uint32_t)o};
-  const uint32_t hi[2] = {(uint32_t)(o >> 32) | kFineStream, (uint32_t)(o >> 32) | kFineStream2};
+  const uint32_t hi[2] = {octet_counter_hi(o, kFineStream), octet_counter_hi(o, kFineStream2)};
   philox4x32_10_many<2>(lo, hi, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed, (uint32_t)(seed >> 32),
                         out);
 }
@@ -289,8 +295,15 @@ FE_HOST_DEVICE float octet_min_exponential(uint32_t min_word) {
   return fe_mul(exponential_from_word(min_word), 0.125f);
 }
 
-// The position J of an octet's minimum exponential, from its fine words.
-FE_HOST_DEVICE int octet_min_position(const PhiloxWords (&fine)[2]) { return (int)(fine[1].w[3] >> 29); }
+// The position J of an octet's minimum exponential, from its fine words 4-7 (the second fine call).
+FE_HOST_DEVICE int octet_min_position(const PhiloxWords& fine_hi) { return (int)(fine_hi.w[3] >> 29); }
+
+// The position J of octet o's minimum alone: the second fine call only.
+FE_HOST_DEVICE int octet_min_position(uint64_t o, uint64_t seed, uint64_t offset) {
+  PhiloxWords fine_hi;
+  philox_call((uint32_t)o, octet_counter_hi(o, kFineStream2), seed, offset, fine_hi);
+  return octet_min_position(fine_hi);
+}
 
 // The fine word of position j != J of an octet (j < J: word j, j > J: word j - 1).
 FE_HOST_DEVICE uint32_t octet_fine_word(int j, int J, const PhiloxWords (&fine)[2]) {
@@ -298,10 +311,15 @@ FE_HOST_DEVICE uint32_t octet_fine_word(int j, int J, const PhiloxWords (&fine)[
   return k < 4 ? word_at(fine[0], k) : word_at(fine[1], k - 4);
 }
 
+// The exponential E = E_min + E' of a position other than the minimum's, E' from its fine word r.
+FE_HOST_DEVICE float octet_other_exponential(float e_min, uint32_t r) {
+  return fe_add(e_min, exponential_from_word(r));
+}
+
 // The exponential E of position j of an octet with minimum e_min and fine words `fine`.
 FE_HOST_DEVICE float octet_exponential(int j, float e_min, const PhiloxWords (&fine)[2]) {
-  const int J = octet_min_position(fine);
-  return j == J ? e_min : fe_add(e_min, exponential_from_word(octet_fine_word(j, J, fine)));
+  const int J = octet_min_position(fine[1]);
+  return j == J ? e_min : octet_other_exponential(e_min, octet_fine_word(j, J, fine));
 }
 
 // The Gumbel noise of an exponential: what every implementation adds to logit / tau (negation is exact).

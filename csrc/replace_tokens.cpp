@@ -167,7 +167,7 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
           uint32_t c0[kCalls], c1[kCalls];
           for (int l = 0; l < kCalls; ++l) {
             c0[l] = (uint32_t)row;
-            c1[l] = (uint32_t)group << 5 | (uint32_t)l;
+            c1[l] = min_call_counter((uint32_t)group, (uint32_t)l);
           }
           philox4x32_10_many<kCalls>(c0, c1, (uint32_t)offset, (uint32_t)(offset >> 32), (uint32_t)seed,
                                      (uint32_t)(seed >> 32), min_calls);
@@ -193,7 +193,7 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
       PhiloxWords fine[2];
       fine_calls(o, seed, offset, fine);
       const float e_min = octet_min_exponential(r);
-      const int J = octet_min_position(fine);
+      const int J = octet_min_position(fine[1]);
       // the octet's minimum first (its largest noise), then the others through the second test
       auto fold_element = [&](int e, float e_exp) {
         const float key = fe_add(y[e], gumbel_from_exponential(e_exp));
@@ -211,7 +211,7 @@ int64_t sample_row(const scalar_t* x, int64_t row, int64_t vocab, float inv_tau,
         if (!filter_may_win(r, q, c)) continue;
         const uint32_t w = octet_fine_word(j0 + e, J, fine);
         if (!filter_may_win_above(e_min, w, q, c)) continue;
-        fold_element(e, fe_add(e_min, exponential_from_word(w)));
+        fold_element(e, octet_other_exponential(e_min, w));
       }
     }
   } else {

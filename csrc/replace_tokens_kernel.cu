@@ -173,7 +173,7 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restri
   PhiloxWords fine[2];
   fine_calls((uint64_t)(xs - src.logits) / 8, src.seed, src.offset, fine);
   const float e_min = octet_min_exponential(src.min_word);
-  const int J = octet_min_position(fine);
+  const int J = octet_min_position(fine[1]);
   // The octet's minimum first, if it is in the group: it has the octet's largest noise, so its key, the
   // lane's best if it is better, lets the second test below skip most of the others.
   const int eJ = J - src.j0;
@@ -196,7 +196,7 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restri
     if (!filter_may_win(src.min_word, q, st.scale)) continue;
     const uint32_t r = octet_fine_word(src.j0 + e, J, fine);
     if (!filter_may_win_above(e_min, r, q, st.scale)) continue;
-    const float key = exact_key(scaled<kUnitTau>(x, inv_tau), fe_add(e_min, exponential_from_word(r)));
+    const float key = exact_key(scaled<kUnitTau>(x, inv_tau), octet_other_exponential(e_min, r));
     if (better_candidate(key, col0 + e, st.best_key, st.best_col)) {
       st.best_key = key;
       st.best_col = col0 + e;
@@ -226,10 +226,7 @@ __device__ __noinline__ LaneState seed_threshold(LaneState st, uint4 raw, int64_
   // the vector is the row's whole octet q = lane / (8 / VEC): word 0 of the min call for q % 32 = q
   const uint32_t q = (uint32_t)(threadIdx.x % kWarpSize) / (8 / VEC);
   const uint32_t r = min_call((uint64_t)row, 0u, q, seed, offset).w[0];
-  const uint64_t octet = (uint64_t)flat / 8;
-  PhiloxWords fine2;  // fine words 4-7: the minimum's position is in word 7
-  philox_call((uint32_t)octet, (uint32_t)(octet >> 32) | kFineStream2, seed, offset, fine2);
-  const int e = (int)(fine2.w[3] >> 29) - j0;
+  const int e = octet_min_position((uint64_t)flat / 8, seed, offset) - j0;
   if (e < 0 || e >= VEC) return st;  // fp32: the other lane of the pair holds it
   float x[VEC];
   unpack(raw, x, T());

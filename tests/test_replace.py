@@ -215,30 +215,37 @@ def test_noise_of_an_octet_is_eight_independent_gumbels():
         assert np.abs(corr - np.eye(8)).max() < 0.02, corr
 
 
-def filter_skips_ref(r, y, m, t, device_error=1.0):
-    """philox.h's noise filter, float32 operation for operation (its host form): True where the
-    elements of an octet with min word r and y = logit/tau, under running max m and best key t, are
-    skipped.
-    device_error < 1 shrinks q and c as an exp2 that is a few ulps low (the device's MUFU) would."""
+def _filter_q_c(y, m, t, device_error):
+    """The filter's q = exp(y - m) and c = 8 exp(m - t + margin) (infinite outside |m|, |t| <= 2^14),
+    float32 operation for operation (their host form); device_error < 1 shrinks both as an exp2 that
+    is a few ulps low (the device's MUFU) would."""
     log2e = _hexf("0x1.715476p+0")
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.exp2(y * log2e - m * log2e) * F32(device_error)
         in_range = (np.abs(m) <= F32(2.0**14)) & (np.abs(t) <= F32(2.0**14))
         c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e + F32(3)) * F32(device_error), F32(np.inf))
-        one_plus_v_low = ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32)
-        return one_plus_v_low > q * c + _hexf("0x1.000004p+0")
+    return q, c
+
+
+def _one_plus_v_low(r):
+    """1 + (r >> 9) 2^-23, exactly: the bound of a word's uniform that the filter's tests read."""
+    return ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32)
+
+
+def filter_skips_ref(r, y, m, t, device_error=1.0):
+    """philox.h's noise filter (filter_may_win): True where the elements of an octet with min word r and
+    y = logit/tau, under running max m and best key t, are skipped."""
+    q, c = _filter_q_c(y, m, t, device_error)
+    with np.errstate(invalid="ignore"):
+        return _one_plus_v_low(r) > q * c + _hexf("0x1.000004p+0")
 
 
 def filter_above_skips_ref(e_min, r, y, m, t, device_error=1.0):
-    """philox.h's second test (filter_may_win_above), float32 operation for operation: True where an
-    element with fine word r in an octet with minimum e_min is skipped."""
-    log2e = _hexf("0x1.715476p+0")
-    with np.errstate(over="ignore", invalid="ignore"):
-        q = np.exp2(y * log2e - m * log2e) * F32(device_error)
-        in_range = (np.abs(m) <= F32(2.0**14)) & (np.abs(t) <= F32(2.0**14))
-        c = np.where(in_range, np.exp2((m - t + _hexf("0x1p-5")) * log2e + F32(3)) * F32(device_error), F32(np.inf))
-        v_low = ((r >> np.uint32(9)) | np.uint32(0x3F800000)).view(F32) - F32(1)
-        return (e_min + v_low) > q * c * F32(0.125)
+    """philox.h's second test (filter_may_win_above): True where an element with fine word r in an
+    octet with minimum e_min is skipped."""
+    q, c = _filter_q_c(y, m, t, device_error)
+    with np.errstate(invalid="ignore"):
+        return (e_min + (_one_plus_v_low(r) - F32(1))) > q * c * F32(0.125)
 
 
 @pytest.mark.parametrize("device_error", [1.0, 1 - 2.0**-18])
