@@ -379,13 +379,18 @@ def replace_kernel_stats() -> list[dict]:
         if not variant:
             continue
         dtype = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[variant.group(1)]
-        # the vector loop: the innermost loop that issues the 16-byte loads
-        loops = [(a, b) for a, b in _loops(instrs) if any("LDG" in t and ".128" in t for t in instrs[a:b + 1])]
-        start, end = min(loops, key=lambda se: se[1] - se[0])
-        # cold: the innermost forward branches that jump over an out-of-line call (the survivors)
+        # the vector loop: of the loops that issue the most 16-byte loads the innermost (the survivors'
+        # settling loop, out of line, loads one vector per entry)
+        def loads(se):
+            return sum("LDG" in t and ".128" in t for t in instrs[se[0]:se[1] + 1])
+        loops = [(a, b) for a, b in _loops(instrs) if loads((a, b)) > 0]
+        most = max(loads(se) for se in loops)
+        start, end = min((se for se in loops if loads(se) == most), key=lambda se: se[1] - se[0])
+        # cold: the innermost forward branches that jump over an out-of-line call or a shared-memory atomic
+        # (the rare vectors that pass the noise filter: their enqueue, the settling of the warp's queue)
         skips = [(i, t) for i in range(start, end + 1)
                  if instrs[i].startswith("@") and (t := _branch_target(instrs[i])) is not None and i < t <= end + 1
-                 and any("CALL" in x for x in instrs[i + 1:t])]
+                 and any("CALL" in x or "ATOMS" in x for x in instrs[i + 1:t])]
         inner = [s for s in skips if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in skips)]
         cold = {j for i, t in inner for j in range(i + 1, t)}
         hot = [instrs[j] for j in range(start, end + 1) if j not in cold]

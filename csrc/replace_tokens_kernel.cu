@@ -28,10 +28,11 @@
 // elements may still win, and there the per-element test picks them. That changes no result: the
 // winner is the lexicographic max of (exact key, -column), which does not depend on the order elements
 // are visited, so CPU and CUDA agree bit for bit. Before the loop each lane keys its first octet's
-// minimum element (the octet's largest noise), and the warp's best of these is the first T. The warp
-// shares its best key after a step in which some lane improved on the last shared one (a tighter T for
-// every lane; one vote otherwise). A vector's
-// largest logit is taken packed for 16-bit logits (two HMNMX2 levels), before the unpack.
+// minimum element (the octet's largest noise), and the warp's best of these is the first T. A vector
+// that passes the filter goes into the warp's queue in shared memory (an atomic and two stores); when a
+// step ends with kSurvivorBatch or more queued, the whole warp settles them, a lane per vector, and
+// shares its best key (a tighter T for every lane). A vector's largest logit is taken packed for 16-bit
+// logits (two HMNMX2 levels), before the unpack.
 //
 // Seed from device memory: the Philox key is an int64 that every thread loads from the (1,) seed
 // tensor (one broadcast read per warp, cached), so the host never reads it and a CUDA graph that
@@ -164,9 +165,8 @@ __device__ __forceinline__ float filter_q(float x, float inv_tau, const LaneStat
 
 // The elements of a group that the filter lets through: their exact keys against the lane's best.
 // Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small. It reads
-// the group's N logits again (from L2, where the loop's read left them) rather than taking them as
-// arguments, and the octet's fine Philox calls, which complete its exponentials, run only here: a call
-// with few arguments keeps the loop's registers free (the CUDA ABI moves arguments into fixed registers).
+// the group's N logits again (from L2 or memory: the loop read them a few steps before), and the
+// octet's fine Philox calls, which complete its exponentials, run only here.
 template <typename T, int N, bool kUnitTau>
 __device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restrict__ xs, int col0, NoiseSource<T> src,
                                                  float inv_tau, float threshold) {
@@ -241,11 +241,13 @@ __device__ __noinline__ LaneState seed_threshold(LaneState st, uint4 raw, int64_
   return st;
 }
 
-// Folds N logits x of one octet (columns col0 .. col0+N-1; group_max their fmaxf; the octet's min word
-// in src) into the lane state.
-template <typename T, int N, bool kNoise, bool kLse, bool kUnitTau>
-__device__ __forceinline__ void fold(const float (&x)[N], const T* xs, float group_max, int col0,
-                                     const NoiseSource<T>& src, float inv_tau, float threshold, LaneState& st) {
+// Folds N logits x of one octet (columns col0 .. col0+N-1; group_max their fmaxf; min_word the octet's
+// min word) into the lane state: the running max, the lse and, without noise, the argmax. With noise it
+// returns whether the group passes the filter (its elements may still beat the best key), for the caller
+// to settle: rare after a row's first steps.
+template <int N, bool kNoise, bool kLse, bool kUnitTau>
+__device__ __forceinline__ bool fold(const float (&x)[N], float group_max, int col0, uint32_t min_word,
+                                     float inv_tau, float threshold, LaneState& st) {
   if (group_max > st.max) {  // rare after the first steps
     if (kLse) st.sum *= fast_exp2((st.max - group_max) * kLog2e);  // 0 for the first finite max
     st.max = group_max;
@@ -257,13 +259,12 @@ __device__ __forceinline__ void fold(const float (&x)[N], const T* xs, float gro
 #pragma unroll
     for (int e = 0; e < N; ++e) st.sum += fast_exp2(fmaf(x[e], kLog2e, -st.shift));  // exp(logit - max)
   }
-  if (kNoise) {
+  if constexpr (kNoise) {
     // The filter of the whole group at once: every exponential of the octet is at least its minimum,
     // so the group's largest logit against the octet's min word bounds every element's test
     // (philox.h). (MUFU.EX2 is monotone to within a few ulps, far inside the filter's margin.) The rare
-    // groups that pass take the per-element test and the exact noise, out of line.
-    if (filter_may_win(src.min_word, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale))
-      st = fold_survivors<T, N, kUnitTau>(st, xs, col0, src, inv_tau, threshold);  // rare
+    // groups that pass take the per-element test and the exact noise, out of line (fold_survivors).
+    return filter_may_win(min_word, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -271,6 +272,81 @@ __device__ __forceinline__ void fold(const float (&x)[N], const T* xs, float gro
         st.best_key = x[e];
         st.best_col = col0 + e;
       }
+    return false;
+  }
+}
+
+// The vectors of the vector loop that passed the filter, one queue per warp in shared memory, settled
+// a batch at a time by the whole warp (settle_survivors), each lane one vector. Settled as they came, a
+// warp ran the out-of-line path once per step and vector slot in which any lane's vector passed, one or
+// two lanes busy and the others waiting: 6-19 times per 30522-column row in a model of the filter
+// (benchmarks/replace_filter_sim.py: one warp, bf16 vectors, equal logits, N(0, 1) or N(0, 3^2)).
+// Queued, and settled when a step ends with kSurvivorBatch or more, the same rows take 2-3 batches: the
+// threshold stays a little longer where it was, so more vectors pass, but each costs an enqueue of a
+// few instructions, and a batch about what one run did. Modelled: ~25% (equal logits) to ~60% (N(0, 3^2))
+// fewer out-of-line instructions per row; a batch of 4 saves less, one of 32 no more than 16.
+constexpr int kSurvivorBatch = 16;
+
+template <int kCapacity>
+struct SurvivorQueue {
+  int count;
+  uint32_t vector[kCapacity];    // the vector's index among the row's vectors
+  uint32_t min_word[kCapacity];  // its octet's min word
+};
+
+// The calling warp's queue (the block's warps share one shared-memory array).
+template <int kCapacity>
+__device__ __forceinline__ SurvivorQueue<kCapacity>& warp_queue() {
+  __shared__ SurvivorQueue<kCapacity> queues[kRowsPerBlock];
+  return queues[threadIdx.x / kWarpSize];
+}
+
+// The number of vectors in the warp's queue, the same in every lane (all lanes call it): the barriers
+// order it after every lane's enqueues and before any lane's next ones (lanes need not run in lockstep).
+template <int kCapacity>
+__device__ __forceinline__ int queued_count() {
+  __syncwarp();
+  const int n = warp_queue<kCapacity>().count;
+  __syncwarp();
+  return n;
+}
+
+// Settles the warp's n queued vectors (all lanes call it): lane l takes entries l, l + 32, ..., whose
+// elements go through the per-element test and the exact noise against the lane's best key and the
+// warp's threshold; then the queue is emptied. The row's vectors start at flat index head_end, the row at
+// row_begin. The caller shares the lanes' best keys afterwards.
+template <typename T, bool kUnitTau, int kCapacity>
+__device__ __noinline__ LaneState settle_survivors(LaneState st, int n, const T* logits, int64_t row_begin,
+                                                   int64_t head_end, float inv_tau, float threshold, uint64_t seed,
+                                                   uint64_t offset) {
+  constexpr int VEC = kVectorBytes / sizeof(T);
+  SurvivorQueue<kCapacity>& queue = warp_queue<kCapacity>();
+  const T* first = logits + head_end;
+  const int col_first = (int)(head_end - row_begin);
+  const int lane = threadIdx.x % kWarpSize;
+  for (int s = lane; s < n; s += kWarpSize) {
+    const uint32_t i = queue.vector[s], r = queue.min_word[s];
+    const T* xs = first + (int64_t)i * VEC;
+    // the test again, against the best key now: the vector may have been queued steps ago
+    const float group_max = vector_max(*reinterpret_cast<const uint4*>(xs), T());
+    if (!filter_may_win(r, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale)) continue;
+    // fp32: the row's vectors start on an octet, so odd vectors hold elements 4..7 of theirs
+    const NoiseSource<T> src{logits, VEC == 4 ? (int)(i & 1) * VEC : 0, r, seed, offset};
+    st = fold_survivors<T, VEC, kUnitTau>(st, xs, col_first + (int)i * VEC, src, inv_tau, threshold);
+  }
+  __syncwarp();  // every lane has read its entries
+  if (lane == 0) queue.count = 0;
+  __syncwarp();
+  return st;
+}
+
+// The warp's best key as the threshold of every lane's filter, if it is better than the last.
+template <bool kUnitTau>
+__device__ __forceinline__ void share_best(LaneState& st, float inv_tau, float& threshold) {
+  const float t = warp_max(st.best_key);
+  if (t > threshold) {
+    threshold = t;
+    update_scale<kUnitTau>(st, inv_tau, threshold);
   }
 }
 
@@ -284,8 +360,11 @@ __device__ __forceinline__ void fold_elements(const T* __restrict__ Logits, int6
     const uint64_t octet = (uint64_t)flat >> 3;
     const uint32_t r =
         kNoise ? octet_min_word(octet, (uint64_t)row, (uint64_t)row_begin, (uint64_t)row_end, seed, offset) : 0u;
-    const NoiseSource<T> src{Logits, (int)(flat & 7), r, seed, offset};
-    fold<T, 1, kNoise, kLse, kUnitTau>(x, Logits + flat, x[0], (int)(flat - row_begin), src, inv_tau, threshold, st);
+    const int col = (int)(flat - row_begin);
+    if (fold<1, kNoise, kLse, kUnitTau>(x, x[0], col, r, inv_tau, threshold, st)) {  // rare
+      const NoiseSource<T> src{Logits, (int)(flat & 7), r, seed, offset};
+      st = fold_survivors<T, 1, kUnitTau>(st, Logits + flat, col, src, inv_tau, threshold);
+    }
   }
 }
 
@@ -326,7 +405,13 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   const int64_t tail_begin = vec_begin < vec_end ? vec_end * VEC : row_end;
 
   LaneState st{-kInf, (int)vocab, -kInf, 0.0f, 0.0f, 0.0f, kInf};
-  float threshold = -kInf;  // best exact key of the warp at the last step
+  float threshold = -kInf;  // best exact key of the warp at the last share
+  // The vectors that pass the filter wait in the warp's queue (a step adds at most 32 per vector slot).
+  constexpr int kQueueCapacity = kNoise ? kSurvivorBatch - 1 + kVectorsPerLane * kWarpSize : 1;
+  if (kNoise) {
+    if (lane == 0) warp_queue<kQueueCapacity>().count = 0;
+    __syncwarp();
+  }
   // The row's vectors, indexed from 0 with 32-bit indices (a row has fewer than 2^31 elements).
   // This lane's vectors: step + k * 32 + lane; the pointer moves by a window, so each load is an
   // immediate offset from it.
@@ -365,18 +450,22 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
           r = (k % 2 == (int)upper_half) ? mine : partner[k / 2];
         }
       }
-      const NoiseSource<T> src{Logits, lane_j0, r, seed, offset};
-      fold<T, VEC, kNoise, kLse, kUnitTau>(x, Logits + head_end + (int64_t)i * VEC, vector_max(raw[k], T()),
-                                           (int)(head_end - row_begin) + i * VEC, src, inv_tau, threshold, st);
+      if (fold<VEC, kNoise, kLse, kUnitTau>(x, vector_max(raw[k], T()), (int)(head_end - row_begin) + i * VEC, r,
+                                            inv_tau, threshold, st)) {  // rare: into the warp's queue
+        SurvivorQueue<kQueueCapacity>& queue = warp_queue<kQueueCapacity>();
+        const int slot = atomicAdd(&queue.count, 1);
+        queue.vector[slot] = (uint32_t)i;
+        queue.min_word[slot] = r;
+      }
     }
-    // Share the best key so far: a tighter filter for the whole warp. Every lane's best is at most the
-    // threshold after a share, so unless a lane has found a better one since (rare after the first
-    // steps) the share would change nothing: one vote instead of five shuffles.
-    if (kNoise && __any_sync(kFullWarp, st.best_key > threshold)) {
-      const float t = warp_max(st.best_key);
-      if (t > threshold) {
-        threshold = t;
-        update_scale<kUnitTau>(st, inv_tau, threshold);
+    // With a batch's worth queued the warp settles them and shares the best key found (a tighter filter
+    // for every lane); the lanes' best keys change nowhere else in the loop.
+    if (kNoise) {
+      const int n = queued_count<kQueueCapacity>();
+      if (n >= kSurvivorBatch) {
+        st = settle_survivors<T, kUnitTau, kQueueCapacity>(st, n, Logits, row_begin, head_end, inv_tau, threshold,
+                                                           seed, offset);
+        share_best<kUnitTau>(st, inv_tau, threshold);
       }
     }
   };
@@ -409,6 +498,14 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     load_step(raw0, step, 2);  // the next window's first step
     do_step(raw1, step + kStepVectors, 1, own);
     LaneVectors += 2 * kStepVectors;
+  }
+  if (kNoise) {  // the vectors still queued
+    const int n = queued_count<kQueueCapacity>();
+    if (n > 0) {
+      st = settle_survivors<T, kUnitTau, kQueueCapacity>(st, n, Logits, row_begin, head_end, inv_tau, threshold, seed,
+                                                         offset);
+      share_best<kUnitTau>(st, inv_tau, threshold);
+    }
   }
   fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row, row_begin, row_end, lane, inv_tau,
                                            seed, offset, threshold, st);

@@ -677,6 +677,27 @@ def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n,
                  op(logits, ids, pos, temperature, 2**62 - 3, 11, return_lse))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cuda_kernel_on_the_host_survivor_queue_extremes(host_kernels, dtype, temperature):
+    """The kernel queues the vectors that pass its filter and settles them a batch at a time: rows whose
+    logits rise along the row (every vector of a step passes, so a lane settles two or more entries of a
+    batch), rise in jumps between plateaus (a few pass, then all: the queue near its capacity), fall
+    (almost none pass after the first steps), or are random."""
+    vocab = 4099
+    col = torch.arange(vocab, dtype=torch.float64)
+    g = torch.Generator().manual_seed(17)
+    rows = [0.05 * col, 6.0 * torch.floor(col / 700), 6.0 * torch.floor(col / 2100) + 0.01 * torch.randn(vocab, generator=g,
+            dtype=torch.float64), -0.05 * col, 3 * torch.randn(vocab, generator=g, dtype=torch.float64),
+            torch.where(col % 512 < 256, 0.0, 4.0) + 0.02 * col]
+    logits = torch.stack(rows + [r.flip(0) for r in rows]).to(dtype)
+    n = logits.shape[0]
+    ids = torch.randint(0, vocab, (n, 2), generator=g)
+    pos = torch.randperm(2 * n, generator=g)[:n]
+    _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 99, 3, True),
+                 op(logits, ids, pos, temperature, 99, 3, True))
+
+
 @pytest.mark.parametrize("dtype,shift", [(torch.bfloat16, 1), (torch.float16, 3), (torch.float32, 1)])
 def test_cuda_kernel_on_the_host_unaligned_logits(host_kernels, dtype, shift):
     """Logits that do not start on 16 bytes take the element path for every row."""

@@ -7,7 +7,8 @@
 // the calling thread, scheduled round-robin. A lane runs until it reaches a warp shuffle or
 // returns; when all 32 wait at a shuffle the values are exchanged and they go on. That is the
 // semantics of __shfl_xor_sync with a full mask on converged lanes, deterministic and without OS
-// threads. What the device would do undefined things with is an error of the launch instead:
+// threads; __syncwarp is the same wait without the exchange, and a lane at a __syncwarp never matches one
+// at a shuffle. What the device would do undefined things with is an error of the launch instead:
 // lanes that diverge (some wait at a shuffle while others returned, or wait at different shuffles,
 // or with a partial mask), and a __ldg/__ldcs outside the ranges the caller declared readable, or a
 // 16-byte load that is not 16-byte aligned (a fault on the device).
@@ -35,6 +36,9 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
+// Shared memory: one static object per declaration. Warps run one after another, each to its end, so
+// a warp's part of a block's shared memory (indexed by the warp) is its own while it runs.
+#define __shared__ static
 
 struct dim3 {
   unsigned x, y, z;
@@ -61,7 +65,8 @@ constexpr size_t kStackBytes = 256 * 1024;
 struct Lane {
   ucontext_t context;
   uint3 thread_idx;
-  bool waiting = false;  // stopped at a shuffle
+  bool waiting = false;  // stopped at a shuffle or a __syncwarp
+  bool barrier = false;  // the wait is a __syncwarp
   bool done = false;     // returned from the kernel
   uint32_t value = 0;    // the shuffled word: this lane's going in, the source lane's coming out
   int source = 0;
@@ -131,7 +136,7 @@ inline bool run_warp(unsigned warp) {
       return false;
     }
     for (const Lane& lane : e.lanes)
-      if (lane.shuffles != e.lanes[0].shuffles || lane.mask != 0xffffffffu) {
+      if (lane.shuffles != e.lanes[0].shuffles || lane.barrier != e.lanes[0].barrier || lane.mask != 0xffffffffu) {
         e.fail("lanes diverged at a warp shuffle (" + where + "): different shuffles or a partial mask");
         return false;
       }
@@ -164,16 +169,25 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
   if (!e.error.empty()) e.last_error = cudaErrorLaunchFailure;
 }
 
-inline uint32_t shuffle_word(uint32_t value, unsigned mask, int source) {
+// Waits until every lane of the warp waits (a shuffle: exchanging `value` from lane `source`; a barrier:
+// nothing). The other lanes run meanwhile and may write memory, shared memory too, that the compiler
+// must not assume unchanged across the switch: hence the compiler barriers.
+inline uint32_t wait_for_warp(uint32_t value, unsigned mask, int source, bool barrier) {
   Emulator& e = emu();
   Lane& lane = e.lanes[e.current];
   lane.value = value;
   lane.mask = mask;
   lane.source = source;
+  lane.barrier = barrier;
   lane.waiting = true;
   ++lane.shuffles;
+  asm volatile("" ::: "memory");
   swapcontext(&lane.context, &e.scheduler);
+  asm volatile("" ::: "memory");
   return lane.value;
+}
+inline uint32_t shuffle_word(uint32_t value, unsigned mask, int source) {
+  return wait_for_warp(value, mask, source, false);
 }
 
 template <typename T>
@@ -226,6 +240,16 @@ inline int __any_sync(unsigned mask, int predicate) {
   unsigned any = predicate != 0;
   for (int d = fe_host::kLanes / 2; d > 0; d /= 2) any |= __shfl_xor_sync(mask, any, d);
   return (int)any;
+}
+// A warp barrier that also orders the lanes' memory accesses.
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  fe_host::wait_for_warp(0u, mask, (int)(threadIdx.x % fe_host::kLanes), true);
+}
+// Lanes run one at a time and switch only at a shuffle or a barrier, so an atomic is a plain update.
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
 }
 template <typename T>
 inline T __ldg(const T* p) {
