@@ -677,13 +677,8 @@ def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n,
                  op(logits, ids, pos, temperature, 2**62 - 3, 11, return_lse))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_cuda_kernel_on_the_host_survivor_queue_extremes(host_kernels, dtype, temperature):
-    """The kernel queues the vectors that pass its filter and settles them a batch at a time: rows whose
-    logits rise along the row (every vector of a step passes, so a lane settles two or more entries of a
-    batch), rise in jumps between plateaus (a few pass, then all: the queue near its capacity), fall
-    (almost none pass after the first steps), or are random."""
+def _survivor_queue_rows(dtype):
+    """Rows whose logits rise along the row, rise in jumps, fall, or are random (and each reversed)."""
     vocab = 4099
     col = torch.arange(vocab, dtype=torch.float64)
     g = torch.Generator().manual_seed(17)
@@ -693,7 +688,17 @@ def test_cuda_kernel_on_the_host_survivor_queue_extremes(host_kernels, dtype, te
     logits = torch.stack(rows + [r.flip(0) for r in rows]).to(dtype)
     n = logits.shape[0]
     ids = torch.randint(0, vocab, (n, 2), generator=g)
-    pos = torch.randperm(2 * n, generator=g)[:n]
+    return logits, ids, torch.randperm(2 * n, generator=g)[:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cuda_kernel_on_the_host_survivor_queue_extremes(host_kernels, dtype, temperature):
+    """The kernel queues the vectors that pass its filter and settles them a batch at a time: rows whose
+    logits rise along the row (every vector of a step passes, so a lane settles two or more entries of a
+    batch), rise in jumps between plateaus (a few pass, then all: the queue near its capacity), fall
+    (almost none pass after the first steps), or are random."""
+    logits, ids, pos = _survivor_queue_rows(dtype)
     _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 99, 3, True),
                  op(logits, ids, pos, temperature, 99, 3, True))
 
@@ -766,6 +771,24 @@ def test_cuda_noise_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels):
 
 
 # ----------------------------------------------------------------------------- GPU
+def _assert_cuda_matches_cpu(logits, ids, pos, temperature, seed, offset):
+    """The op on CUDA against the CPU op (with the lse): ids, labels and samples bit for bit."""
+    cpu = op(logits, ids, pos, temperature, seed, offset, True)
+    gpu = op(logits.cuda(), ids.cuda(), pos.cuda(), temperature, seed, offset, True)
+    for name, c, d in zip(("ids", "labels", "sampled"), cpu[:3], gpu[:3]):
+        assert torch.equal(c, d.cpu()), name
+    torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cuda_survivor_queue_extremes_match_cpu(dtype, temperature):
+    """The survivor queue's extremes (see the host-built test) on the device, where lanes need not run
+    in lockstep."""
+    _assert_cuda_matches_cpu(*_survivor_queue_rows(dtype), temperature, 99, 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,vocab,temperature", [(2500, 30522, 1.0), (37, 7, 0.5), (64, 1, 1.0), (33, 129, 2.0),
@@ -775,11 +798,7 @@ def test_cuda_matches_cpu_bit_for_bit(dtype, n, vocab, temperature):
     logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
     ids = torch.randint(0, vocab, (n, 4), generator=g)
     pos = torch.randperm(4 * n, generator=g)[:n]
-    cpu = op(logits, ids, pos, temperature, 2**62 - 3, 11, True)
-    gpu = op(logits.cuda(), ids.cuda(), pos.cuda(), temperature, 2**62 - 3, 11, True)
-    for name, c, d in zip(("ids", "labels", "sampled"), cpu[:3], gpu[:3]):
-        assert torch.equal(c, d.cpu()), name
-    torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=2e-6, atol=2e-6)
+    _assert_cuda_matches_cpu(logits, ids, pos, temperature, 2**62 - 3, 11)
 
 
 @pytest.mark.gpu
