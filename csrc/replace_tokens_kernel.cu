@@ -163,6 +163,15 @@ __device__ __forceinline__ float filter_q(float x, float inv_tau, const LaneStat
                   : fast_exp2(fmaf(scaled<false>(x, inv_tau), kLog2e, -st.y_shift));
 }
 
+// Whether a group of one octet, with largest logit group_max and the octet's min word, may hold an
+// element that beats the best key: the filter of the whole group at once (philox.h). Every exponential of
+// the octet is at least its minimum, so the group's largest logit bounds every element's test. (MUFU.EX2
+// is monotone to within a few ulps, far inside the filter's margin.)
+template <bool kUnitTau>
+__device__ __forceinline__ bool group_may_win(float group_max, uint32_t min_word, float inv_tau, const LaneState& st) {
+  return filter_may_win(min_word, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale);
+}
+
 // The elements of a group that the filter lets through: their exact keys against the lane's best.
 // Out of line (like exact_key): it runs for a few groups per row, and the hot loop stays small. It reads
 // the group's N logits again (from L2 or memory: the loop read them a few steps before), and the
@@ -179,7 +188,7 @@ __device__ __noinline__ LaneState fold_survivors(LaneState st, const T* __restri
   const int eJ = J - src.j0;
   if (eJ >= 0 && eJ < N) {
     const float x = to_float(xs[eJ]);
-    if (filter_may_win(src.min_word, filter_q<kUnitTau>(x, inv_tau, st), st.scale)) {
+    if (group_may_win<kUnitTau>(x, src.min_word, inv_tau, st)) {
       const float key = exact_key(scaled<kUnitTau>(x, inv_tau), e_min);
       if (better_candidate(key, col0 + eJ, st.best_key, st.best_col)) {
         st.best_key = key;
@@ -260,11 +269,8 @@ __device__ __forceinline__ bool fold(const float (&x)[N], float group_max, int c
     for (int e = 0; e < N; ++e) st.sum += fast_exp2(fmaf(x[e], kLog2e, -st.shift));  // exp(logit - max)
   }
   if constexpr (kNoise) {
-    // The filter of the whole group at once: every exponential of the octet is at least its minimum,
-    // so the group's largest logit against the octet's min word bounds every element's test
-    // (philox.h). (MUFU.EX2 is monotone to within a few ulps, far inside the filter's margin.) The rare
-    // groups that pass take the per-element test and the exact noise, out of line (fold_survivors).
-    return filter_may_win(min_word, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale);
+    // the rare groups that pass take the per-element test and the exact noise, out of line (fold_survivors)
+    return group_may_win<kUnitTau>(group_max, min_word, inv_tau, st);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e)
@@ -328,8 +334,7 @@ __device__ __noinline__ LaneState settle_survivors(LaneState st, int n, const T*
     const uint32_t i = queue.vector[s], r = queue.min_word[s];
     const T* xs = first + (int64_t)i * VEC;
     // the test again, against the best key now: the vector may have been queued steps ago
-    const float group_max = vector_max(*reinterpret_cast<const uint4*>(xs), T());
-    if (!filter_may_win(r, filter_q<kUnitTau>(group_max, inv_tau, st), st.scale)) continue;
+    if (!group_may_win<kUnitTau>(vector_max(*reinterpret_cast<const uint4*>(xs), T()), r, inv_tau, st)) continue;
     // fp32: the row's vectors start on an octet, so odd vectors hold elements 4..7 of theirs
     const NoiseSource<T> src{logits, VEC == 4 ? (int)(i & 1) * VEC : 0, r, seed, offset};
     st = fold_survivors<T, VEC, kUnitTau>(st, xs, col_first + (int)i * VEC, src, inv_tau, threshold);
@@ -427,6 +432,16 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   const int lane_j0 = upper_half ? VEC : 0;
   const uint32_t call_lane = kVectorsPerOctet == 2 ? 16 * (lane & 1) + lane / 2 : lane;
 
+  // With at least `at_least` vectors queued (all lanes call it): the warp settles them and shares the best
+  // key found, a tighter filter for every lane.
+  auto settle_queued = [&](int at_least) {
+    const int n = queued_count<kQueueCapacity>();
+    if (n >= at_least) {
+      st = settle_survivors<T, kUnitTau, kQueueCapacity>(st, n, Logits, row_begin, head_end, inv_tau, threshold, seed,
+                                                         offset);
+      share_best<kUnitTau>(st, inv_tau, threshold);
+    }
+  };
   // One step: the lane's vectors k of raw, the step's vectors from `step`, with the min words of half h
   // of the window's call (own: the lane's, partner: the lane ^ 1's; fp32 only).
   auto do_step = [&](const uint4 (&raw)[kVectorsPerLane], int step, int h, const uint32_t (&own)[4]) {
@@ -458,16 +473,8 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
         queue.min_word[slot] = r;
       }
     }
-    // With a batch's worth queued the warp settles them and shares the best key found (a tighter filter
-    // for every lane); the lanes' best keys change nowhere else in the loop.
-    if (kNoise) {
-      const int n = queued_count<kQueueCapacity>();
-      if (n >= kSurvivorBatch) {
-        st = settle_survivors<T, kUnitTau, kQueueCapacity>(st, n, Logits, row_begin, head_end, inv_tau, threshold,
-                                                           seed, offset);
-        share_best<kUnitTau>(st, inv_tau, threshold);
-      }
-    }
+    // With a batch's worth queued the warp settles them; the lanes' best keys change nowhere else in the loop.
+    if (kNoise) settle_queued(kSurvivorBatch);
   };
   // The loads of the step `ahead` steps after the window's first (at `step`): immediate offsets from
   // LaneVectors, which moves by a window.
@@ -499,14 +506,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     do_step(raw1, step + kStepVectors, 1, own);
     LaneVectors += 2 * kStepVectors;
   }
-  if (kNoise) {  // the vectors still queued
-    const int n = queued_count<kQueueCapacity>();
-    if (n > 0) {
-      st = settle_survivors<T, kUnitTau, kQueueCapacity>(st, n, Logits, row_begin, head_end, inv_tau, threshold, seed,
-                                                         offset);
-      share_best<kUnitTau>(st, inv_tau, threshold);
-    }
-  }
+  if (kNoise) settle_queued(1);  // the vectors still queued
   fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row, row_begin, row_end, lane, inv_tau,
                                            seed, offset, threshold, st);
   fold_elements<T, kNoise, kLse, kUnitTau>(Logits, tail_begin, row_end, row, row_begin, row_end, lane, inv_tau,

@@ -137,7 +137,7 @@ inline bool run_warp(unsigned warp) {
     }
     for (const Lane& lane : e.lanes)
       if (lane.shuffles != e.lanes[0].shuffles || lane.barrier != e.lanes[0].barrier || lane.mask != 0xffffffffu) {
-        e.fail("lanes diverged at a warp shuffle (" + where + "): different shuffles or a partial mask");
+        e.fail("lanes diverged at a warp shuffle (" + where + "): different shuffles or barriers, or a partial mask");
         return false;
       }
     uint32_t in[kLanes];
@@ -233,13 +233,6 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   T out;
   memcpy(&out, &word, 4);
   return out;
-}
-// Whether any lane's predicate is set (one VOTE.ANY on the device): here, an OR over the same butterfly
-// of full-mask shuffles, so every lane must reach it, as with a shuffle.
-inline int __any_sync(unsigned mask, int predicate) {
-  unsigned any = predicate != 0;
-  for (int d = fe_host::kLanes / 2; d > 0; d /= 2) any |= __shfl_xor_sync(mask, any, d);
-  return (int)any;
 }
 // A warp barrier that also orders the lanes' memory accesses.
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
