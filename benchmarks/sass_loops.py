@@ -81,7 +81,7 @@ def compile_sm90(kernel: str, block_m: int, block_n: int, num_warps: int, num_st
 
     fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask, HAS_LENS=False,
-                  VARLEN=False, IS_DROPOUT=dropout, DOT_PRECISION="tf32")
+                  VARLEN=False, IS_DROPOUT=dropout, F16_DRAWS=True, DOT_PRECISION="tf32")
     return compile_kernel(fn, consts, _POINTERS, floats=_FLOATS, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -174,7 +174,8 @@ def kernel_cases() -> list[dict]:
         variants += [("fp16", d, dict(HAS_LENS=True, IS_DROPOUT=True), "first"),
                      ("bf16", d, dict(VARLEN=True, IS_DROPOUT=True), "first")]
     variants += [("fp32", 64, dict(HAS_MASK=True, IS_DROPOUT=True), "all"),
-                 ("fp32", 128, dict(HAS_MASK=True), "all")]
+                 ("fp32", 128, dict(HAS_MASK=True), "all"),
+                 ("bf16", 64, dict(HAS_MASK=True, IS_DROPOUT=True, F16_DRAWS=False), "first")]  # p > 0.96875
     for kernel, fn, shapes in kernels:
         for x_t, d, flags, which in variants:
             size = 4 if x_t == "fp32" else 2
@@ -183,13 +184,16 @@ def kernel_cases() -> list[dict]:
             configs = A._prune(configs, {"HEAD_DIM": d, "Q": _Like(size), "seq_bucket": 512})
             for cfg in configs if which == "all" else configs[:1]:
                 consts = {"HEAD_DIM": d, "HAS_MASK": False, "HAS_LENS": False, "VARLEN": False, "IS_DROPOUT": False,
-                          "DOT_PRECISION": "ieee" if x_t == "fp32" else "tf32", **flags, **cfg.kwargs}
+                          "F16_DRAWS": True, "DOT_PRECISION": "ieee" if x_t == "fp32" else "tf32", **flags,
+                          **cfg.kwargs}
                 pointers = {k: ("*" + x_t if v == "*bf16" else v) for k, v in _POINTERS.items()}
                 label = (f"{x_t}, d {d}, {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/{cfg.num_warps}w, "
-                         + (",".join(k.lower() for k, v in flags.items() if v) or "plain"))
+                         + (",".join(k.lower() if v else "no " + k.lower() for k, v in flags.items()
+                                     if v or k == "F16_DRAWS") or "plain"))
                 add("attention", fn, label, consts, pointers, _FLOATS, None, cfg.num_warps, cfg.num_stages)
-    add("attention", A._dropout_mask_kernel, "16x32", {"BLOCK_M": 16, "BLOCK_N": 32},
-        {"Keep": "*i8", "Seed": "*i64"}, (), set(), 4)
+    for f16 in (True, False):
+        add("attention", A._dropout_mask_kernel, "16x32" + ("" if f16 else ", no f16_draws"),
+            {"BLOCK_M": 16, "BLOCK_N": 32, "F16_DRAWS": f16}, {"Keep": "*i8", "Seed": "*i64"}, (), set(), 4)
     return cases
 
 

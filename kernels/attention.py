@@ -23,11 +23,16 @@ the mask (nor the predicated loads), then the rest; dK/dV zeroes the rows of inv
 after its loop. A sequence without a valid key gives zeros (not NaN).
 
 Dropout. Philox2x32-7 in the kernels, regenerated identically in the backward, never stored.
-One call gives two 32-bit words = four 16-bit draws, the keep decisions of a 2 x 2 block: query
+One call gives two 32-bit words = four 15-bit draws, the keep decisions of a 2 x 2 block: query
 rows {r, r + 8} x keys {n, n + 8} with r % 16 < 8 and n % 16 < 8 (word 0 for row r, word 1 for row
-r + 8; the low half for key n, the high half for key n + 8). A probability is dropped when its draw
-is below round(p·2¹⁶). With p(x) = 8·(x // 16) + x % 8 (the pair of x) and P = 8·cdiv(seqlen_k, 16)
-(key pairs per row pair), the block of (batch b, head h) takes the Philox key seed_lo and the counter
+r + 8; bits 0-14 for key n, bits 16-30 for key n + 8; bits 15 and 31 are not used). A probability is
+dropped when its draw is below T = round(p·2¹⁵). 15 bits, not 16, because then one f16x2 compare
+(HSETP2) tests both draws of a word against T at once, as the magnitudes of two f16 bit patterns,
+and sets the two predicates of the two selects: |f16| orders the patterns below 0x7C00 (inf) as
+integers, and the NaNs above compare as kept, which they are for T <= 0x7C00 (p <= 0.96875; larger p
+compile integer compares). That is 3 instructions per 2 probabilities where a 16-bit draw took 5
+(a mask of the low half, two integer compares, two selects). With p(x) = 8·(x // 16) + x % 8 (the
+pair of x) and P = 8·cdiv(seqlen_k, 16) (key pairs per row pair), the block of (batch b, head h) takes the Philox key seed_lo and the counter
     (p(r)·P + p(n),  b·nheads + h + seed_hi)       (two 32-bit words, the second mod 2³²)
 for the int64 seed = seed_hi·2³² + seed_lo. The MMA accumulator layout gives each thread whole
 2 x 2 blocks whether the rows of a tile are queries (forward, dQ) or keys (dK/dV), so no kernel moves
@@ -61,7 +66,6 @@ import triton.language as tl
 from ..autograd import eager_function, needs_grad, use_eager
 from ..ops import _check_dropout_p, _check_softmax_scale
 from ..rng import check_seed_tensor, seed_tensor
-from .layernorm import DRAW_RANGE as LN_DRAW_RANGE
 from .layernorm import _cdiv, _next_power_of_2, _on_device, dropout_constants
 from .launch import launch
 
@@ -70,17 +74,17 @@ __all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_qkvpack
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634           # 1/ln 2: exp(x) = exp2(x / ln 2)
-DRAW_BITS = tl.constexpr(16)         # bits of one dropout draw: a 32-bit Philox word holds two
-DRAW_MASK = tl.constexpr(0xFFFF)     # the low DRAW_BITS bits of a word
+DRAW_BITS = 15                       # bits of one dropout draw: a 32-bit Philox word holds two
+DRAW_MASK = tl.constexpr((1 << DRAW_BITS) - 1)  # a draw's bits in its 16-bit half of the word
 PHILOX_ROUNDS = tl.constexpr(7)      # Philox2x32-7 (see "Dropout" above)
 DROP_BLOCK = tl.constexpr(16)        # a call decides rows {r, r+8} x keys {n, n+8} of a 16 x 16 block
-DRAW_RANGE = 1 << DRAW_BITS.value    # draws are uniform in [0, DRAW_RANGE)
-assert DRAW_RANGE == LN_DRAW_RANGE, "the layer norm's dropout_constants assume its 16-bit draws"
-# _zero_dropped's PTX: x ($1) if the draw in word $2 is >= $3, else 0. The low half is masked inside
-# the block: masked outside it, the dQ loop compiles to 4 more instructions (Triton 3.9, sm_90)
-_SELECT_TAIL = "setp.hs.u32 k, d, $3; selp.f32 $0, $1, 0f00000000, k; }"
-_SELECT_HIGH = tl.constexpr("{ .reg .pred k; .reg .b32 d; mov.b32 d, $2; " + _SELECT_TAIL)
-_SELECT_LOW = tl.constexpr("{ .reg .pred k; .reg .b32 d; and.b32 d, $2, 0xFFFF; " + _SELECT_TAIL)
+DRAW_RANGE = 1 << DRAW_BITS          # draws are uniform in [0, DRAW_RANGE)
+F16_MAX_THRESHOLD = 0x7C00           # f16 +inf: the largest threshold the f16x2 compare takes
+# _zero_dropped's PTX: ($2, $3) with each set to 0 where its draw in word $4 (bits 0-14 for $2, 16-30 for
+# $3) is below the threshold in both halves of $5. |f16| of a half is its 15-bit draw as a number; geu
+# keeps NaNs (draws above 0x7C00 >= threshold). ptxas folds the abs into HSETP2's operand.
+_SELECT_PAIR = tl.constexpr("{ .reg .pred lo, hi; .reg .b32 d; abs.f16x2 d, $4; setp.geu.f16x2 lo|hi, d, $5; "
+                            "selp.f32 $0, $2, 0f00000000, lo; selp.f32 $1, $3, 0f00000000, hi; }")
 MAX_DROPOUT_SEQLEN = 2**17           # a head's (T/2)^2 Philox counters stay below 2^32
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -173,39 +177,36 @@ def _dropout_words(
 
 @triton.jit
 def _zero_dropped(
-    x,               # (…) tile corner
+    x_lo, x_hi,      # (…) the two tile corners whose draws share a Philox word: bits 0-14, bits 16-30
     word,            # (…) uint32 Philox word
-    drop_threshold,  # int32: a 16-bit draw below it drops
-    HIGH: tl.constexpr,  # the draw is the word's high 16 bits, else its low 16
+    drop_threshold,  # int32: a 15-bit draw below it drops
+    F16_DRAWS: tl.constexpr,  # drop_threshold <= F16_MAX_THRESHOLD: one f16x2 compare per word
 ):
-    """x, or 0 where the draw is below the threshold. For fp32 x the compare and select are one PTX
-    block: as tl.where, LLVM sinks the select below the caller's cast to bf16 and selects 16-bit
-    halves with byte permutes (two more instructions per element on sm_90)."""
+    """(x_lo, x_hi), each 0 where its draw is below the threshold. For fp32 x the compare and the two
+    selects are one PTX block: as tl.where, LLVM sinks the select below the caller's cast to bf16 and
+    selects 16-bit halves with byte permutes (two more instructions per element on sm_90)."""
     t = drop_threshold.to(tl.uint32)
-    if HIGH:
-        t = t << DRAW_BITS                          # high half >= t  <=>  word >= t * 2^16
-    if _IN_INTERPRETER or x.dtype != tl.float32:
-        if HIGH:
-            return tl.where(word >= t, x, 0)
-        else:
-            return tl.where((word & DRAW_MASK) >= t, x, 0)
-    return tl.inline_asm_elementwise(_SELECT_HIGH if HIGH else _SELECT_LOW, "=f,f,r,r",
-                                     [x, word, tl.full(x.shape, 0, tl.uint32) + t], dtype=tl.float32,
-                                     is_pure=True, pack=1)
+    if _IN_INTERPRETER or x_lo.dtype != tl.float32 or not F16_DRAWS:
+        return (tl.where((word & DRAW_MASK) >= t, x_lo, 0),
+                tl.where(((word >> 16) & DRAW_MASK) >= t, x_hi, 0))
+    return tl.inline_asm_elementwise(_SELECT_PAIR, "=f,=f,f,f,r,r",
+                                     [x_lo, x_hi, word, tl.full(x_lo.shape, 0, tl.uint32) + (t | (t << 16))],
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
 
 @triton.jit
 def _dropout_apply(
     x,               # (ROWS, COLS) tile
     w0, w1,          # (ROWS / 2, COLS / 2) uint32 Philox words of its 2 x 2 blocks (_dropout_words)
-    drop_threshold,  # int32: a 16-bit draw below it drops
+    drop_threshold,  # int32: a 15-bit draw below it drops
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
     KEYS_BY_ROW: tl.constexpr,  # rows are keys (the dK/dV tile), else query rows
+    F16_DRAWS: tl.constexpr,    # see _zero_dropped
 ):
     """x with its dropped entries set to 0. A call decides the block query rows {r, r + 8} x keys
-    {n, n + 8} (r % 16 < 8, n % 16 < 8): word 0 for row r, word 1 for row r + 8, the low 16 bits for key
-    n, the high 16 for key n + 8. An MMA accumulator thread holds whole such blocks whichever side the
+    {n, n + 8} (r % 16 < 8, n % 16 < 8): word 0 for row r, word 1 for row r + 8, bits 0-14 for key n,
+    bits 16-30 for key n + 8. An MMA accumulator thread holds whole such blocks whichever side the
     keys are on (rows g, g + 8 of each 16-row slab, columns 2c, 2c + 1 of each 8-column group), so x is
     split into its four block corners and put back together in registers: no data moves between
     threads (benchmarks/sass_loops.py reads it off the sm_90 SASS)."""
@@ -216,15 +217,11 @@ def _dropout_apply(
     x00, x01 = tl.split(x_0)                        # hc = 0, 1
     x10, x11 = tl.split(x_1)
     if KEYS_BY_ROW:                                 # hr: key half, hc: word (query row half)
-        x00 = _zero_dropped(x00, w0, drop_threshold, False)
-        x01 = _zero_dropped(x01, w1, drop_threshold, False)
-        x10 = _zero_dropped(x10, w0, drop_threshold, True)
-        x11 = _zero_dropped(x11, w1, drop_threshold, True)
+        x00, x10 = _zero_dropped(x00, x10, w0, drop_threshold, F16_DRAWS)
+        x01, x11 = _zero_dropped(x01, x11, w1, drop_threshold, F16_DRAWS)
     else:                                           # hr: word (query row half), hc: key half
-        x00 = _zero_dropped(x00, w0, drop_threshold, False)
-        x01 = _zero_dropped(x01, w0, drop_threshold, True)
-        x10 = _zero_dropped(x10, w1, drop_threshold, False)
-        x11 = _zero_dropped(x11, w1, drop_threshold, True)
+        x00, x01 = _zero_dropped(x00, x01, w0, drop_threshold, F16_DRAWS)
+        x10, x11 = _zero_dropped(x10, x11, w1, drop_threshold, F16_DRAWS)
     x = tl.join(tl.join(x00, x01), tl.join(x10, x11))
     x = tl.permute(tl.reshape(x, (ROWS // DROP_BLOCK.value, 8, COLS // DROP_BLOCK.value, 8, 2, 2)),
                    (0, 5, 1, 2, 4, 3))
@@ -360,6 +357,7 @@ def _fwd_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,       # key_ok may be False somewhere
     IS_DROPOUT: tl.constexpr,
+    F16_DRAWS: tl.constexpr,    # drop_threshold <= F16_MAX_THRESHOLD (_zero_dropped)
     DOT_PRECISION: tl.constexpr,
 ):
     """One key tile of the forward's online softmax: returns the updated (acc, l_i, m_i)."""
@@ -374,7 +372,7 @@ def _fwd_tile(
     acc = acc * alpha[:, None]
     if IS_DROPOUT:
         w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
-        p = _dropout_apply(p, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False)
+        p = _dropout_apply(p, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False, F16_DRAWS)
     acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -399,7 +397,7 @@ def _attn_fwd_kernel(
     seqlen_k,        # key rows per sequence (max_seqlen when VARLEN)
     qk_scale,        # softmax_scale / ln 2, so scores go straight into exp2
     Seed,            # (1,) int64 Philox key of the dropout mask; read when IS_DROPOUT
-    drop_threshold,  # a probability is dropped when its 16-bit draw is below this
+    drop_threshold,  # a probability is dropped when its 15-bit draw is below this
     drop_scale,      # 1 / P(keep), ~1 / (1 - dropout_p) (dropout_constants)
     seq_bucket,      # next power of two of max(seqlen_q, seqlen_k): autotuning key only
     HEAD_DIM: tl.constexpr,
@@ -409,6 +407,7 @@ def _attn_fwd_kernel(
     HAS_LENS: tl.constexpr,
     VARLEN: tl.constexpr,
     IS_DROPOUT: tl.constexpr,
+    F16_DRAWS: tl.constexpr,    # drop_threshold <= F16_MAX_THRESHOLD (_zero_dropped)
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -443,14 +442,16 @@ def _attn_fwd_kernel(
         kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
                                   HEAD_DIM, BLOCK_N, False, HAS_MASK, True)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
-                                  tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, False, IS_DROPOUT, DOT_PRECISION)
+                                  tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, False, IS_DROPOUT, F16_DRAWS,
+                                  DOT_PRECISION)
     # a mask with holes sends every tile here: pipelined like the first loop; otherwise at most the
     # tile that holds the end of the keys, not worth a pipeline's registers
     for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=None if HAS_MASK else 1):
         kt, v, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
                                   HEAD_DIM, BLOCK_N, True, HAS_MASK, True)
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, kt, v, key_ok, qk_scale, seed, bh, pairs_k, start_m,
-                                  tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT, DOT_PRECISION)
+                                  tile * BLOCK_N, drop_threshold, BLOCK_M, BLOCK_N, True, IS_DROPOUT, F16_DRAWS,
+                                  DOT_PRECISION)
 
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -499,6 +500,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_LENS: tl.constexpr,
     VARLEN: tl.constexpr,
     IS_DROPOUT: tl.constexpr,
+    F16_DRAWS: tl.constexpr,    # drop_threshold <= F16_MAX_THRESHOLD (_zero_dropped)
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -542,7 +544,7 @@ def _attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
         if IS_DROPOUT:
             w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, True)
-            pt_dropped = _dropout_apply(pt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True)  # 1/(1-p): on dv, below
+            pt_dropped = _dropout_apply(pt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True, F16_DRAWS)  # 1/(1-p): on dv, below
             # dS = P∘(Z∘dP/(1-p) - delta) = (Z∘P∘dP - P∘delta(1-p)) / (1-p), with Z∘P the tile dv takes:
             # one select per element (not one for P and one for dP); delta comes scaled, 1/(1-p) on dk below
             dst = pt_dropped * dpt - pt * delta[None, :]
@@ -579,6 +581,7 @@ def _dq_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,       # key_ok may be False somewhere
     IS_DROPOUT: tl.constexpr,
+    F16_DRAWS: tl.constexpr,    # drop_threshold <= F16_MAX_THRESHOLD (_zero_dropped)
     DOT_PRECISION: tl.constexpr,
 ):
     """One key tile of the dQ pass: returns dq + dS K for the tile."""
@@ -589,7 +592,7 @@ def _dq_tile(
     dp = _mma(do, vt, None, DOT_PRECISION)
     if IS_DROPOUT:
         w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
-        dp = _dropout_apply(dp, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False) * drop_scale
+        dp = _dropout_apply(dp, w0, w1, drop_threshold, BLOCK_M, BLOCK_N, False, F16_DRAWS) * drop_scale
     ds = p * (dp - delta[:, None])                  # dropout's 1/(1-p) and "- delta": one FFMA
     return _mma(ds.to(kt.dtype), tl.trans(kt), dq, DOT_PRECISION)
 
@@ -630,6 +633,7 @@ def _attn_bwd_dq_kernel(
     HAS_LENS: tl.constexpr,
     VARLEN: tl.constexpr,
     IS_DROPOUT: tl.constexpr,
+    F16_DRAWS: tl.constexpr,    # drop_threshold <= F16_MAX_THRESHOLD (_zero_dropped)
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -669,12 +673,12 @@ def _attn_bwd_dq_kernel(
         kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
                                    HEAD_DIM, BLOCK_N, False, HAS_MASK, False)
         dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m, tile * BLOCK_N,
-                      drop_threshold, drop_scale, BLOCK_M, BLOCK_N, False, IS_DROPOUT, DOT_PRECISION)
+                      drop_threshold, drop_scale, BLOCK_M, BLOCK_N, False, IS_DROPOUT, F16_DRAWS, DOT_PRECISION)
     for tile in tl.range(k_full // BLOCK_N, tl.cdiv(k_end, BLOCK_N), num_stages=None if HAS_MASK else 1):
         kt, vt, key_ok = _key_tile(K, V, KeyMask, tile, k_len, k_rows, stride_kt, stride_vt,
                                    HEAD_DIM, BLOCK_N, True, HAS_MASK, False)          # as in the forward
         dq = _dq_tile(dq, q, do, lse, delta, kt, vt, key_ok, qk_scale, seed, bh, pairs_k, start_m, tile * BLOCK_N,
-                      drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT, DOT_PRECISION)
+                      drop_threshold, drop_scale, BLOCK_M, BLOCK_N, True, IS_DROPOUT, F16_DRAWS, DOT_PRECISION)
 
     dq = dq * sm_scale
     DQ = _head_rows(DQ, b, h, row0, stride_dqb, stride_dqh, stride_dqt)
@@ -691,6 +695,7 @@ def _dropout_mask_kernel(
     drop_threshold,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    F16_DRAWS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
@@ -701,7 +706,7 @@ def _dropout_mask_kernel(
     w0, w1 = _dropout_words(tl.load(Seed), bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, False)
     # fp32 ones, as the attention kernels' probabilities: the same select code on the GPU
     keep = _dropout_apply(tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32), w0, w1, drop_threshold,
-                          BLOCK_M, BLOCK_N, False).to(tl.int8)
+                          BLOCK_M, BLOCK_N, False, F16_DRAWS).to(tl.int8)
     Keep += bh.to(tl.int64) * seqlen_q * seqlen_k
     tl.store(Keep + offs_m[:, None] * seqlen_k + offs_n[None, :], keep,
              mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
@@ -825,10 +830,10 @@ def _grid(seqlen, block, layout):
 
 
 def _common_args(layout, dropout_p, softmax_scale, seed, q):
-    threshold, drop_scale = dropout_constants(dropout_p)   # the layer norm's 16-bit rule
+    threshold, drop_scale = dropout_constants(dropout_p, DRAW_RANGE)
     return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), drop_threshold=threshold,
                 drop_scale=drop_scale, seq_bucket=_next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
-                IS_DROPOUT=dropout_p > 0.0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                IS_DROPOUT=dropout_p > 0.0, F16_DRAWS=threshold <= F16_MAX_THRESHOLD, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 HEAD_DIM=layout.head_dim, VARLEN=layout.varlen)
 
 
@@ -1173,10 +1178,11 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     if device.type == "cpu" and not _INTERPRET:
         raise ValueError("dropout_mask runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1)")
     seed = seed_tensor(seed, device)
-    threshold, _ = dropout_constants(_check_dropout(p, seqlen_q, seqlen_k))
+    threshold, _ = dropout_constants(_check_dropout(p, seqlen_q, seqlen_k), DRAW_RANGE)
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
     grid = (batch * nheads, _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n))
     with _on_device(keep):
-        launch(_dropout_mask_kernel, grid, keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n)
+        launch(_dropout_mask_kernel, grid, keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n,
+               F16_DRAWS=threshold <= F16_MAX_THRESHOLD)
     return keep.bool()

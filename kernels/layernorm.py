@@ -296,13 +296,14 @@ def _launch_config(n: int, tile: int, elems_per_thread: int) -> tuple[int, int, 
     return block_m, block_n, num_warps
 
 
-def dropout_constants(p: float) -> tuple[int, float]:
-    """(threshold, scale) of dropout with probability ``p`` on uniform 16-bit draws, for the layer-norm and
-    attention kernels alike: a value is kept iff its draw >= threshold = round(p · 2^16) (at most 2^16 - 1),
-    so P(keep) = 1 - threshold / 2^16, within 2^-17 of 1 - p; kept values are scaled by 1 / P(keep), which
-    keeps the expectation exact (1 / (1 - p) would be off by up to 2^-17 / (1 - p)², 7% at p = 0.9999)."""
-    threshold = min(round(p * DRAW_RANGE), DRAW_RANGE - 1)
-    return threshold, DRAW_RANGE / (DRAW_RANGE - threshold)
+def dropout_constants(p: float, draw_range: int = DRAW_RANGE) -> tuple[int, float]:
+    """(threshold, scale) of dropout with probability ``p`` on draws uniform in [0, draw_range) (the layer
+    norm's 16-bit draws by default; the attention kernels' are 15-bit): a value is kept iff its draw >=
+    threshold = round(p · draw_range) (at most draw_range - 1), so P(keep) = 1 - threshold / draw_range,
+    within 1 / (2 draw_range) of 1 - p; kept values are scaled by 1 / P(keep), which keeps the expectation
+    exact (1 / (1 - p) would be off by up to 2^-17 / (1 - p)², 7% at p = 0.9999, for 16-bit draws)."""
+    threshold = min(round(p * draw_range), draw_range - 1)
+    return threshold, draw_range / (draw_range - threshold)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -25,9 +25,9 @@ FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}  # abso
 
 
 def keep_scale(p):
-    """The documented dropout scale, 1 / P(keep): a value is kept iff its uniform 16-bit draw is >=
-    round(p · 2^16) (at most 2^16 - 1), so P(keep) = 1 - that / 2^16 (not exactly 1 - p)."""
-    return 2**16 / (2**16 - min(round(p * 2**16), 2**16 - 1))
+    """The documented dropout scale, 1 / P(keep): a value is kept iff its uniform 15-bit draw is >=
+    round(p · 2^15) (at most 2^15 - 1), so P(keep) = 1 - that / 2^15 (not exactly 1 - p)."""
+    return 2**15 / (2**15 - min(round(p * 2**15), 2**15 - 1))
 
 
 # ----------------------------------------------------------------------------- references
@@ -203,7 +203,7 @@ def test_dropout_matches_reference_with_kernel_mask(dtype, p):
 
 
 def test_dropout_at_high_p_scales_by_the_keep_probability_of_its_draws():
-    """fp32 at p = 0.9: 1 / P(keep) of the 16-bit draws differs from 1 / (1 - p) by 6e-5 (relative)."""
+    """fp32 at p = 0.9: 1 / P(keep) of the 15-bit draws differs from 1 / (1 - p) by 6e-5 (relative)."""
     g = torch.Generator().manual_seed(6)
     q, k, v, do = (rand(1, 17, 1, 16, dtype=torch.float32, generator=g) for _ in range(4))
     keep = dropout_mask(77, 1, 1, 17, 17, 0.9, DEVICE)
@@ -254,8 +254,8 @@ def test_philox2x32_reference_known_answers(rounds, ctr, key, expected):
 def documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p):
     """The keep-mask the module docstring specifies, from a numpy Philox2x32-7: query row r and key n of
     head bh take the call with counter (p(r)·P_k + p(n), bh + seed_hi), key seed_lo, where
-    p(x) = 8·(x // 16) + x % 8 and P_k = 8·cdiv(Tk, 16); word (r // 8) % 2 of it, low half when
-    (n // 8) % 2 == 0; keep when the 16-bit draw >= round(p·2^16)."""
+    p(x) = 8·(x // 16) + x % 8 and P_k = 8·cdiv(Tk, 16); word (r // 8) % 2 of it, bits 0-14 when
+    (n // 8) % 2 == 0, else bits 16-30; keep when that 15-bit draw >= round(p·2^15)."""
     import numpy as np
 
     pairs_k = 8 * -(-seqlen_k // 16)
@@ -265,15 +265,32 @@ def documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p):
     c1 = (bh + (seed >> 32)) % 2**32
     words = philox2x32((c0, c1), seed & 0xFFFFFFFF, rounds=7)
     word = np.where((r // 8) % 2 == 0, words[0], words[1]).astype(np.uint64)
-    draw = np.where((n // 8) % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
-    return torch.from_numpy(draw >= round(p * 2**16)).reshape(batch, nheads, seqlen_q, seqlen_k)
+    draw = np.where((n // 8) % 2 == 0, word, word >> np.uint64(16)) & np.uint64(0x7FFF)
+    return torch.from_numpy(draw >= min(round(p * 2**15), 2**15 - 1)).reshape(batch, nheads, seqlen_q, seqlen_k)
 
 
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(3, 21), (19, 77)])
-def test_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k):
-    batch, nheads, p, seed = 2, 2, 0.3, 2**40 + 12345
+@pytest.mark.parametrize("seqlen_q,seqlen_k,p", [(3, 21, 0.3), (19, 77, 0.3), (19, 77, 0.99)])
+def test_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k, p):
+    batch, nheads, seed = 2, 2, 2**40 + 12345
     expected = documented_dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p)
     assert torch.equal(dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, DEVICE).cpu(), expected)
+
+
+def test_the_f16_pair_compare_is_the_integer_compare_of_15_bit_draws():
+    """The compiled kernels test both draws of a Philox word with one f16x2 compare (kernels/attention.py,
+    _SELECT_PAIR: keep iff |f16(half)| >= f16(T) or it is NaN). Over every 16-bit half and every threshold
+    the launchers send down that path (T <= 0x7C00, subnormal f16 thresholds included) it must keep
+    exactly the halves whose low 15 bits are >= T; the GPU tests check the hardware does the same."""
+    import numpy as np
+
+    from fastelectra.kernels.attention import DRAW_RANGE, F16_MAX_THRESHOLD
+
+    halves = np.arange(2**16, dtype=np.uint32)
+    magnitude = np.abs(halves.astype(np.uint16).view(np.float16))
+    assert F16_MAX_THRESHOLD == 0x7C00 and DRAW_RANGE == 2**15
+    for t in [*range(0, 1100), *range(1100, F16_MAX_THRESHOLD + 1, 7), F16_MAX_THRESHOLD]:
+        f16_keep = ~(magnitude < np.uint16(t).view(np.float16))        # geu: >= or unordered
+        assert np.array_equal(f16_keep, (halves & 0x7FFF) >= t), t
 
 
 def test_seed_tensor_gives_the_same_output_gradients_and_mask_as_the_int():
@@ -526,12 +543,16 @@ def test_gpu_real_shapes(batch, seqlen, nheads, head_dim, dtype, masked, p):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seqlen_q,seqlen_k", [(512, 512), (77, 77), (130, 300)])
-def test_gpu_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k):
-    """The compiled kernels multiply with inline PTX (mul.wide.u32), the interpreter with umulhi: the
-    numpy Philox checks the compiled path here."""
-    expected = documented_dropout_mask(2**33 + 7, 2, 3, seqlen_q, seqlen_k, 0.1)
-    assert torch.equal(dropout_mask(2**33 + 7, 2, 3, seqlen_q, seqlen_k, 0.1, "cuda").cpu(), expected)
+@pytest.mark.parametrize("seqlen_q,seqlen_k,p", [(512, 512, 0.1), (77, 77, 0.1), (130, 300, 0.1),
+                                                 # f16 thresholds: subnormal, normal, +inf; integer compares
+                                                 (130, 300, 0.01), (130, 300, 0.5), (130, 300, 0.96875),
+                                                 (130, 300, 0.99)])
+def test_gpu_dropout_mask_follows_the_documented_counter_layout(seqlen_q, seqlen_k, p):
+    """The compiled kernels multiply with inline PTX (mul.wide.u32), the interpreter with umulhi, and test
+    draws with an f16x2 compare (up to p = 0.96875) where the interpreter compares integers: the numpy
+    Philox checks the compiled path here."""
+    expected = documented_dropout_mask(2**33 + 7, 2, 3, seqlen_q, seqlen_k, p)
+    assert torch.equal(dropout_mask(2**33 + 7, 2, 3, seqlen_q, seqlen_k, p, "cuda").cpu(), expected)
 
 
 @pytest.mark.gpu
