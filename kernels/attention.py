@@ -20,7 +20,8 @@ valid key (key blocks past it are never visited) and whether the mask is a prefi
 does nothing with it. Only tiles that may hold invalid keys are masked: for a prefix, the one with
 its end; for a mask with holes, all. The forward and dQ kernels run full tiles in a loop without
 the mask (nor the predicated loads), then the rest; dK/dV zeroes the rows of invalid keys once,
-after its loop. A sequence without a valid key gives zeros (not NaN).
+after its loop, and runs whole tiles of query rows without row predicates, then the tile that holds
+the end of the rows with them. A sequence without a valid key gives zeros (not NaN).
 
 Dropout. Philox2x32-7 in the kernels, regenerated identically in the backward, never stored.
 One call gives two 32-bit words = four 15-bit draws, the keep decisions of a 2 x 2 block: query
@@ -465,6 +466,59 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _dkdv_tile(
+    dk, dv,          # (BLOCK_N, HEAD_DIM) fp32 running dK (unscaled) and dV
+    k, v,            # (BLOCK_N, HEAD_DIM) the program's keys and values
+    Q, DO,           # row 0 of this sequence and head
+    Lse, Delta,      # this (batch, head)'s rows
+    start_m,         # first query row of the tile
+    q_len,           # query rows of the sequence
+    stride_qt, stride_dot,
+    qk_scale,        # softmax_scale / ln 2
+    seed, bh, pairs_k, start_n, drop_threshold,  # dropout: _dropout_words
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,       # rows of the tile may be past q_len
+    IS_DROPOUT: tl.constexpr,
+    F16_DRAWS: tl.constexpr,    # drop_threshold <= F16_MAX_THRESHOLD (_zero_dropped)
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query tile of the dK/dV pass: returns dk + dSᵀ Q and dv + Pᵀ dO for the tile (dropped P)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    qt_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None]
+    do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :]
+    if MASKED:                                      # rows past q_len: P = 0 (lse = +inf), zero dO
+        row_ok = offs_m < q_len
+        qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
+        lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+    else:
+        qt = tl.load(qt_ptrs)
+        lse = tl.load(Lse + offs_m)
+        do = tl.load(do_ptrs)
+        delta = tl.load(Delta + offs_m)
+    st = _mma(k, qt, None, DOT_PRECISION) * qk_scale              # (BLOCK_N, BLOCK_M)
+    pt = tl.math.exp2(st - lse[None, :])         # rows of invalid keys: zeroed in dk, dv after the loop
+    dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
+    if IS_DROPOUT:
+        w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, True)
+        # 1/(1-p): on dv, after the loop
+        pt_dropped = _dropout_apply(pt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True, F16_DRAWS)
+        # dS = P∘(Z∘dP/(1-p) - delta) = (Z∘P∘dP - P∘delta(1-p)) / (1-p), with Z∘P the tile dv takes:
+        # one select per element (not one for P and one for dP); delta comes scaled, 1/(1-p) on dk after
+        dst = pt_dropped * dpt - pt * delta[None, :]
+    else:
+        pt_dropped = pt
+        dst = pt * (dpt - delta[None, :])
+    dv = _mma(pt_dropped.to(do.dtype), do, dv, DOT_PRECISION)
+    dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,               # (batch, seqlen_q, nheads, HEAD_DIM), or packed (total, nheads, HEAD_DIM)
     K,               # (batch, seqlen_k, nheads, HEAD_DIM), or packed
@@ -525,34 +579,28 @@ def _attn_bwd_dkdv_kernel(
     pairs_k = _rng_pairs(seqlen_k)
 
     key_ok = _key_ok(KeyMask, offs_n, k_len, k_rows, HAS_MASK)
-    if IS_DROPOUT:
-        seed = tl.load(Seed)
+    seed = tl.load(Seed) if IS_DROPOUT else 0
     k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
 
-    for start_m in range(0, q_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < q_len
-        qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-        lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
-        st = _mma(k, qt, None, DOT_PRECISION) * qk_scale              # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(st - lse[None, :])         # rows of invalid keys: zeroed in dk, dv below
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        dpt = _mma(v, tl.trans(do), None, DOT_PRECISION)       # dO Vᵀ, transposed
-        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
-        if IS_DROPOUT:
-            w0, w1 = _dropout_words(seed, bh, pairs_k, start_m, start_n, BLOCK_M, BLOCK_N, True)
-            pt_dropped = _dropout_apply(pt, w0, w1, drop_threshold, BLOCK_N, BLOCK_M, True, F16_DRAWS)  # 1/(1-p): on dv, below
-            # dS = P∘(Z∘dP/(1-p) - delta) = (Z∘P∘dP - P∘delta(1-p)) / (1-p), with Z∘P the tile dv takes:
-            # one select per element (not one for P and one for dP); delta comes scaled, 1/(1-p) on dk below
-            dst = pt_dropped * dpt - pt * delta[None, :]
-        else:
-            pt_dropped = pt
-            dst = pt * (dpt - delta[None, :])
-        dv = _mma(pt_dropped.to(do.dtype), do, dv, DOT_PRECISION)
-        dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, DOT_PRECISION)
+    # whole tiles of valid query rows load without predicates and take no row mask; the tile that holds
+    # the end of the rows (if any) takes them. fp32 (FMA dots, operands in registers) and programs holding
+    # 128 keys of headdim 128 run every tile masked, in one loop: with two, they spilled (sm_90 SASS)
+    if DOT_PRECISION == "ieee" or BLOCK_N * HEAD_DIM > 128 * 64:
+        q_full = 0
+    else:
+        q_full = q_end // BLOCK_M * BLOCK_M
+        for start_m in range(0, q_full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Lse, Delta, start_m, q_len, stride_qt, stride_dot, qk_scale,
+                                seed, bh, pairs_k, start_n, drop_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, False,
+                                IS_DROPOUT, F16_DRAWS, DOT_PRECISION)
+    for start_m in tl.range(q_full, q_end, BLOCK_M,
+                            num_stages=None if DOT_PRECISION == "ieee" or BLOCK_N * HEAD_DIM > 128 * 64 else 1):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Lse, Delta, start_m, q_len, stride_qt, stride_dot, qk_scale,
+                            seed, bh, pairs_k, start_n, drop_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, True,
+                            IS_DROPOUT, F16_DRAWS, DOT_PRECISION)
 
     # a row of dk/dv depends on its own key only: invalid keys (k loaded as 0, so any finite or
     # infinite junk) are zeroed here once instead of masking P in every step

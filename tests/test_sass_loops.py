@@ -47,10 +47,12 @@ def test_dropout_adds_no_shared_memory_round_trip_to_the_attention_loops(tmp_pat
         # integer compare per 16-bit draw 6.7 / 6.6 / 6.4; before the 2 x 2 blocks dK/dV needed 15)
         extra = with_dropout["loop_instructions"] - without["loop_instructions"]
         assert extra <= 6.5 * 32, (kernel, with_dropout, without)
-        if kernel != "dkdv":
-            # full tiles of valid keys skip the key mask: a loop of their own, well short of the masked one
-            assert with_dropout["tile_loops"] == 2, with_dropout
-            assert with_dropout["loop_instructions"] + 100 < with_dropout["masked_loop_instructions"], with_dropout
+        # full tiles skip the masks: a loop of their own, short of the masked one. The forward and dQ loop
+        # over full tiles of valid keys, well short (the key mask); dK/dV over full tiles of query rows
+        # (the row predicates of its loads and lse's +inf: 2026-11-23, 393 -> 333 without dropout)
+        assert with_dropout["tile_loops"] == 2, with_dropout
+        shorter_by = 20 if kernel == "dkdv" else 100
+        assert with_dropout["loop_instructions"] + shorter_by < with_dropout["masked_loop_instructions"], with_dropout
 
 
 def test_every_triton_kernel_compiles_for_sm90(tmp_path):
