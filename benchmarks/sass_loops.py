@@ -188,8 +188,7 @@ def kernel_cases() -> list[dict]:
                           **cfg.kwargs}
                 pointers = {k: ("*" + x_t if v == "*bf16" else v) for k, v in _POINTERS.items()}
                 label = (f"{x_t}, d {d}, {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/{cfg.num_warps}w, "
-                         + (",".join(k.lower() if v else "no " + k.lower() for k, v in flags.items()
-                                     if v or k == "F16_DRAWS") or "plain"))
+                         + (",".join(k.lower() if v else "no " + k.lower() for k, v in flags.items()) or "plain"))
                 add("attention", fn, label, consts, pointers, _FLOATS, None, cfg.num_warps, cfg.num_stages)
     for f16 in (True, False):
         add("attention", A._dropout_mask_kernel, "16x32" + ("" if f16 else ", no f16_draws"),

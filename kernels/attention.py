@@ -33,7 +33,8 @@ and sets the two predicates of the two selects: |f16| orders the patterns below 
 integers, and the NaNs above compare as kept, which they are for T <= 0x7C00 (p <= 0.96875; larger p
 compile integer compares). That is 3 instructions per 2 probabilities where a 16-bit draw took 5
 (a mask of the low half, two integer compares, two selects). With p(x) = 8·(x // 16) + x % 8 (the
-pair of x) and P = 8·cdiv(seqlen_k, 16) (key pairs per row pair), the block of (batch b, head h) takes the Philox key seed_lo and the counter
+pair of x) and P = 8·cdiv(seqlen_k, 16) (key pairs per row pair), the block of (batch b, head h) takes
+the Philox key seed_lo and the counter
     (p(r)·P + p(n),  b·nheads + h + seed_hi)       (two 32-bit words, the second mod 2³²)
 for the int64 seed = seed_hi·2³² + seed_lo. The MMA accumulator layout gives each thread whole
 2 x 2 blocks whether the rows of a tile are queries (forward, dQ) or keys (dK/dV), so no kernel moves
@@ -588,7 +589,8 @@ def _attn_bwd_dkdv_kernel(
     # whole tiles of valid query rows load without predicates and take no row mask; the tile that holds
     # the end of the rows (if any) takes them. fp32 (FMA dots, operands in registers) and programs holding
     # 128 keys of headdim 128 run every tile masked, in one loop: with two, they spilled (sm_90 SASS)
-    if DOT_PRECISION == "ieee" or BLOCK_N * HEAD_DIM > 128 * 64:
+    ONE_LOOP: tl.constexpr = DOT_PRECISION == "ieee" or BLOCK_N * HEAD_DIM > 128 * 64
+    if ONE_LOOP:
         q_full = 0
     else:
         q_full = q_end // BLOCK_M * BLOCK_M
@@ -596,8 +598,7 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Lse, Delta, start_m, q_len, stride_qt, stride_dot, qk_scale,
                                 seed, bh, pairs_k, start_n, drop_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, False,
                                 IS_DROPOUT, F16_DRAWS, DOT_PRECISION)
-    for start_m in tl.range(q_full, q_end, BLOCK_M,
-                            num_stages=None if DOT_PRECISION == "ieee" or BLOCK_N * HEAD_DIM > 128 * 64 else 1):
+    for start_m in tl.range(q_full, q_end, BLOCK_M, num_stages=None if ONE_LOOP else 1):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, Lse, Delta, start_m, q_len, stride_qt, stride_dot, qk_scale,
                             seed, bh, pairs_k, start_n, drop_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, True,
                             IS_DROPOUT, F16_DRAWS, DOT_PRECISION)
@@ -877,12 +878,18 @@ def _grid(seqlen, block, layout):
     return lambda meta: (_cdiv(seqlen, meta[block]) * layout.batch * layout.nheads,)
 
 
+def _dropout_args(p):
+    """The kernels' dropout arguments for probability ``p``: drop_threshold and drop_scale of the 15-bit
+    draws (dropout_constants), and F16_DRAWS, whether the threshold takes the f16x2 compare."""
+    threshold, drop_scale = dropout_constants(p, DRAW_RANGE)
+    return dict(drop_threshold=threshold, drop_scale=drop_scale, F16_DRAWS=threshold <= F16_MAX_THRESHOLD)
+
+
 def _common_args(layout, dropout_p, softmax_scale, seed, q):
-    threshold, drop_scale = dropout_constants(dropout_p, DRAW_RANGE)
-    return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), drop_threshold=threshold,
-                drop_scale=drop_scale, seq_bucket=_next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)),
-                IS_DROPOUT=dropout_p > 0.0, F16_DRAWS=threshold <= F16_MAX_THRESHOLD, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                HEAD_DIM=layout.head_dim, VARLEN=layout.varlen)
+    return dict(qk_scale=softmax_scale * LOG2E, Seed=_seed_arg(seed, q, dropout_p), **_dropout_args(dropout_p),
+                seq_bucket=_next_power_of_2(max(layout.seqlen_q, layout.seqlen_k)), IS_DROPOUT=dropout_p > 0.0,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=layout.head_dim,
+                VARLEN=layout.varlen)
 
 
 def _flash_fwd(q, k, v, key_mask, key_lens, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
@@ -1226,11 +1233,11 @@ def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, device):
     if device.type == "cpu" and not _INTERPRET:
         raise ValueError("dropout_mask runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1)")
     seed = seed_tensor(seed, device)
-    threshold, _ = dropout_constants(_check_dropout(p, seqlen_q, seqlen_k), DRAW_RANGE)
+    drop = _dropout_args(_check_dropout(p, seqlen_q, seqlen_k))
     keep = torch.empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     block_m, block_n = (16, 16) if _INTERPRET else (64, 64)
     grid = (batch * nheads, _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n))
     with _on_device(keep):
-        launch(_dropout_mask_kernel, grid, keep, seqlen_q, seqlen_k, seed, threshold, BLOCK_M=block_m, BLOCK_N=block_n,
-               F16_DRAWS=threshold <= F16_MAX_THRESHOLD)
+        launch(_dropout_mask_kernel, grid, keep, seqlen_q, seqlen_k, seed, drop["drop_threshold"], BLOCK_M=block_m,
+               BLOCK_N=block_n, F16_DRAWS=drop["F16_DRAWS"])
     return keep.bool()
