@@ -43,17 +43,19 @@ def attention_flops(batch, nheads, seqlen, head_dim, backward: bool) -> float:
     return forward * (3.5 if backward else 1.0)
 
 
-# --sweep candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: the shipped ones, more warps
-# per tile, other stage counts, and tiles on either side of the H100 winners of 2026-11-23 (mask +
-# dropout at 32,12,512,64: fwd 128x64/4w, dkdv 64x64/4w, dq 64x32/4w). Every block size is a power of
-# two >= 16 (tl.dot, and the dropout draws' 2 x 2 blocks).
+# --sweep candidates (BLOCK_M, BLOCK_N, num_warps, num_stages[, register cap]) per kernel: the shipped
+# ones, more warps per tile, other stage counts, and tiles on either side of the H100 winners of
+# 2026-11-23 (mask + dropout at 32,12,512,64: fwd 128x64/4w, dkdv 64x64/4w, dq 64x32/4w); the shipped
+# register caps beside the same tiles uncapped, so one run says what each cap buys. Every block size is a
+# power of two >= 16 (tl.dot, and the dropout draws' 2 x 2 blocks).
 SWEEP = {
-    "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 3),
-            (128, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 4, 4)],
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3),
+            (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2, 128), (128, 64, 4, 2),
+            (128, 64, 4, 4)],
     "dkdv": [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 8, 3),
              (128, 64, 8, 3), (32, 32, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2)],
-    "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3),
-           (32, 32, 4, 3), (64, 16, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4)],
+    "dq": [(64, 64, 4, 3), (64, 64, 4, 3, 168), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
+           (128, 32, 4, 3), (32, 32, 4, 3), (64, 16, 4, 3), (64, 32, 4, 2), (64, 32, 4, 4)],
 }
 SWEEP_SHAPE = (32, 12, 512, 64)
 SWEEP_CASES = ("plain", "mask-full+dropout")
@@ -178,13 +180,18 @@ def sweep(shapes, cases, dtype, results=None):
         for case in cases:
             q, k, v, do, mask, p = make_inputs(batch, nheads, seqlen, head_dim, case, dtype)
             fn = contenders(q, k, v, mask, p)["fastelectra"]
+            capped = p > 0.0 and head_dim == attention._CAPPED_HEAD_DIM    # where _prune applies the caps
             for kernel, candidates in SWEEP.items():
                 mode = "fwd" if kernel == "fwd" else "fwd+bwd"
-                for bm, bn, warps, stages in candidates:
+                as_shipped = {(bm, bn, w, s, cap if capped else None) for bm, bn, w, s, cap in shipped[kernel]}
+                for candidate in candidates:
+                    bm, bn, warps, stages, cap = (*candidate, None)[:5]
                     row = dict(batch=batch, nheads=nheads, seqlen=seqlen, head_dim=head_dim, case=case,
-                               kernel=kernel, mode=mode, config=f"{bm}x{bn} {warps}w {stages}s",
-                               shipped=(bm, bn, warps, stages) in shipped[kernel])
-                    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                               kernel=kernel, mode=mode,
+                               config=f"{bm}x{bn} {warps}w {stages}s" + (f" max {cap} regs" if cap else ""),
+                               shipped=(bm, bn, warps, stages, cap) in as_shipped)
+                    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                                           maxnreg=cap)
                     try:
                         with pinned(tuners[kernel], config):
                             row.update(time_contender(fn, q, k, v, do, mode == "fwd+bwd"))
@@ -193,7 +200,7 @@ def sweep(shapes, cases, dtype, results=None):
                         row.update(skipped=skip_reason(err))
                     torch.cuda.empty_cache()
                     rows.append(row)
-                    print(f"{case:20s} {kernel:5s} {row['config']:14s} {'shipped' if row['shipped'] else '':8s}"
+                    print(f"{case:20s} {kernel:5s} {row['config']:26s} {'shipped' if row['shipped'] else '':8s}"
                           + (f"{row['ms']:8.4f} ms {row['tflops']:7.1f} TFLOP/s" if "tflops" in row else row["skipped"]),
                           flush=True)
     return rows

@@ -6,14 +6,16 @@ predicts throughput well (2026-11-22: the counts of the then-current kernels pre
 mask+dropout/no-dropout fwd+bwd ratio, 108 vs 260 TFLOP/s, within 2%), and it can be read on a machine
 without a GPU: Triton compiles for a target it is given and ships ptxas and cuobjdump.
 
-    python -m benchmarks.sass_loops                 # the H100 winning configs, dropout on and off
+    python -m benchmarks.sass_loops                 # the autotuning candidates at d=64, dropout on and off
+    python -m benchmarks.sass_loops --case fwd,64,64,4,2,128   # one tile: warps, stages, register cap
     python -m benchmarks.sass_loops --json out.json
     python -m benchmarks.sass_loops --replace       # the replace_tokens CUDA kernel (needs nvcc)
 
 For each kernel and tile config: SASS instructions in the main loop (per warp and iteration; for the
 forward and dQ kernels the loop over full tiles of valid keys, with the loop over the tiles that need
 the key mask beside it), shared-memory stores/loads in it (a layout conversion shows up as STS/LDS +
-BAR), registers and spill stores of the whole kernel. Pointer and stride arguments get the
+BAR), registers and spill stores of the whole kernel, its shared memory, and how many of its programs
+an H100 SM holds at once (registers, shared memory, warps). Pointer and stride arguments get the
 16-divisibility the JIT would infer at real shapes (without it no load is vectorised or pipelined
 and the counts mean nothing).
 
@@ -32,17 +34,14 @@ import re
 import subprocess
 import tempfile
 
-__all__ = ["compile_kernel", "compile_sm90", "kernel_cases", "compile_all", "loop_stats", "replace_kernel_stats",
-           "main"]
+__all__ = ["compile_kernel", "compile_sm90", "kernel_cases", "compile_all", "loop_stats", "programs_per_sm",
+           "replace_kernel_stats", "main"]
 
 _POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "DO": "*bf16", "DQ": "*bf16",
              "DK": "*bf16", "DV": "*bf16", "Lse": "*fp32", "Delta": "*fp32", "KeyMask": "*u8",
              "KeyLens": "*i32", "CuSeqlens": "*i32", "Seed": "*i64"}
 _FLOATS = {"qk_scale", "sm_scale", "drop_scale"}
 _DIVISIBLE = re.compile(r"^(stride_.*|seqlen_q|seqlen_k)$")
-# (kernel, BLOCK_M, BLOCK_N, num_warps): the autotuner's winners on the H100 at D=64 (attention.py)
-DEFAULT_CASES = [("fwd", 64, 64, 4), ("fwd", 128, 64, 4), ("dkdv", 64, 64, 4), ("dq", 64, 64, 4),
-                 ("dq", 128, 64, 8)]
 
 
 def _nvidia_bin(name: str) -> str:
@@ -51,11 +50,12 @@ def _nvidia_bin(name: str) -> str:
 
 
 def compile_kernel(fn, consts: dict, pointers: dict[str, str], *, floats=(), divisible=None, num_warps: int = 4,
-                   num_stages: int = 3) -> bytes:
+                   num_stages: int = 3, maxnreg: int | None = None, info: dict | None = None) -> bytes:
     """cubin of the @triton.jit kernel ``fn`` for sm_90, as the JIT would build it: pointer arguments
     of the given types (e.g. "*bf16"), ``floats`` fp32, the other runtime arguments i32; pointers and
     the names in ``divisible`` (default: ``_DIVISIBLE``'s) get the 16-divisibility the JIT infers at
-    real shapes."""
+    real shapes; ``maxnreg`` caps the registers per thread, as a triton.Config's does. ``info``, if given,
+    receives the kernel's shared memory in bytes ("shared")."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,20 +69,26 @@ def compile_kernel(fn, consts: dict, pointers: dict[str, str], *, floats=(), div
         if name in pointers or (name in divisible if divisible is not None else _DIVISIBLE.match(name)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, consts, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    if info is not None:
+        info["shared"] = compiled.metadata.shared
     return compiled.asm["cubin"]
 
 
 def compile_sm90(kernel: str, block_m: int, block_n: int, num_warps: int, num_stages: int = 3, *,
-                 dropout: bool = True, has_mask: bool = True, head_dim: int = 64) -> bytes:
+                 dropout: bool = True, has_mask: bool = True, head_dim: int = 64, maxnreg: int | None = None,
+                 info: dict | None = None) -> bytes:
     """cubin of one attention kernel ("fwd", "dkdv", "dq") for sm_90, bf16, dense layout."""
     from fastelectra.kernels import attention as A
 
     fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
     consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask, HAS_LENS=False,
                   VARLEN=False, IS_DROPOUT=dropout, F16_DRAWS=True, DOT_PRECISION="tf32")
-    return compile_kernel(fn, consts, _POINTERS, floats=_FLOATS, num_warps=num_warps, num_stages=num_stages)
+    return compile_kernel(fn, consts, _POINTERS, floats=_FLOATS, num_warps=num_warps, num_stages=num_stages,
+                          maxnreg=maxnreg, info=info)
 
 
 def kernel_cases() -> list[dict]:
@@ -100,11 +106,11 @@ def kernel_cases() -> list[dict]:
 
     cases = []
 
-    def add(op, fn, variant, consts, pointers, floats=(), divisible=(), num_warps=4, num_stages=3):
+    def add(op, fn, variant, consts, pointers, floats=(), divisible=(), num_warps=4, num_stages=3, maxnreg=None):
         cases.append(dict(op=op, kernel=fn.fn.__name__, variant=variant,
                           fn=fn, consts=consts, pointers=pointers, floats=set(floats),
                           divisible=None if divisible is None else set(divisible), num_warps=num_warps,
-                          num_stages=num_stages))
+                          num_stages=num_stages, maxnreg=maxnreg))
 
     # layer norm: x dtype with the weight's (under autocast the weights stay fp32), flags, widths
     ln_flags = [(True, True, True, True), (True, False, True, True), (False, False, True, True),
@@ -180,16 +186,20 @@ def kernel_cases() -> list[dict]:
         for x_t, d, flags, which in variants:
             size = 4 if x_t == "fp32" else 2
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                       for bm, bn, w, st in shapes]
-            configs = A._prune(configs, {"HEAD_DIM": d, "Q": _Like(size), "seq_bucket": 512})
+                       for bm, bn, w, st, _ in shapes]
+            configs = A._prune(configs, {"HEAD_DIM": d, "Q": _Like(size), "seq_bucket": 512,
+                                         "IS_DROPOUT": flags.get("IS_DROPOUT", False)},
+                               register_caps=A._register_caps(shapes))
             for cfg in configs if which == "all" else configs[:1]:
                 consts = {"HEAD_DIM": d, "HAS_MASK": False, "HAS_LENS": False, "VARLEN": False, "IS_DROPOUT": False,
                           "F16_DRAWS": True, "DOT_PRECISION": "ieee" if x_t == "fp32" else "tf32", **flags,
                           **cfg.kwargs}
                 pointers = {k: ("*" + x_t if v == "*bf16" else v) for k, v in _POINTERS.items()}
-                label = (f"{x_t}, d {d}, {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/{cfg.num_warps}w, "
+                label = (f"{x_t}, d {d}, {cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}/{cfg.num_warps}w"
+                         f"/{cfg.num_stages}s" + (f"/max {cfg.maxnreg} regs" if cfg.maxnreg else "") + ", "
                          + (",".join(k.lower() if v else "no " + k.lower() for k, v in flags.items()) or "plain"))
-                add("attention", fn, label, consts, pointers, _FLOATS, None, cfg.num_warps, cfg.num_stages)
+                add("attention", fn, label, consts, pointers, _FLOATS, None, cfg.num_warps, cfg.num_stages,
+                    cfg.maxnreg)
     for f16 in (True, False):
         add("attention", A._dropout_mask_kernel, "16x32" + ("" if f16 else ", no f16_draws"),
             {"BLOCK_M": 16, "BLOCK_N": 32, "F16_DRAWS": f16}, {"Keep": "*i8", "Seed": "*i64"}, (), set(), 4)
@@ -200,12 +210,13 @@ def _compile_case(c: dict) -> dict:
     row = {k: c[k] for k in ("op", "kernel", "variant", "num_warps")}
     try:
         cubin = compile_kernel(c["fn"], c["consts"], c["pointers"], floats=c["floats"], divisible=c["divisible"],
-                               num_warps=c["num_warps"], num_stages=c["num_stages"])
+                               num_warps=c["num_warps"], num_stages=c["num_stages"], maxnreg=c["maxnreg"])
     except Exception as e:                          # reported per case: one broken variant hides no other
         return {**row, "registers": "-", "spill_stores": "-", "error": f"{type(e).__name__}: {e}"[:300]}
     instrs, regs = _kernel_sass(cubin)
-    return {**row, "registers": regs, "spill_stores": _spills(instrs), "loads_waited": _loads_waited(instrs),
-            "error": ""}
+    looped = _in_loops(instrs)
+    return {**row, "registers": regs, "spill_stores": _spills(instrs), "loop_spill_stores": _spills(looped),
+            "loop_spill_loads": _spill_loads(looped), "loads_waited": _loads_waited(instrs), "error": ""}
 
 
 _worker_cases: list[dict] = []     # kernel_cases() of a compile_all worker process, built once per process
@@ -285,6 +296,16 @@ def _spills(instrs: list[str]) -> int:
     return sum(1 for t in instrs if _opcode(t) == "STL")
 
 
+def _spill_loads(instrs: list[str]) -> int:
+    return sum(1 for t in instrs if _opcode(t) == "LDL")
+
+
+def _in_loops(instrs: list[str]) -> list[str]:
+    """The instructions inside any loop, each once."""
+    inside = sorted({i for a, b in _loops(instrs) for i in range(a, b + 1)})
+    return [instrs[i] for i in inside]
+
+
 def _registers_read(text: str) -> set[int]:
     """General registers an instruction reads: every R operand after the first (the destination), all of
     them for stores and reductions; a 64-bit pair (R12.64) counts both."""
@@ -353,6 +374,13 @@ def loop_stats(cubin: bytes) -> dict:
 
 
 
+def programs_per_sm(registers: int, num_warps: int, shared: int) -> int:
+    """Programs (thread blocks) of a kernel an H100 SM holds at once: 64K registers (allocated per warp
+    in units of 256), 228 KB of shared memory (1 KB of it reserved per block), 64 warps, 32 blocks."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), 228 * 1024 // (shared + 1024), 64 // num_warps, 32)
+
+
 def _nvcc() -> str | None:
     import shutil
     found = shutil.which("nvcc")
@@ -407,23 +435,39 @@ def replace_kernel_stats() -> list[dict]:
                      "hot_mufu": ops["MUFU"], "registers": registers.get(name),
                      "spill_stores": _spills(instrs),
                      "loop_spill_stores": _spills(instrs[start:end + 1]),
-                     "loop_spill_loads": sum("LDL" in t for t in instrs[start:end + 1]),
+                     "loop_spill_loads": _spill_loads(instrs[start:end + 1]),
                      "top_ops": dict(ops.most_common(8))})
     return rows
 
 
 def _case(text: str):
-    kernel, bm, bn, warps = text.split(",")
+    """--case KERNEL,BLOCK_M,BLOCK_N,WARPS[,STAGES[,MAXNREG]] -> (kernel, bm, bn, warps, stages, cap
+    without dropout, cap with dropout): an explicit cap applies to both variants."""
+    kernel, *numbers = text.split(",")
     if kernel not in ("fwd", "dkdv", "dq"):
         raise argparse.ArgumentTypeError(f"--case: kernel must be fwd, dkdv or dq, got {kernel!r}")
-    return kernel, int(bm), int(bn), int(warps)
+    if not 3 <= len(numbers) <= 5 or not all(n.strip().isdigit() for n in numbers):
+        raise argparse.ArgumentTypeError(f"--case: expected KERNEL,BLOCK_M,BLOCK_N,WARPS[,STAGES[,MAXNREG]], got {text!r}")
+    bm, bn, warps, stages, cap = [int(n) for n in numbers] + [3, None][len(numbers) - 3:]
+    return kernel, bm, bn, warps, stages, cap, cap
+
+
+def _shipped_cases() -> list[tuple]:
+    """The autotuner's candidates at headdim 64, as _case returns them: the register cap (if any) with
+    dropout only, as kernels/attention.py's _prune applies it."""
+    from fastelectra.kernels import attention as A
+
+    return [(kernel, bm, bn, warps, stages, None, cap)
+            for kernel, shapes in (("fwd", A._FWD_SHAPES), ("dkdv", A._DKDV_SHAPES), ("dq", A._DQ_SHAPES))
+            for bm, bn, warps, stages, cap in shapes]
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--case", type=_case, action="append", metavar="KERNEL,BLOCK_M,BLOCK_N,WARPS",
-                        help="e.g. fwd,64,64,4 (repeatable; default: the H100 autotuning winners)")
+    parser.add_argument("--case", type=_case, action="append", metavar="KERNEL,BLOCK_M,BLOCK_N,WARPS[,STAGES[,MAXNREG]]",
+                        help="e.g. fwd,64,64,4 or fwd,64,64,4,2,128 (repeatable; stages default to 3; default: "
+                             "the autotuner's candidates at headdim 64, capped with dropout where it caps them)")
     parser.add_argument("--dropout-only", action="store_true", help="skip the no-dropout variants")
     parser.add_argument("--replace", action="store_true",
                         help="the replace_tokens CUDA kernel (csrc/, compiled with nvcc) instead of attention")
@@ -442,19 +486,26 @@ def main(argv=None) -> list[dict]:
                      "branches; unset it to read the code a GPU runs")
     if args.all:
         return _report(compile_all(args.jobs), {"op": "op", "kernel": "kernel", "variant": "variant", "warps": "num_warps",
-                                       "regs": "registers", "spill stores": "spill_stores", "error": "error"},
-                       args.json)
+                                       "regs": "registers", "spill stores": "spill_stores",
+                                       "in loops": "loop_spill_stores", "loop spill loads": "loop_spill_loads",
+                                       "error": "error"}, args.json)
     rows = []
-    for kernel, bm, bn, warps in args.case or DEFAULT_CASES:
+    for kernel, bm, bn, warps, stages, plain_cap, dropout_cap in args.case or _shipped_cases():
         for dropout in (True,) if args.dropout_only else (False, True):
-            stats = loop_stats(compile_sm90(kernel, bm, bn, warps, dropout=dropout))
-            rows.append({"kernel": kernel, "tile": f"{bm}x{bn}", "warps": warps, "dropout": dropout, **stats,
+            cap = dropout_cap if dropout else plain_cap
+            info = {}
+            stats = loop_stats(compile_sm90(kernel, bm, bn, warps, stages, dropout=dropout, maxnreg=cap, info=info))
+            rows.append({"kernel": kernel, "tile": f"{bm}x{bn}", "warps": warps, "stages": stages,
+                         "max_regs": cap or "-", "dropout": dropout, **stats,
                          "loop_sts_lds": f"{stats['loop_sts']}/{stats['loop_lds']}",
-                         "masked": stats.get("masked_loop_instructions", "-")})
-    return _report(rows, {"kernel": "kernel", "tile": "tile", "warps": "warps", "dropout": "dropout",
+                         "masked": stats.get("masked_loop_instructions", "-"),
+                         "shared_kb": round(info["shared"] / 1024, 1),
+                         "programs_per_sm": programs_per_sm(stats["registers"], warps, info["shared"])})
+    return _report(rows, {"kernel": "kernel", "tile": "tile", "warps": "warps", "stages": "stages",
+                          "max regs": "max_regs", "dropout": "dropout",
                           "loop instrs": "loop_instructions", "loop STS/LDS": "loop_sts_lds",
-                          "masked-tile loop": "masked",
-                          "regs": "registers", "spill stores": "spill_stores"}, args.json)
+                          "masked-tile loop": "masked", "regs": "registers", "spill stores": "spill_stores",
+                          "shared KB": "shared_kb", "programs / SM": "programs_per_sm"}, args.json)
 
 
 def _report(rows: list[dict], columns: dict[str, str], json_path: str | None) -> list[dict]:

@@ -57,6 +57,7 @@ J. Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011) for Ph
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -763,11 +764,17 @@ def _dropout_mask_kernel(
 
 # ============================================================================ autotuning
 def _configs(shapes):
-    """Autotuning configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config
-    under the interpreter (TRITON_INTERPRET=1), where timing means nothing and size is speed."""
+    """Autotuning configs from (BLOCK_M, BLOCK_N, num_warps, num_stages, register cap); one small config
+    under the interpreter (TRITON_INTERPRET=1), where timing means nothing and size is speed. _prune
+    applies the register caps (with dropout at headdim 64)."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s, _ in shapes]
+
+
+def _register_caps(shapes) -> dict:
+    """{(BLOCK_M, BLOCK_N, num_warps, num_stages): register cap} of the candidates that have one."""
+    return {shape[:4]: shape[4] for shape in shapes if shape[4] is not None}
 
 
 # three candidates per kernel: each costs a compile per autotuning key (seq bucket, head dim, mask,
@@ -779,14 +786,25 @@ def _configs(shapes):
 # (239 / 163 TFLOP/s against 339 / 189 for the best), and 64x64/4w with 2 stages the fastest with mask
 # + dropout (189 against 173 at 3 stages), so it took 128x128's place; dkdv and dq candidates were
 # within 3% of the best of the nine.
-_FWD_SHAPES = [(128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3)]
-_DKDV_SHAPES = [(64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)]
-_DQ_SHAPES = [(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)]
+# The register cap (ptxas's maxnreg) applies with dropout at headdim 64: there the dropout kernels hold
+# a few registers too many for the next occupancy step. That sweep says the step pays: the forward at
+# 2 stages (3 programs per SM by its registers, Triton 3.6) beat the same loop at 3 stages (2 per SM),
+# 189 against 173 TFLOP/s, where without dropout (3 per SM both) 3 stages won; dQ's 64x32 tile (4 per
+# SM) beat 64x64 (2 per SM) though its loop issues 14% more per key. Capped, on sm_90 with Triton 3.6
+# (benchmarks/sass_loops.py): fwd 2 stages 166 -> 128 registers, 3 -> 4 programs, loop 489 -> 491;
+# fwd 3 stages 176 -> 168, 2 -> 3, loop unchanged; dQ 64x64 212 -> 168, 2 -> 3, loop 418 -> 442; a
+# register or two spilled outside the loops. dK/dV (244) would spill in its loop. Other head dims keep
+# ptxas's own count: capped at 16 ptxas takes more registers, at 128 it spills in the loops.
+_FWD_SHAPES = [(128, 64, 4, 3, None), (64, 64, 4, 2, 128), (64, 64, 4, 3, 168)]
+_DKDV_SHAPES = [(64, 128, 8, 3, None), (32, 64, 4, 3, None), (64, 64, 4, 3, None)]
+_DQ_SHAPES = [(128, 64, 8, 3, None), (64, 32, 4, 3, None), (64, 64, 4, 3, 168)]
+_CAPPED_HEAD_DIM = 64                # the head dim the caps were read off the SASS at
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose tiles overflow shared memory or dwarf the sequence."""
+def _prune(configs, named_args, *, register_caps=None, **kwargs):
+    """Drop configs whose tiles overflow shared memory or dwarf the sequence; with dropout at headdim 64,
+    cap the registers of the candidates in ``register_caps`` (see the candidate lists above)."""
     args = {**named_args, **kwargs}
     if len(configs) <= 1:
         return configs
@@ -805,16 +823,26 @@ def _prune(configs, named_args, **kwargs):
         # a rough bound for every kernel: the resident tile plus num_stages buffers of the streamed ones
         if (bm + bn) * head_dim * itemsize * (1 + c.num_stages) <= _SMEM_BUDGET:
             kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if not (register_caps and args["IS_DROPOUT"] and head_dim == _CAPPED_HEAD_DIM):
+        return kept
+    capped = []
+    for c in kept:
+        cap = register_caps.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+        capped.append(c if cap is None else
+                      triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=cap))
+    return capped
+
+
+def _autotuned(kernel, shapes):
+    return triton.autotune(_configs(shapes), key=_TUNE_KEY, prune_configs_by={
+        "early_config_prune": functools.partial(_prune, register_caps=_register_caps(shapes))})(kernel)
 
 
 _TUNE_KEY = ["seq_bucket", "HEAD_DIM", "HAS_MASK", "HAS_LENS", "VARLEN", "IS_DROPOUT"]
-_attn_fwd = triton.autotune(_configs(_FWD_SHAPES), key=_TUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
-_attn_bwd_dkdv = triton.autotune(_configs(_DKDV_SHAPES), key=_TUNE_KEY,
-                                 prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq = triton.autotune(_configs(_DQ_SHAPES), key=_TUNE_KEY,
-                               prune_configs_by={"early_config_prune": _prune})(_attn_bwd_dq_kernel)
+_attn_fwd = _autotuned(_attn_fwd_kernel, _FWD_SHAPES)
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_SHAPES)
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _DQ_SHAPES)
 
 
 # ============================================================================ launchers

@@ -441,6 +441,40 @@ def test_torch_compile_fullgraph_traces_attention_and_layer_norm_dropout():
     assert not torch.equal(traced[0][n_attn:], again[0][n_attn:])     # layer norm masks differ
 
 
+def test_autotuning_caps_registers_with_dropout_at_headdim_64_only():
+    """The candidates' register caps (maxnreg) apply where they were read off the sm_90 code: with dropout
+    at headdim 64. Without dropout, at other head dims and for fp32 every candidate keeps ptxas's own
+    count; pruning for shared memory is unchanged by them; each autotuner prunes with its own list's caps."""
+    import triton
+
+    from fastelectra.kernels import attention as A
+
+    class Like:                                   # what _prune reads of q
+        def __init__(self, size):
+            self.element_size = lambda: size
+
+    for tuner, shapes in ((A._attn_fwd, A._FWD_SHAPES), (A._attn_bwd_dkdv, A._DKDV_SHAPES),
+                          (A._attn_bwd_dq, A._DQ_SHAPES)):
+        caps = A._register_caps(shapes)
+        assert tuner.early_config_prune.keywords == {"register_caps": caps}
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s, _ in shapes]
+        for size in (2, 4):
+            for head_dim in (16, 32, 64, 128):
+                for dropout in (False, True):
+                    args = {"HEAD_DIM": head_dim, "Q": Like(size), "seq_bucket": 512, "IS_DROPOUT": dropout}
+                    got = A._prune(configs, args, register_caps=caps)
+                    uncapped = A._prune(configs, args)
+                    assert [(c.kwargs, c.num_warps, c.num_stages) for c in got] == \
+                        [(c.kwargs, c.num_warps, c.num_stages) for c in uncapped]
+                    assert all(c.maxnreg is None for c in uncapped)
+                    expect = [caps.get((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+                              if dropout and head_dim == 64 and size == 2 else None for c in got]
+                    assert [c.maxnreg for c in got] == expect, (shapes, size, head_dim, dropout)
+    assert A._register_caps(A._FWD_SHAPES) and A._register_caps(A._DQ_SHAPES)    # the fwd and dQ lists cap some
+    assert A._register_caps(A._DKDV_SHAPES) == {}                                # dK/dV would spill in its loop
+
+
 def test_custom_op_registration():
     """torch.library.opcheck: schema, fake (meta) kernel and autograd registration agree with the op."""
     g = torch.Generator().manual_seed(9)

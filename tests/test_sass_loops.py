@@ -70,7 +70,12 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
                or (r["op"] == "linear" and r["variant"].startswith("bf16"))
                or (r["op"] == "attention" and r["variant"].startswith("bf16, d 64, 64x64/4w"))]
     assert len(electra) >= 8 + 15 + 6, len(electra)
-    assert [r for r in electra if r["spill_stores"] != 0] == []
+    capped = [r for r in electra if "regs," in r["variant"]]
+    assert len(capped) == 3, [r["variant"] for r in electra]     # fwd at 2 and 3 stages, dQ, with dropout
+    assert [r for r in electra if r not in capped and r["spill_stores"] != 0] == []
+    # a register cap (kernels/attention.py's candidate lists) buys a program per SM for a few values kept in
+    # local memory outside the tile loops; with Triton 3.9 the 2-stage forward reloads 3 per loop (L1 hits)
+    assert [r for r in capped if r["spill_stores"] > 8 or r["loop_spill_stores"] or r["loop_spill_loads"] > 6] == []
     # fp32 attention (IEEE dots on FMAs) once spilled thousands of stores per thread; its tile now fits
     assert [r for r in rows if r["variant"].startswith("fp32, d") and r["spill_stores"] > 16] == []
     # the column sums load a step ahead: no load of their loops is waited for in its own iteration (as
