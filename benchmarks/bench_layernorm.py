@@ -159,6 +159,7 @@ def check_targets(results):
 # Launch shapes to try with --sweep: kernels/layernorm.py's module constants (read at each launch)
 SWEEP = {
     "FWD_TILE": (1024, 2048, 4096, 8192),   # 1024: one row per program up to N = 1024
+    "FWD_TILE_NARROW": (512, 1024, 2048),    # FWD_TILE of rows of at most NARROW_N columns
     "FWD_ELEMS_PER_THREAD": (8, 16, 32),
     "BWD_TILE": (1024, 2048, 4096),
     "BWD_WARPS_PER_SM": (16, 32, 64),
@@ -176,6 +177,8 @@ def sweep(rows, hidden, dtype, results=None):
     for n in hidden:
         x, _, dy, weight, bias = make_inputs(rows, n, dtype)
         for name, value, shipped in one_at_a_time(layernorm, SWEEP):
+            if name.startswith("FWD_TILE") and (name == "FWD_TILE_NARROW") != (n <= layernorm.NARROW_N):
+                continue                    # the forward tile of the other row widths: no effect at n
             mode = "fwd" if name.startswith("FWD") else "fwd+bwd"
             row = dict(rows=rows, n=n, mode=mode, constant=name, value=value, shipped=shipped)
             try:

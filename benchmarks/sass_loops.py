@@ -121,7 +121,7 @@ def kernel_cases() -> list[dict]:
                 flags = dict(HAS_RESIDUAL=res, HAS_DROPOUT=drop, HAS_WEIGHT=w, HAS_BIAS=b)
                 label = f"x {x_t}, w {w_t}, n {n}, " + ",".join(k[4:].lower() for k, v in flags.items() if v)
                 div = {"n"} if n % 16 == 0 else set()
-                bm, bn, warps = L._launch_config(n, L.FWD_TILE, L.FWD_ELEMS_PER_THREAD)
+                bm, bn, warps = L._launch_config(n, L._fwd_tile(n), L.FWD_ELEMS_PER_THREAD)
                 # the training forward stores mean and rstd; without dropout also the inference one, without
                 for stats in (True,) if drop else (True, False):
                     add("layer_norm", L._layer_norm_fwd_kernel, label + ("" if stats else ", no stats"),
@@ -139,7 +139,7 @@ def kernel_cases() -> list[dict]:
         add("layer_norm / linear", L._sum_partials_kernel, f"out {out_t}",
             {"BLOCK_P": block_p, "BLOCK_N": L.PARTIAL_BLOCK_N},
             {"Part": "*fp32", "Out0": "*" + out_t, "Out1": "*" + out_t}, (), {"n"})
-    bm, bn, warps = L._launch_config(768, L.FWD_TILE, L.FWD_ELEMS_PER_THREAD)
+    bm, bn, warps = L._launch_config(768, L._fwd_tile(768), L.FWD_ELEMS_PER_THREAD)
     add("layer_norm", L._dropout_mask_kernel, "n 768", {"BLOCK_M": bm, "BLOCK_N": bn},
         {"Keep": "*u8", "Seed": "*i64"}, (), {"n"}, warps)
 

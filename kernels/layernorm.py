@@ -63,6 +63,8 @@ MAX_ROWS = 64           # cap on rows per program for tiny N
 # Block shapes, checked against ptxas register counts for sm_90 (bf16, N = 256 .. 8192: no spills).
 FWD_TILE = 2048         # elements per forward program (several rows when N is small); H100 sweep
                         # at N = 768 (2026-11-23): 2048 -> 2867 GB/s, 4096 -> 2477, 1024 -> 2701
+FWD_TILE_NARROW = 1024  # the same for rows of at most NARROW_N columns; H100 sweep at N = 256
+NARROW_N = 256          # (2026-11-24): 1024 -> 2695 GB/s, 2048 -> 2649 (torch.compile 2692)
 FWD_ELEMS_PER_THREAD = 16   # two 16-byte bf16 vectors per thread and tensor
 BWD_TILE = 1024         # elements per backward loop step (about 3x more values live than forward)
 BWD_ELEMS_PER_THREAD = 8    # ~60 registers at N = 768: eight 4-warp programs resident per SM
@@ -296,6 +298,11 @@ def _launch_config(n: int, tile: int, elems_per_thread: int) -> tuple[int, int, 
     return block_m, block_n, num_warps
 
 
+def _fwd_tile(n: int) -> int:
+    """Elements per forward program for rows of n columns (FWD_TILE, FWD_TILE_NARROW)."""
+    return FWD_TILE_NARROW if n <= NARROW_N else FWD_TILE
+
+
 def dropout_constants(p: float, draw_range: int = DRAW_RANGE) -> tuple[int, float]:
     """(threshold, scale) of dropout with probability ``p`` on draws uniform in [0, draw_range) (the layer
     norm's 16-bit draws by default; the attention kernels' are 15-bit): a value is kept iff its draw >=
@@ -369,7 +376,7 @@ def _fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[tor
     rstd = torch.empty(stats_rows, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, mean, rstd
-    block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
+    block_m, block_n, num_warps = _launch_config(n, _fwd_tile(n), FWD_ELEMS_PER_THREAD)
     with _on_device(x):
         launch(_layer_norm_fwd_kernel, (_cdiv(m, block_m),),
                x, x if residual is None else residual, x if weight is None else weight,
@@ -552,7 +559,7 @@ def dropout_mask(seed, shape, p: float, device=None) -> torch.Tensor:
     keep = torch.empty(m, n, dtype=torch.uint8, device=device)
     seed_t = seed_tensor(seed, keep.device)
     if m > 0:
-        block_m, block_n, num_warps = _launch_config(n, FWD_TILE, FWD_ELEMS_PER_THREAD)
+        block_m, block_n, num_warps = _launch_config(n, _fwd_tile(n), FWD_ELEMS_PER_THREAD)
         with _on_device(keep):
             launch(_dropout_mask_kernel, (_cdiv(m, block_m),), keep, m, n, dropout_constants(p)[0], seed_t, BLOCK_M=block_m,
                    BLOCK_N=block_n, num_warps=num_warps)
