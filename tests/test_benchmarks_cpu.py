@@ -165,10 +165,17 @@ def test_attention_sweep_pins_one_config_and_gives_the_tuner_back():
     from fastelectra.kernels import attention
     from fastelectra.ops import attention_reference
 
+    shipped = {"fwd": attention._FWD_SHAPES, "dkdv": attention._DKDV_SHAPES, "dq": attention._DQ_SHAPES}
     for kernel, candidates in SWEEP.items():   # what the kernels and the dropout draws' 2 x 2 blocks take
-        for bm, bn, warps, stages in candidates:
+        for candidate in candidates:
+            bm, bn, warps, stages, cap = (*candidate, None)[:5]
             assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0, (kernel, bm, bn)
+            # a register cap is timed beside the same tile uncapped
+            assert cap is None or (0 < cap <= 255 and (bm, bn, warps, stages) in candidates), (kernel, candidate)
         assert len(set(candidates)) == len(candidates), kernel
+        for bm, bn, warps, stages, cap in shipped[kernel]:  # every shipped candidate, capped and uncapped
+            assert (bm, bn, warps, stages) in candidates, (kernel, bm, bn, warps, stages)
+            assert cap is None or (bm, bn, warps, stages, cap) in candidates, (kernel, cap)
     tuner = attention._attn_fwd
     configs, cache = list(tuner.configs), dict(tuner.cache)
     config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)
