@@ -174,13 +174,13 @@ def sweep(shapes, cases, dtype, results=None):
     from fastelectra.kernels import attention
 
     tuners = {"fwd": attention._attn_fwd, "dkdv": attention._attn_bwd_dkdv, "dq": attention._attn_bwd_dq}
-    shipped = {"fwd": attention._FWD_SHAPES, "dkdv": attention._DKDV_SHAPES, "dq": attention._DQ_SHAPES}
+    shipped = attention._CANDIDATES
     rows = [] if results is None else results
     for batch, nheads, seqlen, head_dim in shapes:
         for case in cases:
             q, k, v, do, mask, p = make_inputs(batch, nheads, seqlen, head_dim, case, dtype)
             fn = contenders(q, k, v, mask, p)["fastelectra"]
-            capped = p > 0.0 and head_dim == attention._CAPPED_HEAD_DIM    # where _prune applies the caps
+            capped = attention._caps_apply(p > 0.0, head_dim)
             for kernel, candidates in SWEEP.items():
                 mode = "fwd" if kernel == "fwd" else "fwd+bwd"
                 as_shipped = {(bm, bn, w, s, cap if capped else None) for bm, bn, w, s, cap in shipped[kernel]}

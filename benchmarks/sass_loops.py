@@ -172,8 +172,7 @@ def kernel_cases() -> list[dict]:
         def element_size(self):
             return self.size
 
-    kernels = (("fwd", A._attn_fwd_kernel, A._FWD_SHAPES), ("dkdv", A._attn_bwd_dkdv_kernel, A._DKDV_SHAPES),
-               ("dq", A._attn_bwd_dq_kernel, A._DQ_SHAPES))
+    kernels = (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel), ("dq", A._attn_bwd_dq_kernel))
     variants = [("bf16", 64, dict(HAS_MASK=True, IS_DROPOUT=True), "all"),
                 ("bf16", 64, dict(), "all")]
     for d in (16, 32, 64, 128):
@@ -182,7 +181,8 @@ def kernel_cases() -> list[dict]:
     variants += [("fp32", 64, dict(HAS_MASK=True, IS_DROPOUT=True), "all"),
                  ("fp32", 128, dict(HAS_MASK=True), "all"),
                  ("bf16", 64, dict(HAS_MASK=True, IS_DROPOUT=True, F16_DRAWS=False), "first")]  # p > 0.96875
-    for kernel, fn, shapes in kernels:
+    for kernel, fn in kernels:
+        shapes = A._CANDIDATES[kernel]
         for x_t, d, flags, which in variants:
             size = 4 if x_t == "fp32" else 2
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -458,7 +458,7 @@ def _shipped_cases() -> list[tuple]:
     from fastelectra.kernels import attention as A
 
     return [(kernel, bm, bn, warps, stages, None, cap)
-            for kernel, shapes in (("fwd", A._FWD_SHAPES), ("dkdv", A._DKDV_SHAPES), ("dq", A._DQ_SHAPES))
+            for kernel, shapes in A._CANDIDATES.items()
             for bm, bn, warps, stages, cap in shapes]
 
 

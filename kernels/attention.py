@@ -798,8 +798,14 @@ def _register_caps(shapes) -> dict:
 _FWD_SHAPES = [(128, 64, 4, 3, None), (64, 64, 4, 2, 128), (64, 64, 4, 3, 168)]
 _DKDV_SHAPES = [(64, 128, 8, 3, None), (32, 64, 4, 3, None), (64, 64, 4, 3, None)]
 _DQ_SHAPES = [(128, 64, 8, 3, None), (64, 32, 4, 3, None), (64, 64, 4, 3, 168)]
+_CANDIDATES = {"fwd": _FWD_SHAPES, "dkdv": _DKDV_SHAPES, "dq": _DQ_SHAPES}   # by kernel, for the benchmarks
 _CAPPED_HEAD_DIM = 64                # the head dim the caps were read off the SASS at
 _SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (H100: 227 KB per block)
+
+
+def _caps_apply(is_dropout: bool, head_dim: int) -> bool:
+    """Whether _prune gives the candidates their register caps: with dropout at headdim 64."""
+    return bool(is_dropout) and head_dim == _CAPPED_HEAD_DIM
 
 
 def _prune(configs, named_args, *, register_caps=None, **kwargs):
@@ -824,7 +830,7 @@ def _prune(configs, named_args, *, register_caps=None, **kwargs):
         if (bm + bn) * head_dim * itemsize * (1 + c.num_stages) <= _SMEM_BUDGET:
             kept.append(c)
     kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    if not (register_caps and args["IS_DROPOUT"] and head_dim == _CAPPED_HEAD_DIM):
+    if not (register_caps and _caps_apply(args["IS_DROPOUT"], head_dim)):
         return kept
     capped = []
     for c in kept:

@@ -165,7 +165,7 @@ def test_attention_sweep_pins_one_config_and_gives_the_tuner_back():
     from fastelectra.kernels import attention
     from fastelectra.ops import attention_reference
 
-    shipped = {"fwd": attention._FWD_SHAPES, "dkdv": attention._DKDV_SHAPES, "dq": attention._DQ_SHAPES}
+    shipped = attention._CANDIDATES
     for kernel, candidates in SWEEP.items():   # what the kernels and the dropout draws' 2 x 2 blocks take
         for candidate in candidates:
             bm, bn, warps, stages, cap = (*candidate, None)[:5]
