@@ -410,10 +410,10 @@ def replace_kernel_stats() -> list[dict]:
         if not variant:
             continue
         dtype = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}[variant.group(1)]
-        # the vector loop: of the loops that issue the most 16-byte loads the innermost (the survivors'
-        # settling loop, out of line, loads one vector per entry)
+        # the vector loop: of the loops that read the most 16-byte vectors from the ring of steps in shared
+        # memory (LDS.128; the loop also copies later steps in: LDGSTS, cp.async) the innermost
         def loads(se):
-            return sum("LDG" in t and ".128" in t for t in instrs[se[0]:se[1] + 1])
+            return sum(_opcode(t) == "LDS" and ".128" in t for t in instrs[se[0]:se[1] + 1])
         loops = [(a, b) for a, b in _loops(instrs) if loads((a, b)) > 0]
         most = max(loads(se) for se in loops)
         start, end = min((se for se in loops if loads(se) == most), key=lambda se: se[1] - se[0])
@@ -425,8 +425,8 @@ def replace_kernel_stats() -> list[dict]:
         inner = [s for s in skips if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in skips)]
         cold = {j for i, t in inner for j in range(i + 1, t)}
         hot = [instrs[j] for j in range(start, end + 1) if j not in cold]
-        # per lane and loop iteration: one 16-byte vector per load (two per step; the loop may hold two steps)
-        elements = sum("LDG" in t and ".128" in t for t in instrs[start:end + 1]) * (8 if dtype != "fp32" else 4)
+        # per lane and loop iteration: one 16-byte vector per read (two per step; the loop may hold two steps)
+        elements = loads((start, end)) * (8 if dtype != "fp32" else 4)
         ops = collections.Counter(_opcode(t) for t in hot)
         rows.append({"kernel": "replace_tokens", "dtype": dtype, "noise": variant.group(2) == "1",
                      "lse": variant.group(3) == "1", "unit_tau": variant.group(4) == "1",

@@ -12,10 +12,11 @@
 // (2026-11-23: 1019 against 1364 GB/s at 2500 x 30522 bf16) and removed. The row's 16-byte
 // vectors (aligned on the flat index row*V + col, so each lies in one octet of philox.h's noise
 // layout) are read from the row's first whole octet to its last, 16 elements per lane per step: lane l
-// takes vectors l + 32k of the step, k < 2 (16-bit logits) or k < 4 (fp32), and the loads of the next
-// step are issued before the current step is computed, so every warp keeps 1 KB (2 KB for fp32) in
-// flight while it works. Steps go in windows of two, the 128 octets that share the row's min calls. The
-// elements of the octets at the row's ends that span rows (at most 7 at each end) are read element by
+// takes vectors l + 32k of the step, k < 2 (16-bit logits) or k < 4 (fp32). The steps reach a ring in
+// the warp's shared memory by asynchronous copies (cp.async) issued 7 steps (fp32: 3) before the step is
+// computed, so every warp keeps 7 KB (6 KB) in flight without registers to hold them (8 KB of shared
+// memory per warp, 5 blocks per SM: ~175 KB). Steps go in windows of two, the 128 octets that share the
+// row's min calls. The elements of the octets at the row's ends that span rows (at most 7 at each end) are read element by
 // element after the loop; a logits pointer that is not 16-byte aligned takes that path for the whole row.
 //
 // Per element the hot path is a share of one Philox call (per lane and window one call gives the min
@@ -66,8 +67,50 @@ constexpr int kRowsPerBlock = 4;  // one warp per row
 constexpr int kMinBlocksPerSM = 5;  // caps registers at 96 (65536 / (5 * 128), in units of 8): no spills
 constexpr int kVectorBytes = 16;  // one 128-bit load per lane and vector
 constexpr int kStepElements = 16;  // logits per lane and step: 2 vectors of 16-bit logits, 4 of fp32
+// Per warp: the ring of steps copied ahead into shared memory. Before sm_80 the copies are synchronous
+// (no cp.async), so a deep ring would only cost occupancy (T4: 64 KB of shared memory per SM).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr int kRingBytes = 4096;
+#else
+constexpr int kRingBytes = 8192;
+#endif
+constexpr int kRingVectors = kRingBytes / kVectorBytes;
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr float kInf = __builtin_huge_valf();
+
+// Copies of 16 bytes from global into shared memory that complete asynchronously, without passing
+// through registers (sm_80 and later: cp.async.cg, cached in L2 only), in groups: commit_copies() closes
+// the group of the lane's copies issued since the last, and wait_copies<n>() returns once at most the n
+// groups the lane committed last are still in flight, its earlier copies visible to it. Before sm_80 a
+// copy is a load and a store, complete at once. The host build (tests/cuda_host/) models them as copies
+// that land at the wait, their destination unreadable (NaN) until then.
+#if defined(FE_CUDA_HOST_EMULATION)
+__device__ __forceinline__ void copy_async(uint4* dst, const uint4* src) { fe_host::async_copy(dst, src); }
+__device__ __forceinline__ void commit_copies() { fe_host::async_commit(); }
+template <int N>
+__device__ __forceinline__ void wait_copies() { fe_host::async_wait(N); }
+#else
+__device__ __forceinline__ void copy_async(uint4* dst, const uint4* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+               "l"(src)
+               : "memory");
+#else
+  *dst = __ldcs(src);
+#endif
+}
+__device__ __forceinline__ void commit_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wait_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif
 
 // The VEC values of one 16-byte vector as fp32 (exact for every input dtype).
 __device__ __forceinline__ void unpack(const uint4& raw, float (&x)[4], float) {
@@ -300,6 +343,12 @@ struct SurvivorQueue {
   uint32_t min_word[kCapacity];  // its octet's min word
 };
 
+// The calling warp's ring of steps (kRingBytes; the block's warps share one shared-memory array).
+__device__ __forceinline__ uint4* warp_ring() {
+  __shared__ uint4 rings[kRowsPerBlock * kRingVectors];
+  return rings + (threadIdx.x / kWarpSize) * kRingVectors;
+}
+
 // The calling warp's queue (the block's warps share one shared-memory array).
 template <int kCapacity>
 __device__ __forceinline__ SurvivorQueue<kCapacity>& warp_queue() {
@@ -418,8 +467,7 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     __syncwarp();
   }
   // The row's vectors, indexed from 0 with 32-bit indices (a row has fewer than 2^31 elements).
-  // This lane's vectors: step + k * 32 + lane; the pointer moves by a window, so each load is an
-  // immediate offset from it.
+  // This lane's vectors: step + k * 32 + lane.
   const uint4* __restrict__ LaneVectors = reinterpret_cast<const uint4*>(Logits) + vec_begin + lane;
   const int n_vectors = (int)(vec_end - vec_begin);
   // The whole octets of the row go by windows of two steps, 128 octets: the lane's vectors k of the
@@ -476,35 +524,62 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     // With a batch's worth queued the warp settles them; the lanes' best keys change nowhere else in the loop.
     if (kNoise) settle_queued(kSurvivorBatch);
   };
-  // The loads of the step `ahead` steps after the window's first (at `step`): immediate offsets from
-  // LaneVectors, which moves by a window.
-  auto load_step = [&](uint4 (&raw)[kVectorsPerLane], int step, int ahead) {
+  // The ring: the steps reach the warp's shared memory (cp.async) kRingSteps - 1 steps before the warp
+  // computes them, so each warp keeps 7 KB of its row in flight (fp32: 6 KB) without holding it in
+  // registers, where two steps in registers kept 1-2 KB and measured 2.0 TB/s at 2500 rows (H100,
+  // 2026-11-24): the ~19 warps per SM had too few bytes in flight for the memory's latency.
+  // Step s lies in slot s % kRingSteps, its vector k at Ring[(slot * kVectorsPerLane + k) * 32]. A lane
+  // copies in only the vectors that it reads itself, so the ring needs no barrier: the lane's own wait
+  // orders its copies before its reads, and it copies over a slot only after the step read from it was
+  // computed. Copies past the row's last vector are not issued (their groups are empty), so none is in
+  // flight when the warp returns.
+  constexpr int kRingSteps = kRingVectors / kStepVectors;  // 8 (16-bit logits) or 4 (fp32); sm_7x: 4 or 2
+  static_assert((kRingSteps & (kRingSteps - 1)) == 0 && kRingSteps >= 2, "a ring of 2, 4, 8, ... steps");
+  uint4* const Ring = warp_ring() + lane;
+  int copied = 0;                        // steps whose copies were issued
+  int taken = 0;                         // steps read from the ring
+  const uint4* copy_from = LaneVectors;  // the lane's first vector of the next step to copy
+  int copy_left = n_vectors - lane;      // the row's vectors from there on, as seen by the lane
+  auto copy_step = [&]() {
+    uint4* const slot = Ring + (copied % kRingSteps) * kStepVectors;
 #pragma unroll
-    for (int k = 0; k < kVectorsPerLane; ++k) {
-      const int i = step + ahead * kStepVectors + k * kWarpSize + lane;
-      if (i < n_vectors) raw[k] = __ldcs(LaneVectors + (ahead * kStepVectors + k * kWarpSize));  // streamed once
-    }
+    for (int k = 0; k < kVectorsPerLane; ++k)
+      if (k * kWarpSize < copy_left) copy_async(slot + k * kWarpSize, copy_from + k * kWarpSize);
+    commit_copies();
+    ++copied;
+    copy_from += kStepVectors;
+    copy_left -= kStepVectors;
+  };
+  // The next step's vectors, once they are in; the copy of the step kRingSteps - 1 after it starts first.
+  auto next_step = [&](uint4 (&raw)[kVectorsPerLane]) {
+    copy_step();
+    wait_copies<kRingSteps - 1>();
+    const uint4* const slot = Ring + (taken % kRingSteps) * kStepVectors;
+#pragma unroll
+    for (int k = 0; k < kVectorsPerLane; ++k) raw[k] = slot[k * kWarpSize];
+    ++taken;
   };
 
-  uint4 raw0[kVectorsPerLane], raw1[kVectorsPerLane];  // the window's two steps
-  load_step(raw0, 0, 0);
+#pragma unroll
+  for (int s = 1; s < kRingSteps; ++s) copy_step();
+  uint4 raw[kVectorsPerLane];
+  next_step(raw);  // step 0
   if (kNoise && lane < n_vectors)  // the lane's first octet's minimum: a threshold for the first steps
-    st = seed_threshold<T, kUnitTau>(st, raw0[0], head_end + lane * VEC, lane_j0, row,
+    st = seed_threshold<T, kUnitTau>(st, raw[0], head_end + lane * VEC, lane_j0, row,
                                      (int)(head_end - row_begin) + lane * VEC, inv_tau, seed, offset);
   if (kNoise) threshold = warp_max(st.best_key);
   for (int step = 0; step < n_vectors; step += 2 * kStepVectors) {  // warp-uniform
     uint32_t own[4] = {0u, 0u, 0u, 0u};
     if (kNoise) {
-      const uint32_t window = (uint32_t)step / (2 * kStepVectors);  // (no second loop counter to keep)
+      const uint32_t window = (uint32_t)step / (2 * kStepVectors);
       const PhiloxWords w = min_call((uint64_t)row, window, call_lane, seed, offset);
 #pragma unroll
       for (int m = 0; m < 4; ++m) own[m] = w.w[m];
     }
-    load_step(raw1, step, 1);  // in flight while the first step computes
-    do_step(raw0, step, 0, own);
-    load_step(raw0, step, 2);  // the next window's first step
-    do_step(raw1, step + kStepVectors, 1, own);
-    LaneVectors += 2 * kStepVectors;
+    do_step(raw, step, 0, own);
+    next_step(raw);
+    do_step(raw, step + kStepVectors, 1, own);
+    next_step(raw);  // the next window's first step
   }
   if (kNoise) settle_queued(1);  // the vectors still queued
   fold_elements<T, kNoise, kLse, kUnitTau>(Logits, row_begin, head_end, row, row_begin, row_end, lane, inv_tau,

@@ -677,6 +677,23 @@ def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n,
                  op(logits, ids, pos, temperature, 2**62 - 3, 11, return_lse))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [301, 4103, 16411])
+def test_cuda_kernel_on_the_host_ring_of_steps(host_kernels, dtype, vocab):
+    """The kernel copies its steps into a shared-memory ring (cp.async) 7 steps ahead (fp32: 3): rows
+    shorter than the ring, rows that wrap it once and many times. The host build leaves a copy's
+    destination NaN until its wait retires it, so a step read before its copy landed changes the lse,
+    and a slot copied over before it was read changes the samples."""
+    g = torch.Generator().manual_seed(vocab)
+    n = 6
+    logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
+    ids = torch.randint(0, vocab, (n, 2), generator=g)
+    pos = torch.randperm(2 * n, generator=g)[:n]
+    for temperature in (1.0, 0.0):
+        _assert_same(host_op(host_kernels, logits, ids, pos, temperature, 77, 2, True),
+                     op(logits, ids, pos, temperature, 77, 2, True))
+
+
 def _survivor_queue_rows(dtype):
     """Rows whose logits rise along the row, rise in jumps, fall, or are random (and each reversed)."""
     vocab = 4099

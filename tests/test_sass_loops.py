@@ -113,30 +113,28 @@ def test_replace_kernel_hot_loop_is_lean():
     (2026-11-23); one coarse call per vector made it 19.4 and the packed vector max 19.3 (not yet
     timed); the octets' exponential race, one call per 4 octets, 13.4, and 8.9 without the lse (from
     14.8; not yet timed); the survivor queue (the filter's rare passes are queued, one shared-memory
-    atomic and two stores in a branch, and settled in batches out of line) 12.2 and 7.6 (not yet timed).
+    atomic and two stores in a branch, and settled in batches out of line) 12.2 and 7.6, measured 2.0
+    TB/s at 2500 rows (2026-11-24), short of bytes in flight. The ring of steps in shared memory (the
+    loop copies each step in with cp.async 7 steps ahead and reads it back, LDGSTS + LDS.128; ~15 more
+    instructions per step for the copies' addresses and predicates) 13.1 and 8.6 (not yet timed).
     The rare branches that enqueue or settle are left out of the count, as the out-of-line calls always
-    were. fp32 logits: 25.3 -> 19.0 -> 17.1 with the lse, 21.3 -> 14.8 -> 13.0 without. fp32 needs more
-    than the 96 registers that keep 20 rows per SM in flight: ptxas keeps a few values in local memory
-    (the Philox call's hoisted first round, since the queue also the second step's two min words): per
-    window of 32 elements per lane at most 4 stores and 14 loads, L1 hits. The 16-bit variants spill
-    nothing in the loop (a few values live only after it are stored before it)."""
+    were. fp32 logits: 25.3 -> 19.0 -> 17.1 -> 18.0 with the lse, 21.3 -> 14.8 -> 13.0 -> 14.1 without.
+    With the steps in shared memory instead of registers no variant spills any more (fp32 kept a few
+    values of the loop in local memory before, within its 96 registers)."""
     if _nvcc() is None or not os.path.exists(_nvidia_bin("cuobjdump")):
         pytest.skip("needs nvcc and the cuobjdump Triton ships")
     rows = {(r["dtype"], r["noise"], r["lse"], r["unit_tau"]): r for r in replace_kernel_stats()}
     assert len(rows) == 18, sorted(rows)
-    for (dtype, *_), row in rows.items():
+    for row in rows.values():
         assert row["hot_calls"] == 0, row
-        if dtype == "fp32":
-            assert row["loop_spill_stores"] <= 4 and row["loop_spill_loads"] <= 14, row
-        else:
-            assert row["loop_spill_stores"] == 0 and row["loop_spill_loads"] <= (0 if row["unit_tau"] else 1), row
+        assert row["loop_spill_stores"] == 0 and row["loop_spill_loads"] == 0, row
     for dtype in ("bf16", "fp16"):
         main = rows[(dtype, True, True, True)]  # ELECTRA's case: sampling at tau = 1 with the lse
-        assert main["per_element"] <= 12.5, main
+        assert main["per_element"] <= 13.5, main
         # an exp2 per element for the lse, one per vector for the filter, the rare max/threshold updates
         assert main["hot_mufu"] <= main["elements"] + 16, main
         sampling = rows[(dtype, True, False, True)]  # without the lse: no exp2 per element at all
-        assert sampling["per_element"] <= 8 and sampling["hot_mufu"] <= 12, sampling
+        assert sampling["per_element"] <= 9 and sampling["hot_mufu"] <= 12, sampling
     # fp32: 4 elements per vector, lane pairs share the min calls
-    assert rows[("fp32", True, True, True)]["per_element"] <= 17.5, rows[("fp32", True, True, True)]
-    assert rows[("fp32", True, False, True)]["per_element"] <= 13.5, rows[("fp32", True, False, True)]
+    assert rows[("fp32", True, True, True)]["per_element"] <= 18.5, rows[("fp32", True, True, True)]
+    assert rows[("fp32", True, False, True)]["per_element"] <= 14.5, rows[("fp32", True, False, True)]

@@ -11,7 +11,9 @@
 // at a shuffle. What the device would do undefined things with is an error of the launch instead:
 // lanes that diverge (some wait at a shuffle while others returned, or wait at different shuffles,
 // or with a partial mask), and a __ldg/__ldcs outside the ranges the caller declared readable, or a
-// 16-byte load that is not 16-byte aligned (a fault on the device).
+// 16-byte load that is not 16-byte aligned (a fault on the device). Asynchronous copies into shared
+// memory (cp.async) land only when the lane waits for their group; until then their destination reads
+// as NaN, so a kernel that reads a copy too early computes wrong results.
 //
 // What this does not model: timing, registers, caches, and the device's own arithmetic where it
 // differs from the host's (philox.h picks host or device code with __CUDA_ARCH__, which is not
@@ -23,6 +25,7 @@
 #include <string.h>
 #include <ucontext.h>
 
+#include <deque>
 #include <functional>
 #include <string>
 #include <utility>
@@ -73,6 +76,14 @@ struct Lane {
   unsigned mask = 0;
   int64_t shuffles = 0;  // shuffles this lane has reached in the current warp
   std::vector<char> stack;
+  // Asynchronous copies (cp.async): those issued since the last commit, and the committed groups not
+  // yet waited for, oldest first. A copy lands when a wait retires its group.
+  struct AsyncCopy {
+    void* dst;
+    uint4 data;
+  };
+  std::vector<AsyncCopy> open_copies;
+  std::deque<std::vector<AsyncCopy>> copy_groups;
 };
 
 struct Emulator {
@@ -110,6 +121,8 @@ inline bool run_warp(unsigned warp) {
     lane.thread_idx = uint3{warp * kLanes + (unsigned)l, 0, 0};
     lane.waiting = lane.done = false;
     lane.shuffles = 0;
+    lane.open_copies.clear();
+    lane.copy_groups.clear();
     lane.stack.resize(kStackBytes);
     getcontext(&lane.context);
     lane.context.uc_stack.ss_sp = lane.stack.data();
@@ -206,6 +219,30 @@ inline T load(const T* p, const char* what) {
     return T{};
   }
   return *p;
+}
+
+// cp.async of 16 bytes (the kernel's copy_async): the source is read now, under load()'s checks, and the
+// destination holds all-ones bytes (a NaN in every float format) until a wait retires the copy's group,
+// so a kernel that reads a copy before waiting for it computes with NaNs.
+inline void async_copy(uint4* dst, const uint4* src) {
+  Lane& lane = emu().lanes[emu().current];
+  const uint4 data = load(src, "an async copy's source");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emu().fail("an async copy's destination not aligned to 16");
+  memset(dst, 0xff, sizeof(uint4));
+  lane.open_copies.push_back({dst, data});
+}
+inline void async_commit() {
+  Lane& lane = emu().lanes[emu().current];
+  lane.copy_groups.push_back(std::move(lane.open_copies));
+  lane.open_copies.clear();
+}
+// Until at most `newer` committed groups are pending: the older ones land.
+inline void async_wait(int newer) {
+  Lane& lane = emu().lanes[emu().current];
+  while ((int)lane.copy_groups.size() > newer) {
+    for (const Lane::AsyncCopy& c : lane.copy_groups.front()) memcpy(c.dst, &c.data, sizeof(uint4));
+    lane.copy_groups.pop_front();
+  }
 }
 
 }  // namespace fe_host
