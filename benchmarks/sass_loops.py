@@ -60,6 +60,8 @@ def compile_kernel(fn, consts: dict, pointers: dict[str, str], *, floats=(), div
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from fastelectra.kernels.launch import COMPILE_OPTIONS
+
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if fn.params[i].is_constexpr:
@@ -69,7 +71,7 @@ def compile_kernel(fn, consts: dict, pointers: dict[str, str], *, floats=(), div
         if name in pointers or (name in divisible if divisible is not None else _DIVISIBLE.match(name)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, consts, attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages)
+    options = dict(num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS)
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

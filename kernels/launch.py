@@ -48,7 +48,7 @@ from triton.runtime.jit import JITFunction
 
 import torch
 
-__all__ = ["launch", "enabled", "cache_info"]
+__all__ = ["launch", "enabled", "cache_info", "COMPILE_OPTIONS"]
 
 _MISSING = object()          # a parameter the call leaves to the autotuner's config or to its default
 
@@ -154,11 +154,24 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+# Compile options every kernel of this package asks for. FMA contraction (a * b + c as one rounding): the
+# kernels' instruction counts and tolerances were made with it. Triton 3.9 enables it unless told
+# otherwise, with a warning that 3.10 will not (TRITON_DEFAULT_FP_FUSION); asking for it keeps the kernels
+# as they are on every Triton and leaves the default of other kernels in the process alone.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+def _triton_launch(fn, grid, args, kwargs):
+    """Triton's own launch path, with COMPILE_OPTIONS (a call's own option wins)."""
+    return fn[grid](*args, **{**COMPILE_OPTIONS, **kwargs})
+
+
 def launch(fn, grid, *args, **kwargs):
     """``fn[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel or a ``triton.autotune`` over one, through
-    the cached launcher when the call's key has been seen (see the module docstring)."""
+    the cached launcher when the call's key has been seen (see the module docstring), compiled with
+    COMPILE_OPTIONS."""
     if not _ENABLED or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-        return fn[grid](*args, **kwargs)
+        return _triton_launch(fn, grid, args, kwargs)
     kernel = _KERNELS.get(id(fn))
     try:
         if kernel is None:
@@ -168,7 +181,7 @@ def launch(fn, grid, *args, **kwargs):
         key, values = shape.build(device, *args, *kwargs.values())
         hit = shape.cache.get(key)
     except (_Unsupported, TypeError):              # TypeError: an unhashable constexpr
-        return fn[grid](*args, **kwargs)
+        return _triton_launch(fn, grid, args, kwargs)
     if hit is None:
         return _first_launch(fn, kernel, shape, key, values, grid, args, kwargs)
     compiled, config_values, configs = hit
@@ -187,7 +200,7 @@ def launch(fn, grid, *args, **kwargs):
 
 def _first_launch(fn, kernel: _Kernel, shape: _Shape, key, values, grid, args, kwargs):
     """Triton's own launch; keeps what it compiled (and the autotuner's choice) for the key."""
-    compiled = fn[grid](*args, **kwargs)
+    compiled = _triton_launch(fn, grid, args, kwargs)
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
         return compiled                             # not a CompiledKernel: nothing to reuse
     config_values, configs = (), None

@@ -53,6 +53,31 @@ def test_launch_refuses_what_it_cannot_key():
             _spec(v)
 
 
+def test_launches_ask_for_fma_contraction():
+    """Every launch asks Triton for FMA contraction (enable_fp_fusion), which the kernels were tuned with:
+    Triton 3.9 gives it by default with a warning, and 3.10 will not by default. A call's own option wins."""
+    import warnings
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    from fastelectra.kernels import launch as L
+
+    calls = []
+
+    class Kernel:   # not a JITFunction: launch() takes Triton's path, whose call this records
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    L.launch(Kernel(), (2,), 1, BLOCK=4)
+    L.launch(Kernel(), (3,), enable_fp_fusion=False)
+    assert calls == [((2,), (1,), {"enable_fp_fusion": True, "BLOCK": 4}), ((3,), (), {"enable_fp_fusion": False})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        options = CUDABackend(GPUTarget("cuda", 90, 32)).parse_options(dict(L.COMPILE_OPTIONS))
+    assert options.enable_fp_fusion is True
+
+
 @pytest.fixture(scope="module")
 def check_report(tmp_path_factory):
     from test_sass_loops import compiled_module_json
