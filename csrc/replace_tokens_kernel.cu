@@ -67,14 +67,24 @@ constexpr int kRowsPerBlock = 4;  // one warp per row
 constexpr int kMinBlocksPerSM = 5;  // caps registers at 96 (65536 / (5 * 128), in units of 8): no spills
 constexpr int kVectorBytes = 16;  // one 128-bit load per lane and vector
 constexpr int kStepElements = 16;  // logits per lane and step: 2 vectors of 16-bit logits, 4 of fp32
-// Per warp: the ring of steps copied ahead into shared memory. Before sm_80 the copies are synchronous
-// (no cp.async), so a deep ring would only cost occupancy (T4: 64 KB of shared memory per SM).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+// Per warp: the ring of steps copied ahead into shared memory, as large as 5 blocks per SM allow (a power
+// of two). 8 KB where an SM has 228 KB of shared memory (sm_90, sm_100, sm_103: 5 x 37 KB per block);
+// 4 KB on sm_80 (164 KB) and sm_86, sm_89, sm_120 (100 KB). Before sm_80 the copies are synchronous (no
+// cp.async), so a deeper ring would only cost occupancy: it holds one step (T4: 64 KB). The host build
+// takes 8 KB, or FE_REPLACE_RING_BYTES (tests/test_replace.py also builds it with 4 KB and 2 KB).
+#if defined(FE_REPLACE_RING_BYTES)
+constexpr int kRingBytes = FE_REPLACE_RING_BYTES;
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ == 900 || __CUDA_ARCH__ == 1000 || __CUDA_ARCH__ == 1030
+constexpr int kRingBytes = 8192;
+#elif __CUDA_ARCH__ >= 800
 constexpr int kRingBytes = 4096;
 #else
-constexpr int kRingBytes = 8192;
+constexpr int kRingBytes = 0;  // one step
 #endif
-constexpr int kRingVectors = kRingBytes / kVectorBytes;
+template <typename T>
+__host__ __device__ constexpr int ring_steps() {  // steps in a warp's ring
+  return kRingBytes > 0 ? kRingBytes / (kStepElements * (int)sizeof(T) * kWarpSize) : 1;
+}
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr float kInf = __builtin_huge_valf();
 
@@ -343,10 +353,12 @@ struct SurvivorQueue {
   uint32_t min_word[kCapacity];  // its octet's min word
 };
 
-// The calling warp's ring of steps (kRingBytes; the block's warps share one shared-memory array).
+// The calling warp's ring of steps (the block's warps share one shared-memory array).
+template <typename T>
 __device__ __forceinline__ uint4* warp_ring() {
-  __shared__ uint4 rings[kRowsPerBlock * kRingVectors];
-  return rings + (threadIdx.x / kWarpSize) * kRingVectors;
+  constexpr int kVectors = ring_steps<T>() * kStepElements * (int)sizeof(T) * kWarpSize / kVectorBytes;
+  __shared__ uint4 rings[kRowsPerBlock * kVectors];
+  return rings + (threadIdx.x / kWarpSize) * kVectors;
 }
 
 // The calling warp's queue (the block's warps share one shared-memory array).
@@ -533,9 +545,9 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
   // orders its copies before its reads, and it copies over a slot only after the step read from it was
   // computed. Copies past the row's last vector are not issued (their groups are empty), so none is in
   // flight when the warp returns.
-  constexpr int kRingSteps = kRingVectors / kStepVectors;  // 8 (16-bit logits) or 4 (fp32); sm_7x: 4 or 2
-  static_assert((kRingSteps & (kRingSteps - 1)) == 0 && kRingSteps >= 2, "a ring of 2, 4, 8, ... steps");
-  uint4* const Ring = warp_ring() + lane;
+  constexpr int kRingSteps = ring_steps<T>();  // 8 KB: 8 (16-bit logits) or 4 (fp32); 4 KB: 4 or 2
+  static_assert(kRingSteps >= 1 && (kRingSteps & (kRingSteps - 1)) == 0, "a ring of 1, 2, 4, ... steps");
+  uint4* const Ring = warp_ring<T>() + lane;
   int copied = 0;                        // steps whose copies were issued
   int taken = 0;                         // steps read from the ring
   const uint4* copy_from = LaneVectors;  // the lane's first vector of the next step to copy

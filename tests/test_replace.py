@@ -8,6 +8,7 @@ The op's seed is an int64 (1,) tensor on the logits' device; the helpers below t
 import ctypes
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -568,15 +569,36 @@ def test_device_mix_is_rejected_by_the_wrapper():
 
 
 # ----------------------------------------------------------------------------- CUDA source
+# shared memory per SM (KB) of the architectures whose ring sizes differ: T4 (no cp.async: a ring of one
+# step), A100 (4 KB per warp), H100 (8 KB)
+_SHARED_KB_PER_SM = {"sm_75": 64, "sm_80": 164, "sm_90": 228}
+
+
 def test_cuda_kernel_compiles_with_nvcc(tmp_path):
+    """Without warnings for each ring size, and 5 blocks of every variant fit an SM's shared memory (the 20
+    rows per SM that the register cap is made for; 1 KB per block is the system's from sm_80 on)."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    cmd = [nvcc, "-c", "-arch=sm_90", "-O3", "-std=c++17", "-I", CSRC, os.path.join(CSRC, "replace_tokens_kernel.cu"),
-           "-o", str(tmp_path / "replace_tokens_kernel.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in _SHARED_KB_PER_SM]
+    cmd = [nvcc, "-c", *gencode, "-O3", "-std=c++17", "-Xptxas", "-v", "-I", CSRC,
+           os.path.join(CSRC, "replace_tokens_kernel.cu"), "-o", str(tmp_path / "replace_tokens_kernel.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "warning" not in res.stderr.lower(), res.stderr
+    shared, arch = {}, None
+    for line in res.stderr.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if entry:
+            arch = entry.group(2) if "replace_tokens_kernel" in entry.group(1) else None
+        used = re.search(r"(\d+) bytes smem", line)
+        if used and arch is not None:
+            shared.setdefault(arch, []).append(int(used.group(1)))
+            arch = None
+    assert sorted(shared) == sorted(_SHARED_KB_PER_SM) and all(len(v) == 18 for v in shared.values()), shared
+    for a, per_block in shared.items():
+        reserved = 0 if a == "sm_75" else 1024
+        assert 5 * (max(per_block) + reserved) <= _SHARED_KB_PER_SM[a] * 1024, (a, per_block)
 
 
 # ----------------------------------------------------------------------------- CUDA kernel on the host
@@ -591,16 +613,16 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # replac
 _GUARD = 8  # elements of canary before and after every output the kernel writes
 
 
-@pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory):
+def _build_host_kernels(tmp_path_factory, *defines):
+    """csrc/replace_tokens_kernel.cu built for the host (tests/cuda_host/), behind ctypes."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler to build the CUDA kernel for the host")
     lib_path = str(tmp_path_factory.mktemp("cuda_host") / "replace_tokens_host.so")
     # -ffp-contract=off as for the CPU op (csrc/philox.h); the kernel's fp16 unpack type-puns
     cmd = [cxx, "-O2", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared",
-           "-Wno-unknown-pragmas", "-I", CUDA_HOST, "-I", CSRC, os.path.join(CUDA_HOST, "replace_tokens_host.cpp"),
-           "-o", lib_path]
+           "-Wno-unknown-pragmas", *(f"-D{d}" for d in defines), "-I", CUDA_HOST, "-I", CSRC,
+           os.path.join(CUDA_HOST, "replace_tokens_host.cpp"), "-o", lib_path]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lib = ctypes.CDLL(lib_path)
@@ -610,6 +632,24 @@ def host_kernels(tmp_path_factory):
                                            ctypes.c_int]
     lib.fe_host_gumbel_noise.argtypes = [ptr, i64, i64, ptr, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_int]
     return lib
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    """The kernel as sm_90 builds it (an 8 KB ring of steps per warp)."""
+    return _build_host_kernels(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def host_kernels_4k(tmp_path_factory):
+    """The kernel with the 4 KB ring that sm_80, sm_86, sm_89 and sm_120 build (4 steps of 16-bit logits, 2 of fp32)."""
+    return _build_host_kernels(tmp_path_factory, "FE_REPLACE_RING_BYTES=4096")
+
+
+@pytest.fixture(scope="module")
+def host_kernels_2k(tmp_path_factory):
+    """A 2 KB ring: 2 steps of 16-bit logits, 1 of fp32 (the depth that GPUs before sm_80 build)."""
+    return _build_host_kernels(tmp_path_factory, "FE_REPLACE_RING_BYTES=2048")
 
 
 def _guarded(like, fill):
@@ -677,13 +717,17 @@ def test_cuda_kernel_on_the_host_matches_cpu_bit_for_bit(host_kernels, dtype, n,
                  op(logits, ids, pos, temperature, 2**62 - 3, 11, return_lse))
 
 
+@pytest.mark.parametrize("ring", ["8 KB", "4 KB", "2 KB"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("vocab", [301, 4103, 16411])
-def test_cuda_kernel_on_the_host_ring_of_steps(host_kernels, dtype, vocab):
-    """The kernel copies its steps into a shared-memory ring (cp.async) 7 steps ahead (fp32: 3): rows
-    shorter than the ring, rows that wrap it once and many times. The host build leaves a copy's
-    destination NaN until its wait retires it, so a step read before its copy landed changes the lse,
-    and a slot copied over before it was read changes the samples."""
+def test_cuda_kernel_on_the_host_ring_of_steps(request, ring, dtype, vocab):
+    """The kernel copies its steps into a shared-memory ring (cp.async) ring - 1 steps ahead (8 KB: 8 steps
+    of 16-bit logits, 4 of fp32; 4 KB: 4 and 2; 2 KB: 2 and 1): rows shorter than the ring, rows that wrap
+    it once and many times. The host build leaves a copy's destination NaN until its wait retires it, so a
+    step read before its copy landed changes the lse, and a slot copied over before it was read changes
+    the samples."""
+    host_kernels = request.getfixturevalue({"8 KB": "host_kernels", "4 KB": "host_kernels_4k",
+                                            "2 KB": "host_kernels_2k"}[ring])
     g = torch.Generator().manual_seed(vocab)
     n = 6
     logits = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
