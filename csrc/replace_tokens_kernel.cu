@@ -13,11 +13,12 @@
 // vectors (aligned on the flat index row*V + col, so each lies in one octet of philox.h's noise
 // layout) are read from the row's first whole octet to its last, 16 elements per lane per step: lane l
 // takes vectors l + 32k of the step, k < 2 (16-bit logits) or k < 4 (fp32). The steps reach a ring in
-// the warp's shared memory by asynchronous copies (cp.async) issued 7 steps (fp32: 3) before the step is
-// computed, so every warp keeps 7 KB (6 KB) in flight without registers to hold them (8 KB of shared
-// memory per warp, 5 blocks per SM: ~175 KB). Steps go in windows of two, the 128 octets that share the
-// row's min calls. The elements of the octets at the row's ends that span rows (at most 7 at each end) are read element by
-// element after the loop; a logits pointer that is not 16-byte aligned takes that path for the whole row.
+// the warp's shared memory by asynchronous copies (cp.async) issued a ring's worth of steps less one
+// before the step is computed, so that the bytes in flight need no registers (sm_90: an 8 KB ring, 7 KB
+// in flight per warp; the sizes per architecture are at kRingBytes). Steps go in windows of two, the 128
+// octets that share the row's min calls. The elements of the octets at the row's ends that span rows (at
+// most 7 at each end) are read element by element after the loop; a logits pointer that is not 16-byte
+// aligned takes that path for the whole row.
 //
 // Per element the hot path is a share of one Philox call (per lane and window one call gives the min
 // words of its 4 octets; fp32 lanes 2m and 2m + 1, which hold the two halves of each octet, make one of
@@ -82,8 +83,12 @@ constexpr int kRingBytes = 4096;
 constexpr int kRingBytes = 0;  // one step
 #endif
 template <typename T>
+__host__ __device__ constexpr int step_bytes() {  // a warp's step: kStepElements logits per lane
+  return kStepElements * (int)sizeof(T) * kWarpSize;
+}
+template <typename T>
 __host__ __device__ constexpr int ring_steps() {  // steps in a warp's ring
-  return kRingBytes > 0 ? kRingBytes / (kStepElements * (int)sizeof(T) * kWarpSize) : 1;
+  return kRingBytes > 0 ? kRingBytes / step_bytes<T>() : 1;
 }
 constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr float kInf = __builtin_huge_valf();
@@ -356,7 +361,7 @@ struct SurvivorQueue {
 // The calling warp's ring of steps (the block's warps share one shared-memory array).
 template <typename T>
 __device__ __forceinline__ uint4* warp_ring() {
-  constexpr int kVectors = ring_steps<T>() * kStepElements * (int)sizeof(T) * kWarpSize / kVectorBytes;
+  constexpr int kVectors = ring_steps<T>() * step_bytes<T>() / kVectorBytes;
   __shared__ uint4 rings[kRowsPerBlock * kVectors];
   return rings + (threadIdx.x / kWarpSize) * kVectors;
 }
@@ -537,8 +542,8 @@ replace_tokens_kernel(const T* __restrict__ Logits,         // (n_rows, vocab) c
     if (kNoise) settle_queued(kSurvivorBatch);
   };
   // The ring: the steps reach the warp's shared memory (cp.async) kRingSteps - 1 steps before the warp
-  // computes them, so each warp keeps 7 KB of its row in flight (fp32: 6 KB) without holding it in
-  // registers, where two steps in registers kept 1-2 KB and measured 2.0 TB/s at 2500 rows (H100,
+  // computes them, so each warp keeps up to 7 KB of its row in flight (sm_90; fp32: 6 KB) without holding
+  // it in registers, where two steps in registers kept 1-2 KB and measured 2.0 TB/s at 2500 rows (H100,
   // 2026-11-24): the ~19 warps per SM had too few bytes in flight for the memory's latency.
   // Step s lies in slot s % kRingSteps, its vector k at Ring[(slot * kVectorsPerLane + k) * 32]. A lane
   // copies in only the vectors that it reads itself, so the ring needs no barrier: the lane's own wait
