@@ -118,8 +118,10 @@ SWEEP = {
     "layernorm": {"PARTIAL_BLOCK_N": (16, 32, 64), "PARTIAL_TILE": (2048, 4096, 8192)},
 }
 # ... and the GELU backward's (activation_backward: dy and h read, dh written, dh summed). On sm_90 its
-# bf16 stage 1 took 94 registers at 4096 bytes (5 programs per SM) and 40 at 2048.
-ACT_SWEEP = {"ACT_TILE_BYTES": (2048, 4096, 8192)}
+# bf16 stage 1 took 94 registers at 4096 bytes (5 programs per SM) and 40 at 2048. Its plan has its own
+# constants: the column sum's moved to (4, 8) on the 2026-11-24 sweep, which did not vary these.
+ACT_SWEEP = {"ACT_TILE_BYTES": (2048, 4096, 8192), "ACT_PROGRAMS_PER_SM": (2, 4, 8, 16),
+             "ACT_MIN_STEPS": (1, 2, 4, 8)}
 
 
 def sweep(rows, widths, dtypes, results=None):
@@ -127,23 +129,22 @@ def sweep(rows, widths, dtypes, results=None):
     ACT_SWEEP, one varied at a time from the shipped values, with the error against a float64 sum and
     the number of partial rows (chunks) stage 1 plans."""
     from fastelectra.kernels import layernorm, linear
-    from fastelectra.kernels.linear import _plan, activation_backward, column_sums
+    from fastelectra.kernels.linear import _plan, _stage_one, activation_backward, column_sums
 
     results = [] if results is None else results
     modules = {"linear": linear, "layernorm": layernorm}
     for dtype, n in ((d, n) for d in dtypes for n in widths):
         dy = torch.randn(rows, n, device="cuda", dtype=DTYPES[dtype])
         h = torch.randn(rows, n, device="cuda", dtype=DTYPES[dtype])
-        cases = {"colsum": (lambda: column_sums(dy), dy.double().sum(0), 1, "TILE_BYTES", SWEEP)}
+        cases = {"colsum": (lambda: column_sums(dy), dy.double().sum(0), 1, 0, SWEEP)}
         dh = activation_backward(dy, h, "gelu")[0].double()          # the sum's reference: the dh it writes
         cases["gelu"] = (lambda: activation_backward(dy, h, "gelu", torch.float32)[1], dh.sum(0), 3,
-                         "ACT_TILE_BYTES", {"linear": ACT_SWEEP})
-        for case, (fn, ref, passes, tile_name, sweep_constants) in cases.items():
+                         linear.ACTIVATION_CODES["gelu"], {"linear": ACT_SWEEP})
+        for case, (fn, ref, passes, code, sweep_constants) in cases.items():
             for module_name, constants in sweep_constants.items():
                 for name, value, shipped in one_at_a_time(modules[module_name], constants):
-                    tile = getattr(linear, tile_name) // dy.element_size()
                     row = dict(case=case, dtype=dtype, m=rows, n=n, constant=name, value=value, shipped=shipped,
-                               chunks=_plan(rows, n, dy.device, tile)[2])
+                               chunks=_plan(rows, n, dy.device, *_stage_one(code, dy.element_size()))[2])
                     try:
                         row["max_abs_err"] = (fn().double() - ref).abs().max().item()
                         row.update(bench_ms(fn))

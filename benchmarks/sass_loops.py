@@ -150,8 +150,7 @@ def kernel_cases() -> list[dict]:
     for x_t in ("bf16", "fp16", "fp32"):
         for name, code in [("sum", 0), *N.ACTIVATION_CODES.items()]:
             for n in (768, 3072, 2):
-                tile_bytes = N.TILE_BYTES if code == 0 else N.ACT_TILE_BYTES
-                bm, bn, _, _ = N._plan(16384, n, cpu, tile_bytes // (4 if x_t == "fp32" else 2))
+                bm, bn, _, _ = N._plan(16384, n, cpu, *N._stage_one(code, 4 if x_t == "fp32" else 2))
                 add("linear", N._column_partial_sums_kernel, f"{x_t}, {name}, n {n}",
                     {"ACTIVATION": code, "BLOCK_M": bm, "BLOCK_N": bn, "WIDE": False},
                     {"X": "*" + x_t, "H": "*" + x_t, "DH": "*" + x_t, "Part": "*fp32"}, (),

@@ -6,9 +6,10 @@ read the bias gradients of an ELECTRA-Base training step (99 calls over (16384, 
 tensors) at about 1.1 TB/s, 3.4 ms of a 51 ms step (benchmarks/results/profile_*.md). Here it is
 two Triton launches:
 
-1. ``_column_partial_sums_kernel``: a grid of (column blocks) × (row chunks), about eight programs
-   per SM; each program streams its chunk of rows once, accumulating fp32 sums in registers, and
-   writes one row of partial sums.
+1. ``_column_partial_sums_kernel``: a grid of (column blocks) × (row chunks), up to four programs
+   per SM, each at least eight loop steps long where that still leaves one per SM (``_plan``); each
+   program streams its chunk of rows once, accumulating fp32 sums in registers, and writes one row of
+   partial sums.
 2. ``_sum_partials_kernel`` (kernels/layernorm.py, which finishes its dW/dB the same way): sums
    those few rows per column and writes the result in the bias's dtype.
 
@@ -78,9 +79,19 @@ assert ACTIVATION_CODES.keys() == ACTIVATIONS.keys(), "every reference activatio
 TILE_BYTES = 8192
 MAX_BLOCK_N = 256       # columns per program: 512 contiguous bytes per bf16 row segment
 MIN_BLOCK_N = 16
-PROGRAMS_PER_SM = 8     # stage-1 programs in flight per SM: 8 x 8 KB of loads per loop step
-MIN_STEPS = 1           # stage-1 loop steps per program at least (fewer partial rows for stage 2 to sum)
+# Stage-1 programs per SM at most, and loop steps per program at least (fewer partial rows for stage 2
+# to sum), unless that leaves fewer programs than SMs. Measured on an H100 (bench_linear --sweep,
+# linear_sweep_*_20261124, 16384 rows): the sum's time grows with the number of partial rows (stage 2
+# runs N / 16 programs, each summing all of them), so at N <= 1024 the 1024..256 partial rows of
+# 8 programs per SM and 1 step made bf16 sums 1.5-2.3x slower than 128 partial rows; from N = 2304, 4
+# programs per SM beat 8 and 2. Each shape at (4, 8) is a launch that sweep timed (README, NOTES).
+PROGRAMS_PER_SM = 4
+MIN_STEPS = 8
 ACT_TILE_BYTES = 4096   # activation backward: two inputs and one output per element, so half the tile
+# The activation backward's plan: still the shipped (8, 1) that its ACT_TILE_BYTES sweep ran under, as
+# its stage 1 moves three tensors per element (dy, h in, dh out); bench_linear --sweep now varies both.
+ACT_PROGRAMS_PER_SM = 8
+ACT_MIN_STEPS = 1
 NUM_WARPS = 4
 HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")   # aten mm.dtype: a GEMM writing another dtype than its inputs'
 
@@ -164,27 +175,38 @@ def _column_partial_sums_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _plan(m: int, n: int, device: torch.device, tile: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, row chunks, rows per chunk) for column sums of an (m, n) tensor: about
-    PROGRAMS_PER_SM programs per SM, each streaming at least MIN_STEPS whole BLOCK_M-row steps of
-    ``tile`` elements. The constants are read at each call (bench_linear --sweep varies them)."""
+def _plan(m: int, n: int, device: torch.device, tile: int, programs_per_sm: int,
+          min_steps: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, row chunks, rows per chunk) for column sums of an (m, n) tensor in BLOCK_M-row
+    steps of ``tile`` elements: at most ``programs_per_sm`` programs per SM; each program streams at least
+    ``min_steps`` steps, unless that would leave fewer programs than SMs (small sums keep their
+    parallelism; they have few partial rows anyway)."""
     block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, _next_power_of_2(n)))
     block_m = max(1, tile // block_n)
     column_blocks = _cdiv(n, block_n)
     row_blocks = _cdiv(m, block_m)
-    chunks = max(1, min(_cdiv(row_blocks, MIN_STEPS), _cdiv(_sm_count(device) * PROGRAMS_PER_SM, column_blocks)))
+    sms = _sm_count(device)
+    fewest = max(_cdiv(row_blocks, min_steps), _cdiv(sms, column_blocks))     # chunks the step floor allows
+    chunks = max(1, min(row_blocks, _cdiv(sms * programs_per_sm, column_blocks), fewest))
     rows_per_chunk = _cdiv(row_blocks, chunks) * block_m
     return block_m, block_n, _cdiv(m, rows_per_chunk), rows_per_chunk
 
 
-def _partial_sums(x: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, activation: int,
-                  tile_bytes: int) -> torch.Tensor:
+def _stage_one(activation: int, element_size: int) -> tuple[int, int, int]:
+    """(tile in elements, programs per SM, min steps) of a stage-1 launch: the column sum's constants, or
+    the activation backward's. Read at each call (bench_linear --sweep varies them)."""
+    if activation == 0:
+        return TILE_BYTES // element_size, PROGRAMS_PER_SM, MIN_STEPS
+    return ACT_TILE_BYTES // element_size, ACT_PROGRAMS_PER_SM, ACT_MIN_STEPS
+
+
+def _partial_sums(x: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, activation: int) -> torch.Tensor:
     """Stage 1 over x (M, N), unit column stride (with an ACTIVATION code: dy, beside h and dh of its
-    layout), in steps of ``tile_bytes`` of x: launches _column_partial_sums_kernel as _plan lays it out and
+    layout): launches _column_partial_sums_kernel as _plan lays it out with _stage_one's constants and
     returns its (chunks, N) fp32 partial sums. Call on x's device."""
     m, n = x.shape
     stride = x.stride(0)
-    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device, tile_bytes // x.element_size())
+    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, x.device, *_stage_one(activation, x.element_size()))
     part = torch.empty(chunks, n, dtype=torch.float32, device=x.device)
     launch(_column_partial_sums_kernel, (_cdiv(n, block_n), chunks),
            x, h, dh, part, m, n, stride, rows_per_chunk, ACTIVATION=activation,
@@ -210,7 +232,7 @@ def column_sums(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
     if x.stride(1) != 1:
         x = x.contiguous()
     with _on_device(x):
-        _sum_partials(_partial_sums(x, x, x, 0, TILE_BYTES)[None], out)
+        _sum_partials(_partial_sums(x, x, x, 0)[None], out)
     return out
 
 
@@ -229,7 +251,7 @@ def activation_backward(dy: torch.Tensor, h: torch.Tensor, activation: str,
     if m == 0 or n == 0:
         return dh, db.zero_() if db is not None else None
     with _on_device(h):
-        part = _partial_sums(dy, h, dh, ACTIVATION_CODES[activation], ACT_TILE_BYTES)
+        part = _partial_sums(dy, h, dh, ACTIVATION_CODES[activation])
         if db is not None:
             _sum_partials(part[None], db)
     return dh, db

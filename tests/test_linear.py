@@ -61,27 +61,46 @@ def test_column_sums_match_reference(shape, dtype):
 def test_column_sums_split_rows_into_chunks():
     # the partial-sum stage must really combine several row chunks and several column blocks,
     # with a last chunk that ends inside a BLOCK_M step
+    from fastelectra.kernels import linear
+
     m, n = 5000, 300
-    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, torch.device(DEVICE), 2048)
+    block_m, block_n, chunks, rows_per_chunk = _plan(m, n, torch.device(DEVICE), *linear._stage_one(0, 4))
     assert chunks > 1 and n > block_n and m % rows_per_chunk and rows_per_chunk % block_m == 0
     x = randn(m, n, seed=3)
     torch.testing.assert_close(column_sums(x), x.double().sum(0).float(), rtol=1e-5, atol=1e-3)
 
 
-def test_plan_reads_its_constants_at_each_call(monkeypatch):
-    """bench_linear --sweep sets them between calls; MIN_STEPS bounds the partial rows stage 2 sums."""
+def test_plan_bounds_programs_and_partial_rows(monkeypatch):
+    """programs_per_sm caps the programs, min_steps the partial rows stage 2 sums, except that a sum keeps
+    at least one program per SM."""
     from fastelectra.kernels import linear
 
     device = torch.device(DEVICE)
-    block_m = _plan(16384, 256, device, 4096)[0]
-    m = 4 * block_m                                            # 4 row steps: up to 4 chunks of one step each
-    monkeypatch.setattr(linear, "PROGRAMS_PER_SM", 4 * 10**4)   # parallelism does not bind
-    assert _plan(m, 256, device, 4096)[2] == 4
-    monkeypatch.setattr(linear, "MIN_STEPS", 4)
-    assert _plan(m, 256, device, 4096)[2] == 1
-    monkeypatch.setattr(linear, "MIN_STEPS", 2)
-    assert _plan(m, 256, device, 4096)[2] == 2
-    assert _plan(m, 256, device, 8192)[0] == 2 * block_m
+    monkeypatch.setattr(linear, "_sm_count", lambda device: 132)              # an H100
+    block_m = _plan(16384, 256, device, 4096, 1, 1)[0]
+    steps = 32 * 132
+    m = steps * block_m                                                       # one column block of 256
+    assert _plan(m, 256, device, 4096, 10**4, 1)[2] == steps                  # one step each
+    assert _plan(m, 256, device, 4096, 4, 1)[2] == 4 * 132
+    assert _plan(m, 256, device, 4096, 10**4, 16)[2] == steps // 16
+    assert _plan(m, 256, device, 4096, 10**4, 64)[2] == 132                   # the floor: one per SM
+    assert _plan(m, 1024, device, 4096, 10**4, 256)[2] == 132 // 4            # ... counted in programs
+    # the shipped constants, at 16384 rows of ELECTRA's widths on 132 SMs: the partial rows of launches
+    # that bench_linear --sweep timed on an H100 (linear_sweep_*_20261124: each faster than the 1024..86
+    # of the earlier (8, 1) plan)
+    for dtype_size, n, chunks in ((2, 256, 128), (2, 768, 128), (2, 1024, 128), (2, 2304, 57), (2, 3072, 43),
+                                  (4, 256, 256), (4, 768, 171), (4, 1024, 128), (4, 2304, 59), (4, 3072, 44)):
+        assert _plan(16384, n, device, *linear._stage_one(0, dtype_size))[2] == chunks, (dtype_size, n)
+
+
+def test_stage_one_reads_its_constants_at_each_call(monkeypatch):
+    """bench_linear --sweep sets them between calls; the activation backward has its own."""
+    from fastelectra.kernels import linear
+
+    monkeypatch.setattr(linear, "MIN_STEPS", 3)
+    monkeypatch.setattr(linear, "ACT_PROGRAMS_PER_SM", 5)
+    assert linear._stage_one(0, 2) == (linear.TILE_BYTES // 2, linear.PROGRAMS_PER_SM, 3)
+    assert linear._stage_one(1, 4) == (linear.ACT_TILE_BYTES // 4, 5, linear.ACT_MIN_STEPS)
 
 
 def _launched_block_m(monkeypatch, fn, *args):

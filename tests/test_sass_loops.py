@@ -95,7 +95,8 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
         streaming = [r for r in streaming if r not in sixteen_bit]
         plain = [r for r in plain if r not in sixteen_bit]
     assert [r for r in streaming if r["loads_waited"] != 0] == [], streaming
-    # stage 1 keeps the PROGRAMS_PER_SM programs (4 warps) its grid is planned for resident: <= 64 registers
+    # stage 1 at <= 64 registers: 8 programs of 4 warps resident per SM (its grid plans PROGRAMS_PER_SM = 4;
+    # the activation backward's plans 8, and bench_linear --sweep tries up to 16)
     assert [r for r in plain if r["registers"] > 64] == [], plain
 
 
