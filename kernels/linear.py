@@ -81,10 +81,10 @@ MAX_BLOCK_N = 256       # columns per program: 512 contiguous bytes per bf16 row
 MIN_BLOCK_N = 16
 # Stage-1 programs per SM at most, and loop steps per program at least (fewer partial rows for stage 2
 # to sum), unless that leaves fewer programs than SMs. Measured on an H100 (bench_linear --sweep,
-# linear_sweep_*_20261124, 16384 rows): the sum's time grows with the number of partial rows (stage 2
-# runs N / 16 programs, each summing all of them), so at N <= 1024 the 1024..256 partial rows of
-# 8 programs per SM and 1 step made bf16 sums 1.5-2.3x slower than 128 partial rows; from N = 2304, 4
-# programs per SM beat 8 and 2. Each shape at (4, 8) is a launch that sweep timed (README, NOTES).
+# linear_sweep_*_20261124, 16384 rows): the sum's time grows with the number of partial rows, so at
+# N <= 1024 the 1024..256 partial rows of 8 programs per SM and 1 step made bf16 sums 1.5-2.3x slower
+# than 128 partial rows; from N = 2304, 4 programs per SM beat 8 and 2. Each width bench_linear times
+# launches at (4, 8) as one of that sweep's timed rows (benchmarks/NOTES.md).
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 8
 ACT_TILE_BYTES = 4096   # activation backward: two inputs and one output per element, so half the tile
