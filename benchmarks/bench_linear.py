@@ -6,7 +6,7 @@ benchmarks/results/profile_*.md). fastelectra's FusedLinear sums them with two T
 (kernels/linear.py).
 
 Cases, rows M = 16384 (ELECTRA-Base: B=32 x T=512):
-  colsum   dy (M, N) -> (N,) for the widths of ELECTRA-Base's linears, N in {256, 768, 1024, 2304, 3072},
+  colsum   dy (M, N) -> (N,) for the widths of ELECTRA's linears, N in {64, 256, 768, 1024, 2304, 3072},
            in bf16 (autocast training) and fp32 (training without autocast: its stage-1 kernel holds
            twice the accumulator registers per loaded byte)
            fastelectra        kernels.linear.column_sums
@@ -41,7 +41,7 @@ from .common import (TIMING, add_speedups, bench_ms, gpu_slug, rate_table, one_a
                      until_interrupted, write_results)
 
 ROWS = 16384
-WIDTHS = (256, 768, 1024, 2304, 3072)
+WIDTHS = (64, 256, 768, 1024, 2304, 3072)   # 64: the Small generator's hidden size
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYERS = ((768, 3072, None), (3072, 768, None), (768, 2304, None), (768, 3072, "gelu"))   # (K, N, activation)
 

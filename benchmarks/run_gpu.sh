@@ -129,7 +129,7 @@ if [[ " $STAGES " == *" sweep "* ]]; then   # one autotuning candidate at a time
   run_module attention_sweep "${T_SWEEP:-400}" benchmarks.bench_attention --sweep \
     --out "$RES/attention_sweep_${slug}_${date}.json"
   tail -60 "$RES/attention_sweep.log"
-  run_module linear_sweep "${T_SWEEP_LINEAR:-150}" benchmarks.bench_linear --sweep \
+  run_module linear_sweep "${T_SWEEP_LINEAR:-240}" benchmarks.bench_linear --sweep \
     --out "$RES/linear_sweep_${slug}_${date}.json"
   tail -40 "$RES/linear_sweep.log"
 fi
