@@ -163,6 +163,7 @@ SWEEP = {
     "FWD_ELEMS_PER_THREAD": (8, 16, 32),
     "BWD_TILE": (1024, 2048, 4096),
     "BWD_WARPS_PER_SM": (16, 32, 64),
+    "BWD_MIN_STEPS": (1, 4, 8, 16),          # at 16384 rows of 64 and 256 (ELECTRA-Small's) it binds
 }
 
 

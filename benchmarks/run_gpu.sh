@@ -17,8 +17,9 @@
 #                         sweep at N = 768, and the README's main job
 #   STAGES=sweep bash benchmarks/run_gpu.sh            # the attention kernels under each autotuning candidate
 #                         (bench_attention --sweep) and the column sums under each launch constant
-#                         (bench_linear --sweep): the data to choose the shipped values from
-# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_SWEEP, T_SWEEP_LINEAR (caps in s;
+#                         (bench_linear --sweep), the layer norm's at 16384 rows of 64, 256 and 768
+#                         (bench_layernorm --sweep): the data to choose the shipped values from
+# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_SWEEP, T_SWEEP_LINEAR, T_SWEEP_LN (caps in s;
 # T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
@@ -132,6 +133,10 @@ if [[ " $STAGES " == *" sweep "* ]]; then   # one autotuning candidate at a time
   run_module linear_sweep "${T_SWEEP_LINEAR:-240}" benchmarks.bench_linear --sweep \
     --out "$RES/linear_sweep_${slug}_${date}.json"
   tail -40 "$RES/linear_sweep.log"
+  # the layer norm at ELECTRA-Small's rows (generator 64, discriminator 256) and Base's width
+  run_module layernorm_sweep_small "${T_SWEEP_LN:-150}" benchmarks.bench_layernorm --sweep --rows 16384 \
+    --hidden 64 256 768 --out "$RES/layernorm_sweep_rows16384_${slug}_${date}.json"
+  tail -40 "$RES/layernorm_sweep_small.log"
 fi
 if [[ " $STAGES " == *" prof "* ]]; then   # where a training step's GPU time goes
   run_module profile "${T_PROF:-$T_BENCH}" benchmarks.profile_step ${ARGS_profile_step:-} \

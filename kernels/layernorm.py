@@ -70,6 +70,11 @@ BWD_TILE = 1024         # elements per backward loop step (about 3x more values 
 BWD_ELEMS_PER_THREAD = 8    # ~60 registers at N = 768: eight 4-warp programs resident per SM
 MAX_WARPS = 16
 BWD_WARPS_PER_SM = 32   # backward programs = SMs * (32 // num_warps), about one resident wave
+# Backward loop steps per program at least (fewer partial rows of dW/dB for stage 2), unless that leaves
+# fewer programs than SMs. 1: off. The column sums' H100 sweep (kernels/linear.py) found their time
+# following their partial rows; the backward of ELECTRA-Small's rows (16384 x 256: 4 steps per
+# program; x 64: 1 step) writes ~1056 of them. bench_layernorm --sweep times the alternatives.
+BWD_MIN_STEPS = 1
 DRAW_RANGE = 2**16      # dropout draws are uniform 16-bit integers, two per Philox word
 PARTIAL_BLOCK_N = 16    # stage 2 of a column reduction: columns per program, narrow for many programs
 PARTIAL_TILE = 4096     # stage 2: partial sums per program and loop step (32 fp32 per thread at 4 warps)
@@ -406,7 +411,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], we
     dres = torch.empty_like(residual) if store_dres else x.new_empty(0)
     block_m, block_n, num_warps = _launch_config(n, BWD_TILE, BWD_ELEMS_PER_THREAD)
     row_blocks = max(1, _cdiv(m, block_m))
-    programs = max(1, min(row_blocks, _sm_count(x.device) * max(1, BWD_WARPS_PER_SM // num_warps)))
+    sms = _sm_count(x.device)
+    programs = max(1, min(row_blocks, sms * max(1, BWD_WARPS_PER_SM // num_warps),
+                          max(_cdiv(row_blocks, BWD_MIN_STEPS), sms)))
     rows_per_program = _cdiv(row_blocks, programs) * block_m
     programs = max(1, _cdiv(m, rows_per_program))
     # fp32 partial sums of dW and dB, one row per program each, in one buffer that one launch of

@@ -220,6 +220,29 @@ def test_sum_partials_finishes_one_or_two_column_sums(chunks, n):
     torch.testing.assert_close(one.double(), exact[1], atol=1e-5 * math.sqrt(chunks), rtol=1e-5)
 
 
+def test_every_sweep_constant_keeps_the_kernels_accurate(monkeypatch):
+    """bench_layernorm --sweep times the kernels under each of these values: each must still give the
+    reference's outputs and gradients, and the backward's program plan must follow BWD_MIN_STEPS (several
+    programs, each writing one partial row of dW and dB, so the partial rows really change)."""
+    from benchmarks.bench_layernorm import SWEEP
+    from benchmarks.common import one_at_a_time
+    from fastelectra.kernels import layernorm
+
+    seen = []
+    launch = layernorm.launch
+    monkeypatch.setattr(layernorm, "launch", lambda kernel, grid, *a, **kw: (
+        seen.append(grid[0]) if kernel is layernorm._layer_norm_bwd_kernel else None,
+        launch(kernel, grid, *a, **kw))[1])
+    programs = {}
+    for name, value, _ in one_at_a_time(layernorm, SWEEP):
+        seen.clear()
+        check_against_reference((300, 40), torch.float32, p=0.1)       # 19 backward steps of 16 rows
+        assert len(seen) == 1, (name, value, seen)
+        programs[name, value] = seen[0]
+    if not HAS_CUDA:   # the interpreter's one SM: 32 // 4 warps = 8 programs (7 after rounding), then 19 / min steps
+        assert [programs["BWD_MIN_STEPS", s] for s in SWEEP["BWD_MIN_STEPS"]] == [7, 5, 3, 2]
+
+
 # ----------------------------------------------------------------------------- dropout
 def test_same_seed_same_output_different_seed_different_output():
     x, r, w, b = make_inputs((6, 200), torch.float32)
