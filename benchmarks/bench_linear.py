@@ -115,7 +115,8 @@ SWEEP = {
     "linear": {"PROGRAMS_PER_SM": (2, 4, 8, 16), "MIN_STEPS": (1, 2, 4, 8), "TILE_BYTES": (4096, 8192, 16384),
                # narrower column blocks: more stage-1 programs per row chunk, so fewer partial rows
                "MAX_BLOCK_N": (64, 128, 256)},
-    "layernorm": {"PARTIAL_BLOCK_N": (16, 32, 64), "PARTIAL_TILE": (2048, 4096, 8192)},
+    # stage 2: the 2026-11-24 sweep timed 16 < 32 < 64 columns per program (more programs), so narrower too
+    "layernorm": {"PARTIAL_BLOCK_N": (4, 8, 16, 32), "PARTIAL_TILE": (2048, 4096, 8192)},
 }
 # ... and the GELU backward's (activation_backward: dy and h read, dh written, dh summed). On sm_90 its
 # bf16 stage 1 took 94 registers at 4096 bytes (5 programs per SM) and 40 at 2048. Its plan has its own
