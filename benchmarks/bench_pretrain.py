@@ -28,6 +28,7 @@ import time
 import torch
 
 from fastelectra.config import ElectraConfig
+from fastelectra.graphs import cast_once, linear_parameters
 from fastelectra.model import ElectraPretrainingModel
 from fastelectra.pretrain import clip_and_step, decays
 
@@ -123,9 +124,14 @@ def training_step(model, loss_fn, ids, mask, dtype, graph: bool = False):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-4, fused=device.type == "cuda", capturable=graph)
 
+    # in a CUDA graph fastelectra's fused linear layers take their weights in ``dtype`` from one
+    # multi-tensor copy per step (a no-op elsewhere, and for models without FusedLinear layers)
+    cast_params = linear_parameters(model)
+
     def step(zero_grad: bool = True):
         # autocast's weight-cast cache must be off under capture (the casts have to be in the graph)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graph):
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=not graph)
+        with cast_once(cast_params, dtype), autocast:
             loss = loss_fn(ids, mask)
         loss.backward()
         clip_and_step(opt, model.parameters(), 1.0)

@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .backend import replayed_work
+from .backend import cast_once, replayed_work, resolve
 from .data import FastElectraError
 
-__all__ = ["capture", "replayed_work"]
+__all__ = ["capture", "replayed_work", "cast_once", "linear_parameters"]
 
 
 def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
@@ -54,3 +54,25 @@ def capture(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3,
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = fn()
     return graph.replay, out
+
+
+def linear_parameters(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights and biases of ``module``'s :class:`fastelectra.nn.FusedLinear` layers whose backend is not
+    ``eager``, each once: what :func:`cast_once` copies for a replayed step of ``module``, as in
+
+        autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False)
+        with fastelectra.graphs.cast_once(params, torch.bfloat16), autocast:
+            loss = model(...)
+
+    inside the function that :func:`capture` records (where the fused linear layer runs). Linear layers
+    of other classes cast as autocast does (FusedSelfAttention's q, k, v weights are concatenated first)."""
+    from .nn import FusedLinear
+
+    params, seen = [], set()
+    for m in module.modules():
+        if isinstance(m, FusedLinear) and resolve(m.backend) != "eager":
+            for p in (m.weight, m.bias):
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params

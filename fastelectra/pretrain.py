@@ -457,6 +457,7 @@ def _pretrain(c: PretrainConfig, given: PretrainConfig, rank: int, world: int, d
                        else None)
 
     # model, optimizer, schedule
+    from .graphs import cast_once, linear_parameters
     from .model import ElectraPretrainingModel
 
     torch.manual_seed(c.seed)
@@ -508,9 +509,13 @@ def _pretrain(c: PretrainConfig, given: PretrainConfig, rank: int, world: int, d
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphs)
                 if device.type == "cuda" else nullcontext())
 
+    # in a CUDA graph the fused linear layers take their bf16 weights from one multi-tensor copy per
+    # micro-batch (fastelectra.graphs.cast_once; a no-op elsewhere)
+    cast_params = linear_parameters(model)
+
     def micro_step(ids, mask):
         """Forward + backward of one micro-batch (grads accumulate in place) + its metrics into window."""
-        with autocast:
+        with cast_once(cast_params, torch.bfloat16), autocast:
             o = train_model(ids, mask)
         (o.loss / c.grad_accum).backward()
         window.add_(torch.stack([o.loss.detach(), o.mlm_loss.detach(), o.rtd_loss.detach(), o.mlm_accuracy,

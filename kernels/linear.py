@@ -62,6 +62,7 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from ..backend import cast_of
 from ..ops import ACTIVATIONS, _check_activation
 from .layernorm import _cdiv, _next_power_of_2, _on_device, _sm_count, _sum_partials
 from .launch import launch
@@ -280,7 +281,8 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype, activation, return_input):
-        xc, w, b = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        # the parameters' copies in ``dtype`` come from one multi-tensor copy per step where cast_once is in force
+        xc, w, b = x.to(dtype), cast_of(weight, dtype), cast_of(bias, dtype)
         h = F.linear(xc, w, b)                                                       # (M, N)
         ctx.dtypes = x.dtype, weight.dtype, bias.dtype
         ctx.activation = activation

@@ -287,6 +287,101 @@ def test_fused_linear_under_autocast_returns_gradients_without_casts():
     assert "ToCopy" not in x_node.name() and all("ToCopy" not in fn.name() for fn, _ in x_node.next_functions if fn)
 
 
+# ----------------------------------------------------------------------------- cast_once
+def _autocast_step(x, w, b, dy, activation=None):
+    """Forward + backward of fused_linear under bf16 autocast on leaves w and b themselves (their grads
+    reset first) and a fresh leaf x: (y, dx, dw, db)."""
+    x = x.detach().clone().requires_grad_()
+    w.grad = b.grad = None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = fused_linear(x, w, b, activation)
+    y.backward(dy.to(y.dtype))
+    return y, x.grad, w.grad, b.grad
+
+
+def test_cast_once_gives_the_same_step_from_one_copy_per_parameter(monkeypatch):
+    """Inside replayed work, cast_once makes every parameter's bf16 copy with one _foreach_copy_ and the
+    layer reads that copy (its output follows the copy), bit for bit the step of casting per call."""
+    from fastelectra import backend
+    from fastelectra.kernels import linear
+
+    x, w, b, dy = randn(9, 24, seed=1), randn(40, 24, seed=2) * 0.2, randn(40, seed=3), randn(9, 40, seed=4)
+    w.requires_grad_()
+    b.requires_grad_()
+    plain = _autocast_step(x, w, b, dy, "gelu")
+    seen = []
+    cast_of = backend.cast_of
+    monkeypatch.setattr(linear, "cast_of", lambda t, dtype: (seen.append(cast_of(t, dtype)), seen[-1])[1])
+    copies = []
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (copies.append(len(dst)), foreach_copy(dst, src)))
+    with backend.replayed_work(), backend.cast_once([w, b, w], torch.bfloat16):
+        once = _autocast_step(x, w, b, dy, "gelu")
+        copy = backend.cast_of(w, torch.bfloat16)
+        assert copies == [2] and torch.equal(copy, w.to(torch.bfloat16))   # w listed twice, copied once
+        assert seen[-2] is copy and seen[-1] is backend.cast_of(b, torch.bfloat16)   # the step took them
+        for g, r in zip(once, plain):
+            assert torch.equal(g, r)
+        with torch.no_grad():
+            copy.zero_()                                      # the layer reads the copy, not a cast of w
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            assert torch.equal(fused_linear(x, w, b), b.to(torch.bfloat16).expand(9, 40))
+    assert not torch.equal(backend.cast_of(w, torch.bfloat16), copy)        # outside: a cast of w again
+
+
+def test_cast_once_casts_afresh_a_parameter_changed_inside_and_acts_only_in_replayed_work(monkeypatch):
+    from fastelectra import backend
+
+    x, w, b = randn(9, 24, seed=1), randn(40, 24, seed=2) * 0.2, randn(40, seed=3)
+    calls = []
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: calls.append(dst))
+    with backend.cast_once([w, b], torch.bfloat16):                # not replayed work: nothing to do
+        assert calls == [] and backend.cast_of(w, torch.bfloat16) is not backend.cast_of(w, torch.bfloat16)
+    monkeypatch.undo()
+    with backend.replayed_work(), backend.cast_once([w, b], torch.bfloat16):
+        with torch.no_grad():
+            w.mul_(2.0)                                            # an in-place update: version + 1
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = fused_linear(x, w, b)
+        assert torch.equal(backend.cast_of(w, torch.bfloat16), w.to(torch.bfloat16))
+        assert backend.cast_of(w, torch.float16).dtype == torch.float16      # another dtype: a cast
+        assert backend.cast_of(w, torch.float32) is w
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert torch.equal(y, F.linear(x, w, b))
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        with backend.cast_once([w], torch.int32):
+            pass
+
+
+def test_cast_once_refresh_before_the_backward_is_autograd_error():
+    """The next step's copy overwrites this step's in place: a backward still owed fails loudly."""
+    from fastelectra import backend
+
+    x, w, b = randn(9, 24, seed=1), randn(40, 24, seed=2).requires_grad_(), randn(40, seed=3).requires_grad_()
+    with backend.replayed_work():
+        with backend.cast_once([w, b], torch.bfloat16), torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = fused_linear(x, w, b)
+        with backend.cast_once([w, b], torch.bfloat16):
+            pass
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.float().sum().backward()
+
+
+def test_linear_parameters_are_the_fused_linear_layers_once_each():
+    from fastelectra.config import ElectraConfig
+    from fastelectra.graphs import linear_parameters
+    from fastelectra.model import ElectraPretrainingModel
+
+    model = ElectraPretrainingModel(ElectraConfig.preset("tiny", backend="fused"))
+    params = linear_parameters(model)
+    fused = [m for m in model.modules() if isinstance(m, FusedLinear)]
+    expected = {id(p) for m in fused for p in (m.weight, m.bias) if p is not None}
+    assert len(params) == len(expected) == len({id(p) for p in params}) and {id(p) for p in params} == expected
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not any(k in names[id(p)] for p in params for k in ("query", "key", "value", "LayerNorm"))
+    assert linear_parameters(ElectraPretrainingModel(ElectraConfig.preset("tiny", backend="eager"))) == []
+
+
 # outside autocast x, W and b share one dtype (fp32 here); under bf16 autocast x is fp32 (the residual is
 # added after the GEMM: dtypes differ) or bf16 (added by the GEMM)
 @pytest.mark.parametrize("x_dtype,autocast", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
