@@ -537,6 +537,38 @@ def test_gpu_fused_linear_under_autocast_and_in_a_cuda_graph(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_cast_once_in_a_cuda_graph_copies_the_weights_of_each_replay():
+    """A captured forward + backward inside cast_once: each replay takes bf16 copies of the weights as
+    they are then (updated in place between replays, as an optimizer does), equal to F.linear's."""
+    from fastelectra.graphs import capture, cast_once, linear_parameters
+
+    torch.manual_seed(0)
+    lin = FusedLinear(768, 3072, activation="gelu", backend="fused").cuda()
+    ref = torch.nn.Linear(768, 3072).cuda()
+    x = torch.randn(4, 256, 768, device="cuda")
+    dy = torch.randn(4, 256, 3072, device="cuda", dtype=torch.bfloat16)
+    params = linear_parameters(lin)
+    assert [id(p) for p in params] == [id(lin.weight), id(lin.bias)]
+
+    def step():
+        with cast_once(params, torch.bfloat16), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y = lin(x)
+        y.backward(dy)
+        return y
+
+    replay, y = capture(step, torch.device("cuda"), before_capture=lambda: lin.zero_grad(set_to_none=True))
+    for scale in (1.0, -0.5):
+        with torch.no_grad():
+            lin.weight.mul_(scale)                       # in place, outside the graph, between replays
+            lin.bias.add_(scale)
+        replay()
+        ref.load_state_dict({"weight": lin.weight.detach(), "bias": lin.bias.detach()})
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = F.gelu(ref(x))
+        torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)   # stale weights would be off by O(1)
+
+
+@pytest.mark.gpu
 def test_gpu_weight_gradient_is_one_fp32_gemm_under_autocast():
     """On CUDA, dW under bf16 autocast comes from one GEMM writing fp32 (aten mm.dtype), no cast after
     it, and is at least as accurate as autocast's bf16-rounded gradient."""
