@@ -336,6 +336,16 @@ def _sm_count(device: torch.device) -> int:
     return 1  # Triton interpreter on CPU: a few programs so the row loop runs more than once
 
 
+def _split_rows(m: int, block_m: int, most: int, min_steps: int, least: int) -> tuple[int, int]:
+    """(parts, rows per part) for m rows streamed in BLOCK_M-row steps, one partial row of sums per part:
+    at most ``most`` parts, each at least ``min_steps`` steps long unless that leaves fewer than ``least``
+    parts; rows per part are whole steps. At least one part (m = 0 too)."""
+    row_blocks = max(1, _cdiv(m, block_m))
+    parts = max(1, min(row_blocks, most, max(_cdiv(row_blocks, min_steps), least)))
+    rows_per_part = _cdiv(row_blocks, parts) * block_m
+    return max(1, _cdiv(m, rows_per_part)), rows_per_part
+
+
 def _on_device(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device), a no-op on CPU."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -410,12 +420,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], we
     store_dres = _stores_dres(x, residual, dropout_p)
     dres = torch.empty_like(residual) if store_dres else x.new_empty(0)
     block_m, block_n, num_warps = _launch_config(n, BWD_TILE, BWD_ELEMS_PER_THREAD)
-    row_blocks = max(1, _cdiv(m, block_m))
     sms = _sm_count(x.device)
-    programs = max(1, min(row_blocks, sms * max(1, BWD_WARPS_PER_SM // num_warps),
-                          max(_cdiv(row_blocks, BWD_MIN_STEPS), sms)))
-    rows_per_program = _cdiv(row_blocks, programs) * block_m
-    programs = max(1, _cdiv(m, rows_per_program))
+    programs, rows_per_program = _split_rows(m, block_m, sms * max(1, BWD_WARPS_PER_SM // num_warps),
+                                             BWD_MIN_STEPS, sms)
     # fp32 partial sums of dW and dB, one row per program each, in one buffer that one launch of
     # _sum_partials finishes (dw and db themselves are separate: custom-op outputs may not alias)
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)

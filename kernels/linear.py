@@ -64,7 +64,7 @@ import triton.language as tl
 
 from ..backend import cast_of
 from ..ops import ACTIVATIONS, _check_activation
-from .layernorm import _cdiv, _next_power_of_2, _on_device, _sm_count, _sum_partials
+from .layernorm import _cdiv, _next_power_of_2, _on_device, _sm_count, _split_rows, _sum_partials
 from .launch import launch
 
 __all__ = ["column_sums", "fused_linear", "activation_backward"]
@@ -188,12 +188,11 @@ def _plan(m: int, n: int, device: torch.device, tile: int, programs_per_sm: int,
     block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, _next_power_of_2(n)))
     block_m = max(1, tile // block_n)
     column_blocks = _cdiv(n, block_n)
-    row_blocks = _cdiv(m, block_m)
     sms = _sm_count(device)
-    fewest = max(_cdiv(row_blocks, min_steps), _cdiv(sms, column_blocks))     # chunks the step floor allows
-    chunks = max(1, min(row_blocks, _cdiv(sms * programs_per_sm, column_blocks), fewest))
-    rows_per_chunk = _cdiv(row_blocks, chunks) * block_m
-    return block_m, block_n, _cdiv(m, rows_per_chunk), rows_per_chunk
+    # programs = chunks x column blocks: the caps and the floor in chunks
+    chunks, rows_per_chunk = _split_rows(m, block_m, _cdiv(sms * programs_per_sm, column_blocks), min_steps,
+                                         _cdiv(sms, column_blocks))
+    return block_m, block_n, chunks, rows_per_chunk
 
 
 def _stage_one(activation: int, element_size: int) -> tuple[int, int, int]:
