@@ -523,17 +523,23 @@ def _pretrain(c: PretrainConfig, given: PretrainConfig, rank: int, world: int, d
                                  torch.ones((), device=device)]).to(window.dtype))
 
     graph = None   # with CUDA graphs: (replay, static ids, static mask), captured at the first micro-batch
+    # With one micro-batch per step the captured backward writes the gradients: captured with them unset,
+    # each parameter's AccumulateGrad keeps the buffer the backward made (in the graph's memory), and every
+    # replay overwrites it, so no zeroing between steps and no read-add-write of every gradient. With
+    # grad_accum > 1 the replays must add up, so the capture finds the gradients allocated and zeroed.
+    grads_written = c.grad_accum == 1
 
     def capture_micro_step(ids, mask):
         """micro_step captured as a CUDA graph: warm-ups on a copy of the first batch, then their grads
-        and metrics are undone; the grads stay allocated (zeroed in place) so replays accumulate into them."""
+        and metrics are undone. The grads are unset before the capture when each replay writes them
+        (grads_written), else zeroed in place and kept, so that replays accumulate into them."""
         from .graphs import capture
 
         static_ids, static_mask = ids.clone(), mask.clone()
         window_before = window.clone()
 
         def undo_warmup():
-            optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=grads_written)
             window.copy_(window_before)
 
         try:
@@ -573,13 +579,20 @@ def _pretrain(c: PretrainConfig, given: PretrainConfig, rank: int, world: int, d
                 graph[2].copy_(mask)
                 graph[0]()                                # replay: the same work, no Python per kernel
                 continue
+            if graph is not None and grads_written and a == 0:
+                # the replays leave the last step's gradients in place, and this micro-step adds; zeroed in
+                # place, not unset, so that the graph's next replay still writes the tensors the optimizer reads
+                optimizer.zero_grad(set_to_none=False)
             sync = train_model.no_sync() if world > 1 and a < c.grad_accum - 1 else nullcontext()
             with sync:
                 micro_step(ids, mask)
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = clip_and_step(optimizer, model.parameters(), c.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=graph is None)   # a captured backward accumulates into these buffers
+        if graph is None:
+            optimizer.zero_grad(set_to_none=True)
+        elif not grads_written:
+            optimizer.zero_grad(set_to_none=False)        # the captured backward accumulates into these buffers
         steps_in_window += 1
         n = step + 1
         bar.update(1)

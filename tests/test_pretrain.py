@@ -249,14 +249,17 @@ def test_default_cuda_run_uses_graphs_and_falls_back_when_capture_fails(corpus, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("grad_accum", [1, 2])
 @pytest.mark.parametrize("backend", ["fused", "eager"])
-def test_cuda_graph_run_matches_the_python_loop(corpus, tok, tmp_path, backend):
+def test_cuda_graph_run_matches_the_python_loop(corpus, tok, tmp_path, backend, grad_accum):
     """--cuda-graphs replays a captured forward+backward: with the same per-micro-batch seeds it must give
-    the losses of the plain loop (bf16; the same kernels, so only reduction-order noise), with gradient
-    accumulation (replays add into the same grad buffers) and the LR schedule applied outside the graph."""
+    the losses and gradient norms of the plain loop (bf16; the same kernels, so only reduction-order noise),
+    with the LR schedule applied outside the graph. With gradient accumulation the replays add into the
+    same grad buffers; with one micro-batch each replay writes them afresh (a gradient left over from the
+    step before would show in grad_norm)."""
     from fastelectra.backend import replayed_work
 
-    cfg = {**SMALL, "backend": backend, "grad_accum": 2, "device": "cuda", "num_workers": 0}
+    cfg = {**SMALL, "backend": backend, "grad_accum": grad_accum, "device": "cuda", "num_workers": 0}
     runs = []
     for name, graphs in (("loop", False), ("graphs", True)):
         # the loop inside replayed_work: the fused linear layers that the graph's warm-up and capture run
@@ -269,6 +272,9 @@ def test_cuda_graph_run_matches_the_python_loop(corpus, tok, tmp_path, backend):
     for a, b in zip(loop, graphed):
         for key in ("loss", "mlm_loss", "rtd_loss", "lr"):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-3), (key, a, b)
+        # bf16 gradients of the same kernels: a few % apart at most; one step's gradient left over into the
+        # next would put the norm of a sum of two steps' gradients here (~1.4x for unrelated ones)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2), (a, b)
     assert graphed[-1]["loss"] < graphed[0]["loss"] + 0.5      # it trains (the weights moved sanely)
 
 
