@@ -175,13 +175,18 @@ class ElectraConfig:
 
     @property
     def special_token_ids(self) -> tuple[int, ...]:
-        """[PAD], [CLS], [SEP], [MASK], [UNK] ids; checked against the vocabulary (pretraining needs them)."""
+        """[PAD], [CLS], [SEP], [MASK], [UNK] ids; checked against the vocabulary and to be distinct
+        (pretraining needs them)."""
         ids = {}
         for name in SPECIAL_TOKEN_FIELDS:
             v = getattr(self, name)
             if not 0 <= v < self.vocab_size:
                 raise ValueError(f"ElectraConfig.{name}={v} is outside the vocabulary [0, {self.vocab_size}); "
                                  "set the special-token ids from the tokenizer")
+            for other, w in ids.items():
+                if w == v:
+                    raise ValueError(f"ElectraConfig.{name}={v} is also {other}: the special tokens need distinct "
+                                     "ids (masking and padding would be confused); set them from the tokenizer")
             ids[name] = v
         return tuple(ids.values())
 

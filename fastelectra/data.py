@@ -371,6 +371,13 @@ def tokenize_corpus(corpus: Corpus, tok, cache_dir: str, build: bool = True) -> 
 
 
 # ----------------------------------------------------------------------------- examples and batches
+def _check_ints(**values) -> None:
+    """A FastElectraError naming the first of ``values`` that is not an int (bools are not)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise FastElectraError(f"{name} must be an int, got {value!r}")
+
+
 class PackedExamples:
     """Fixed-length examples packed from a token file: example i is
     ``[CLS] stream[i·(T-2) : (i+1)·(T-2)] [SEP]`` (T = seq_len), mask all ones; the short last one is
@@ -380,6 +387,7 @@ class PackedExamples:
     The memmap is opened lazily, so the object pickles cheaply into DataLoader workers."""
 
     def __init__(self, token_file: str, seq_len: int, vocab_size: int, cls_id: int, sep_id: int, pad_id: int):
+        _check_ints(seq_len=seq_len, vocab_size=vocab_size, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id)
         if seq_len < 3:
             raise FastElectraError(f"seq_len={seq_len} is too short: an example needs [CLS], a token and [SEP]")
         self.token_file = token_file
@@ -407,7 +415,11 @@ class PackedExamples:
     def __getitem__(self, indices):
         import torch
 
-        indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        raw = np.atleast_1d(np.asarray(indices))
+        if raw.ndim != 1 or raw.size == 0 or not np.issubdtype(raw.dtype, np.integer):
+            raise FastElectraError(f"indices must be a non-empty 1-D sequence of integer example indices, got "
+                                   f"{raw.size} value(s) of dtype {raw.dtype} in {raw.ndim} dimension(s)")
+        indices = raw.astype(np.int64)
         b, t, body = len(indices), self.seq_len, self.body
         ids = np.full((b, t), self.pad_id, dtype=np.int64)
         mask = np.zeros((b, t), dtype=np.int64)
@@ -438,6 +450,16 @@ class BatchSampler:
 
     def __init__(self, n_examples: int, global_batch: int, world: int, rank: int, accum: int, seed: int,
                  start_step: int, total_steps: int):
+        _check_ints(n_examples=n_examples, global_batch=global_batch, world=world, accum=accum, seed=seed,
+                    start_step=start_step, total_steps=total_steps, rank=rank)
+        for name, value, low in (("n_examples", n_examples, 1), ("global_batch", global_batch, 1), ("world", world, 1),
+                                 ("accum", accum, 1), ("seed", seed, 0), ("start_step", start_step, 0)):
+            if value < low:
+                raise FastElectraError(f"{name} must be >= {low}, got {value}")
+        if not 0 <= rank < world:
+            raise FastElectraError(f"rank must lie in [0, world={world}), got {rank}")
+        if total_steps < start_step:
+            raise FastElectraError(f"total_steps={total_steps} must be >= start_step={start_step}")
         if global_batch % (world * accum):
             raise FastElectraError(f"batch_size={global_batch} must be divisible by world size x grad_accum "
                                    f"= {world} x {accum}")

@@ -410,7 +410,17 @@ class ElectraPretrainingModel(nn.Module):
         self.generator = ElectraGenerator(gen_config)
         self.generator.electra.embeddings = self.discriminator.electra.embeddings
         self.generator.tie_weights()
-        self.register_buffer("special_ids", torch.tensor(sorted(set(config.special_token_ids))), persistent=False)
+        self._special = tuple(sorted(set(config.special_token_ids)))
+        self.register_buffer("special_ids", torch.tensor(self._special), persistent=False)
+
+    def _recheck_config(self) -> None:
+        """The config's fields may have been set since the model was built: validate them again (a few µs of
+        host time per step) and follow a change of the special-token ids that masking skips."""
+        check_config(self.config)
+        special = tuple(sorted(set(self.config.special_token_ids)))
+        if special != self._special:
+            self._special = special
+            self.special_ids = torch.tensor(special, device=self.special_ids.device)
 
     def mask_tokens(self, input_ids, attention_mask):
         """ELECTRA's masking (DESIGN.md step 2): per sequence, k = round(mask_prob · n) of its n eligible
@@ -445,6 +455,8 @@ class ElectraPretrainingModel(nn.Module):
         """One ELECTRA step without host syncs: every shape is fixed by (B, T) (with ``config.unpad``
         each of the two encoders makes one, to count the real tokens)."""
         cfg = self.config
+        if not torch.compiler.is_compiling():    # (under torch.compile the traced values are guarded)
+            self._recheck_config()
         check_inputs(cfg, input_ids, attention_mask, token_type_ids, self.discriminator.electra.check_values)
         input_ids = input_ids.long()
         b, t = input_ids.shape

@@ -309,13 +309,17 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, softmax_scale=None,
 def attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None):
     """Torch reference of :func:`attention_varlen`: the packed tokens are placed into a zero-padded
     (batch, max_seqlen) layout, :func:`attention_reference` runs there with the matching prefix mask
-    and the real rows are gathered back. No host sync; the cost is that of the padded batch."""
+    and the real rows are gathered back. No host sync; the cost is that of the padded batch. With
+    cu_seqlens on the CPU (read without a sync) the padded length is the longest sequence's, however
+    large ``max_seqlen`` is."""
     batch, total = cu_seqlens.shape[0] - 1, q.shape[0]
     cu = cu_seqlens.long()
     token = torch.arange(total, device=q.device)                                    # (total,)
     seq = torch.searchsorted(cu[1:], token, right=True)                              # (total,) its sequence
     pos = token - cu[seq]                                                            # (total,) its position there
     lengths = cu.diff()                                                              # (B,)
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        max_seqlen = min(max_seqlen, max(1, int(lengths.max())))
     mask = torch.arange(max_seqlen, device=q.device) < lengths[:, None]             # (B, max_seqlen)
 
     def pad(x):                                                     # (total, H, D) → (B, max_seqlen, H, D)
@@ -441,9 +445,12 @@ def replace_tokens_reference(logits, input_ids, masked_positions, *, temperature
             gen.manual_seed((seed * 0x9E3779B97F4A7C15 + offset) % (2**63))
             u = torch.rand(x.shape, generator=gen, device=x.device)
         u = u.clamp_(min=torch.finfo(torch.float32).tiny)
-        sampled = torch.argmax(x * inv_tau - torch.log(-torch.log(u)), dim=-1)
+        scores = x * inv_tau - torch.log(-torch.log(u))
     else:
-        sampled = torch.argmax(x, dim=-1)
+        scores = x
+    # the fused op's rule for non-finite logits: a NaN never wins (torch.argmax would take it), so a row
+    # with nothing but NaN and -inf samples column 0
+    sampled = torch.argmax(scores.masked_fill(scores.isnan(), -math.inf), dim=-1)
     flat = input_ids.reshape(-1)
     out = flat.clone()
     out[masked_positions] = sampled
@@ -502,7 +509,8 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     input_ids: (B, T) int64 original ids. masked_positions: (N,) int64 flat indices into
     ``input_ids.view(-1)``, in the order of the logits' rows.
     sample = argmax(logits/τ + Gumbel noise) (τ = 0, and any τ < 2^-32: plain argmax); the original may
-    be sampled.
+    be sampled. A NaN logit never wins; a row of nothing but NaN and -inf samples id 0 (its lse, and so
+    the MLM loss, is NaN or inf: that is where a diverged generator shows).
     Returns (discriminator input ids (B, T), is-replaced labels (B, T) bool, sampled ids (N,))
     and, with ``return_lse``, the row log-sum-exp of the logits (N,) in fp32.
 

@@ -248,6 +248,11 @@ def test_packed_examples_layout(tmp_path):
     small = data.PackedExamples(path, seq_len=10, vocab_size=20, cls_id=2, sep_id=3, pad_id=0)
     with pytest.raises(FastElectraError, match="holds id 27 >= the model's vocab_size 20"):
         small[[2]]
+    for bad in ([], [0.7], [[0, 1]]):
+        with pytest.raises(FastElectraError, match="indices must be a non-empty 1-D sequence of integer"):
+            ex[bad]
+    with pytest.raises(FastElectraError, match="seq_len must be an int, got 10.0"):
+        data.PackedExamples(path, seq_len=10.0, vocab_size=30, cls_id=2, sep_id=3, pad_id=0)
     import pickle
 
     assert pickle.loads(pickle.dumps(ex))[[1]][0].tolist() == ex[[1]][0].tolist()   # reopens the memmap
@@ -287,6 +292,21 @@ def test_batch_sampler_epochs_and_resume():
     assert sorted(big[(0, 0)][:3]) == [0, 1, 2] and len(big[(1, 0)]) == 8
     with pytest.raises(FastElectraError, match="batch_size=10 must be divisible by world size x grad_accum"):
         data.BatchSampler(50, 10, 2, 0, 3, 0, 0, 5)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((10, 8, 0, 0, 1, 0, 0, 1), "world must be >= 1, got 0"),
+    ((10, 8, 1, 0, 0, 0, 0, 1), "accum must be >= 1, got 0"),
+    ((10, 4, 2, 5, 1, 0, 0, 1), r"rank must lie in \[0, world=2\), got 5"),
+    ((10, 4, 2, -1, 1, 0, 0, 1), r"rank must lie in \[0, world=2\), got -1"),
+    ((10, 4, 1, 0, 1, -1, 0, 1), "seed must be >= 0, got -1"),
+    ((0, 4, 1, 0, 1, 0, 0, 1), "n_examples must be >= 1, got 0"),
+    ((10, 4, 1, 0, 1, 0, 5, 1), "total_steps=1 must be >= start_step=5"),
+    ((10, 4.0, 1, 0, 1, 0, 0, 1), "global_batch must be an int, got 4.0"),
+])
+def test_batch_sampler_rejects_bad_arguments(args, message):
+    with pytest.raises(FastElectraError, match=message):
+        data.BatchSampler(*args)
 
 
 def test_micro_batches_on_cpu_is_a_plain_iterator(tmp_path):

@@ -211,9 +211,32 @@ def test_pretraining_model_round_trips_through_hf_format(tmp_path):
         torch.testing.assert_close(a, b, msg=n)
 
 
-def test_special_ids_must_fit_the_vocabulary():
+def test_special_ids_must_fit_the_vocabulary_and_be_distinct():
     with pytest.raises(ValueError, match="mask_token_id=500 is outside the vocabulary"):
         ElectraPretrainingModel(tiny_config(mask_token_id=500))
+    with pytest.raises(ValueError, match="mask_token_id=0 is also pad_token_id"):
+        ElectraPretrainingModel(tiny_config(mask_token_id=PAD))
+
+
+def test_config_fields_set_after_the_model_was_built_are_checked_and_followed():
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(tiny_config(mask_token_prob=1.0))
+    ids, mask = batch()
+    model.config.mask_prob = 2.0
+    with pytest.raises(ValueError, match="ElectraConfig.mask_prob"):
+        model(ids, mask)
+    model.config.mask_prob = 0.15
+    model.config.mask_token_id = SEP
+    with pytest.raises(ValueError, match="sep_token_id"):
+        model(ids, mask)
+    model.config.mask_token_id = 7                     # a new [MASK]: masking uses it and never picks it
+    ids[ids == 7] = 8
+    ids[:, 5] = 9
+    model.config.unk_token_id = 9                      # and a new [UNK]: never chosen
+    out = model(ids, mask)
+    gen_input, slots, valid = model.mask_tokens(ids, mask)
+    chosen = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, slots, valid)
+    assert torch.isfinite(out.loss) and (gen_input[chosen] == 7).all() and not chosen[:, 5].any()
 
 
 @pytest.mark.parametrize("padded", [False, True])

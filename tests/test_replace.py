@@ -409,6 +409,18 @@ def test_special_values():
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1), equal_nan=True)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_reference_follows_the_special_value_rule(temperature):
+    """The eager path samples what the fused op does where the outcome does not depend on the noise:
+    -inf rows and rows of NaN give 0, a lone +inf or finite value wins, a NaN never does."""
+    logits = special_logits()
+    ids, pos = torch.zeros(2, 3, dtype=torch.long), torch.arange(6)
+    for backend in ("eager", "fused"):
+        sampled = ops.replace_tokens(logits, ids, pos, temperature=temperature, seed=3, backend=backend)[2]
+        assert sampled[[0, 1, 3, 4]].tolist() == [0, 5, 0, 77], backend
+        assert sampled[2].item() != 3 and not (temperature == 0 and sampled[2] != logits[2].nan_to_num(-1e9).argmax())
+
+
 def test_same_seed_same_result_other_seed_or_offset_differs():
     logits, ids, pos = torch.randn(64, 100), torch.zeros(8, 8, dtype=torch.long), torch.arange(64)
     a = op(logits, ids, pos, 1.0, 7, 0, False)[2]

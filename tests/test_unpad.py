@@ -100,8 +100,8 @@ def test_unpadded_model_on_the_kernels_matches_padded(kernels_on_this_device):
 def test_unpadded_forward_flops_scale_with_the_real_tokens():
     """FlopCounterMode, eager discriminator forward, lengths uniform in [T/2, T] (f = R / (B·T) real).
     Every GEMM of the encoder layers runs on the R real rows instead of B·T, exactly; the E→H projection,
-    the head and the reference attention's scores stay padded (the fused varlen kernel skips padding too,
-    but the counter does not see Triton kernels). Bound here: f·padded < unpadded ≤ (f + 0.1·(1 − f))·padded."""
+    the head stay padded, and the reference attention's scores are padded to the longest sequence (the
+    fused varlen kernel skips padding too, but the counter does not see Triton kernels). Bound here: f·padded < unpadded ≤ (f + 0.1·(1 − f))·padded."""
     h, ffn, layers = 256, 1024, 4
     padded, unpadded = pair("eager", vocab_size=1000, embedding_size=128, hidden_size=h, num_attention_heads=4,
                             intermediate_size=ffn, num_hidden_layers=layers, max_position_embeddings=64)
@@ -114,9 +114,11 @@ def test_unpadded_forward_flops_scale_with_the_real_tokens():
 
     full, unpad = flops(padded), flops(unpadded)
     b, t = ids.shape
-    real = int(mask.sum())
+    real, longest = int(mask.sum()), int(mask.sum(1).max())
     f = real / (b * t)
-    assert full - unpad == (b * t - real) * layers * 2 * (4 * h * h + 2 * h * ffn)   # QKV, out, FFN in/out
+    gemms = (b * t - real) * layers * 2 * (4 * h * h + 2 * h * ffn)                 # QKV, out, FFN in/out
+    scores = layers * 4 * b * (t * t - longest * longest) * h   # the CPU reference pads to the longest, not T
+    assert full - unpad == gemms + scores
     assert f * full < unpad <= (f + 0.1 * (1 - f)) * full
 
 
@@ -172,9 +174,12 @@ def test_attention_varlen_reference_matches_padded_attention(lengths):
     got = output_and_grads(lambda q, k, v: ops.attention_varlen(q, k, v, cu, t, backend="eager"), q, k, v, do)
     direct = output_and_grads(lambda q, k, v: ops.attention_varlen_reference(q, k, v, cu, t), q, k, v, do)
     ref = output_and_grads(lambda q, k, v: ops.attention_reference(pad(q), pad(k), pad(v), mask)[mask], q, k, v, do)
-    for name, a, b, r in zip(("out", "dq", "dk", "dv"), got, direct, ref):
+    # a max_seqlen far above the longest sequence costs nothing: the CPU reference pads to the longest
+    huge = output_and_grads(lambda q, k, v: ops.attention_varlen(q, k, v, cu, 10**6, backend="eager"), q, k, v, do)
+    for name, a, b, r, h in zip(("out", "dq", "dk", "dv"), got, direct, ref, huge):
         assert torch.equal(a, b), name
         torch.testing.assert_close(a, r, msg=name)
+        torch.testing.assert_close(h, r, msg=name)
 
 
 def test_attention_varlen_dispatches_to_the_kernel(kernels_on_this_device):
