@@ -45,7 +45,8 @@ def info_lines() -> list[str]:
         in_force = backend.resolve()
     except ValueError as e:          # a bad FASTELECTRA_BACKEND: this command is where to see it
         in_force = f"none: {e}"
-    lines.append(f"backend in force: {in_force} (set with --backend or {backend.ENV_VAR})")
+    lines.append(f"backend in force: {in_force} (set with the --backend of pretrain, finetune and predict, or "
+                 f"{backend.ENV_VAR}, which overrides it)")
     t_ok, t_why = backend.triton_status()
     e_ok, e_why = backend.extension_status()
     lines.append(f"fused attention / layer norm (Triton): {'usable' if t_ok else 'unavailable'} - {t_why}")
@@ -59,7 +60,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Print :func:`info_lines`; exit status 1 when FASTELECTRA_BACKEND names no backend (every op would fail)."""
+    from . import backend
+
     print("\n".join(info_lines()))
+    try:
+        backend.resolve()
+    except ValueError:
+        return 1
     return 0
 
 

@@ -234,6 +234,10 @@ class ElectraConfig:
             if d.get(key):
                 raise ValueError(f"config has {key}=true (a causal or encoder-decoder checkpoint, e.g. "
                                  "ElectraForCausalLM); fastelectra's ELECTRA is a bidirectional encoder")
+        position = d.get("position_embedding_type", "absolute")
+        if position not in (None, "absolute"):
+            raise ValueError(f"config has position_embedding_type={position!r}; fastelectra's ELECTRA has absolute "
+                             "position embeddings only (no relative-position attention scores)")
         for name in SPECIAL_TOKEN_FIELDS:   # HF writes null for an unset token id: keep ours
             if name in known and known[name] is None:
                 del known[name]

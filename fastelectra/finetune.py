@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .config import ElectraConfig
-from .data import FastElectraError, load_tokenizer, save_tokenizer_files
+from .data import FastElectraError, load_tokenizer, save_tokenizer_files, special_token_ids
 from .model import ElectraForSequenceClassification
 from .pretrain import check_seed, clip_and_step, decays, lr_lambda
 
@@ -379,6 +379,8 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
     config = read_config(model_dir)
     check_pair_column(train, config, model_dir, pair_column)
     tok, tok_source = load_classifier_tokenizer(model_dir, tokenizer, config)
+    # the saved config.json names the special tokens of the tokenizer saved beside it
+    special = {k: v for k, v in special_token_ids(tok).items() if k != "vocab_size"}
     old = config.extra.get("label2id")
     keep_head = (isinstance(old, dict) and sorted(old) == label_set and "ElectraForSequenceClassification"
                  in config.extra.get("architectures", [])
@@ -390,11 +392,14 @@ def finetune(checkpoint: str, train_file: str, out: str, dev_file: str | None = 
         model = ElectraForSequenceClassification.from_pretrained(
             model_dir, new_head=not keep_head, num_labels=len(label_names), backend=backend,
             unpad=_backend.resolve(backend) != "eager",
-            id2label={str(i): name for i, name in enumerate(label_names)}, label2id=label2id)
+            id2label={str(i): name for i, name in enumerate(label_names)}, label2id=label2id, **special)
     except ValueError as e:
         raise FastElectraError(f"cannot load checkpoint {model_dir} for sequence classification: {e}") from e
     model.to(device)
     max_len = min(max_seq_length, config.max_position_embeddings)
+    if max_len < max_seq_length:
+        log(f"--max-seq-length {max_seq_length} is more than the model's max_position_embeddings "
+            f"{config.max_position_embeddings}: examples are cut at {max_len} tokens")
     train_enc, dev_enc = encode(tok, train, max_len), encode(tok, dev, max_len)
     y_train = [label2id[x] for x in train.labels]
     y_dev = [label2id[x] for x in dev.labels]
@@ -475,18 +480,21 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dev", help="dev data for evaluation and early stopping (default: hold out --dev-fraction of --train)")
     a("--out", required=True, help="output folder: the best model in HF format + tokenizer + metrics")
     a("--tokenizer", help="tokenizer folder, tokenizer.json or vocab.txt (default: the checkpoint's)")
-    a("--epochs", type=int, default=3)
-    a("--batch-size", type=int, default=32)
+    a("--epochs", type=int, default=3, help="passes over --train (default: 3)")
+    a("--batch-size", type=int, default=32, help="examples per optimizer step (default: 32)")
     a("--lr", type=float, default=1e-4, help="peak learning rate of the classification head; encoder layer l "
       "(0 = bottom) of L gets lr·layer_decay^(L+1-l), the embeddings lr·layer_decay^(L+2) (default: 1e-4)")
     a("--layer-decay", type=float, default=0.8, help="layer-wise learning-rate decay (default: 0.8)")
-    a("--weight-decay", type=float, default=0.0)
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     a("--warmup", type=float, default=0.1, help="fraction of the steps spent in linear warmup (default: 0.1)")
-    a("--max-seq-length", type=int, default=128)
-    a("--patience", type=int, default=2, help="stop after this many epochs without dev improvement")
-    a("--metric", choices=["accuracy", "f1"], default="accuracy", help="dev metric for model selection")
-    a("--dev-fraction", type=float, default=0.1, help="held-out fraction of --train when --dev is not given")
-    a("--seed", type=int, default=0)
+    a("--max-seq-length", type=int, default=128, help="tokens per example, [CLS] and [SEP] included; longer ones "
+      "are cut (default: 128, at most the model's max_position_embeddings)")
+    a("--patience", type=int, default=2, help="stop after this many epochs without dev improvement (default: 2)")
+    a("--metric", choices=["accuracy", "f1"], default="accuracy",
+      help="dev metric for model selection (default: accuracy)")
+    a("--dev-fraction", type=float, default=0.1,
+      help="held-out fraction of --train when --dev is not given (default: 0.1)")
+    a("--seed", type=int, default=0, help="seed of the head's initialisation, the split and the order (default: 0)")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--backend", choices=list(_backend.BACKENDS), default="auto", help="kernels: fused, eager (torch) or auto")
     add_column_arguments(parser)

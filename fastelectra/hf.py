@@ -71,6 +71,7 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
     ``id2label`` / ``label2id`` / ``problem_type``); any other key is a TypeError (see
     ElectraConfig.with_overrides). A checkpoint whose keys do not match raises CheckpointMismatchError."""
     config = ElectraConfig.from_json_file(os.path.join(path, "config.json"))
+    config = _special_ids_from_tokenizer(config, path, skip=config_overrides)
     if new_head:
         config = dataclasses.replace(config, extra={k: v for k, v in config.extra.items() if k not in HF_TASK_KEYS})
     if config_overrides:
@@ -103,6 +104,28 @@ def load_model(cls, path: str, *, new_head: bool = False, **config_overrides):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def _special_ids_from_tokenizer(config: ElectraConfig, path: str, skip) -> ElectraConfig:
+    """transformers' ELECTRA config.json has no [CLS] / [SEP] / [MASK] / [UNK] ids (only pad_token_id), so
+    ElectraConfig's BERT defaults (101, 102, 103, 100) fill them. Where the file lacks one and a tokenizer
+    of the checkpoint's vocabulary is saved beside it, its ids are taken instead (they are what masking
+    writes and skips). ``skip``: fields given explicitly."""
+    from .config import SPECIAL_TOKEN_FIELDS, read_json_object
+
+    raw = read_json_object(os.path.join(path, "config.json"), "config file")
+    unset = [n for n in SPECIAL_TOKEN_FIELDS if raw.get(n) is None and n not in skip]
+    if not unset or not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.txt")):
+        return config
+    from .data import FastElectraError, load_tokenizer, special_token_ids
+
+    try:
+        ids = special_token_ids(load_tokenizer(path))
+    except FastElectraError:          # unreadable, or without ELECTRA's special tokens: keep the defaults
+        return config
+    if ids["vocab_size"] != config.vocab_size:
+        return config
+    return config.with_overrides(**{n: ids[n] for n in unset})
 
 
 def save_model(model, path: str) -> None:

@@ -282,6 +282,11 @@ def _attention_replacement(m: nn.Module, backend, report: PatchReport, path: str
     if getattr(m, "is_causal", False) or getattr(m, "is_decoder", False):
         report.skipped.append((path, "causal (decoder) self-attention"))
         return None
+    # transformers 4.x's relative_key / relative_key_query add position terms to the scores
+    position = getattr(m, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        report.skipped.append((path, f"position_embedding_type={position!r} (relative-position scores)"))
+        return None
     return PatchedSelfAttention(m, backend=backend)
 
 

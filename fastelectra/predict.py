@@ -154,8 +154,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a("--input", required=True, help="rows to label: .csv, .tsv or .jsonl with a text column")
     a("--output", required=True, help="where to write the rows with the prediction and score (.csv/.tsv/.jsonl)")
     a("--tokenizer", help="tokenizer folder, tokenizer.json or vocab.txt (default: the model's)")
-    a("--batch-size", type=int, default=64)
-    a("--max-seq-length", type=int, default=512)
+    a("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+    a("--max-seq-length", type=int, default=512, help="tokens per example, [CLS] and [SEP] included; longer ones "
+      "are cut (default: 512, at most the model's max_position_embeddings; finetune's default is 128)")
     a("--output-column", default="predicted_label", help="name of the added prediction column (default: "
       "predicted_label): the label, the labels over 0.5 (multi-label) or the value (regression)")
     a("--score-column", default="score", help="name of the added score column (default: score): the label's "

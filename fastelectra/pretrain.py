@@ -48,7 +48,7 @@ __all__ = ["PretrainConfig", "pretrain", "FastElectraError", "PRESET_DEFAULTS", 
 
 # the paper's optimisation settings per model size (Clark et al. 2020, Table 6: lr, batch, seq 128 for
 # Small and 512 for Base/Large, 10k warmup steps, 1M / 766k / 400k steps); ``tiny`` is sized so the
-# default run (embedded corpus, tokenizer training included) takes 1-2 minutes on 2 CPU cores, without
+# default run (embedded corpus, tokenizer training included) takes 1-5 minutes on 2 CPU cores, without
 # dropout (a 0.4M-parameter model trained for 800 steps does not overfit; dropout costs ~25% of a CPU step).
 PRESET_DEFAULTS = {
     "tiny":  dict(steps=800,       batch_size=32,   seq_len=128, lr=2e-3, warmup_steps=80,    vocab_size=4096,
@@ -68,6 +68,7 @@ RESUME_KEYS = ("seq_len", "batch_size", "seed", "corpus", "tokenizer")
 # options that shape the optimization: a resumed run keeps the checkpoint's (lr and warmup_steps default to
 # them; a different value given is an error). --steps may grow: the linear decay then ends at the new total.
 SCHEDULE_KEYS = ("lr", "warmup_steps", "weight_decay", "max_grad_norm")
+DEFAULT_WEIGHT_DECAY, DEFAULT_MAX_GRAD_NORM = 0.01, 1.0
 
 
 @dataclass
@@ -82,9 +83,9 @@ class PretrainConfig:
     seq_len: int | None = None
     lr: float | None = None
     warmup_steps: int | None = None    # None: the preset's, at most steps // 10
-    weight_decay: float = 0.01
+    weight_decay: float | None = None  # None: 0.01 (AdamW's, not on LayerNorm weights and biases)
     grad_accum: int = 1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None  # None: 1.0
     save_every: int | None = 1000      # checkpoint every N steps (and always after the last); 0: only last
     log_every: int | None = None
     resume: bool = False
@@ -121,6 +122,9 @@ def resolve_options(config: PretrainConfig) -> PretrainConfig:
             setattr(c, name, d[name])
     if c.warmup_steps is None:
         c.warmup_steps = min(d["warmup_steps"], c.steps // 10)
+    for name, default in (("weight_decay", DEFAULT_WEIGHT_DECAY), ("max_grad_norm", DEFAULT_MAX_GRAD_NORM)):
+        if getattr(c, name) is None:
+            setattr(c, name, default)
     if c.dropout is None:
         c.dropout = d.get("dropout", ElectraConfig.hidden_dropout_prob)
     if not isinstance(c.dropout, (int, float)) or not 0 <= c.dropout < 1:
@@ -377,16 +381,18 @@ def check_resume(ckpt: dict, path: str, mcfg: ElectraConfig, run: dict, c: Pretr
 
 
 def continue_schedule(c: PretrainConfig, given: PretrainConfig, ckpt: dict) -> PretrainConfig:
-    """For --resume from ``ckpt``: the options the user left unset (``given``) whose defaults could differ
-    from the checkpoint's (lr; warmup_steps, which follows --steps) take the checkpoint's values; --steps
-    must go beyond the checkpoint's step."""
+    """For --resume from ``ckpt``: the options the user left unset (``given``) take the checkpoint's values
+    (SCHEDULE_KEYS, and --dropout from its model config); --steps must go beyond the checkpoint's step."""
     saved, step = ckpt.get("options", {}), ckpt["data"]["step"]
     if c.steps <= step:
         raise FastElectraError(f"--resume: the checkpoint is at step {step} and --steps is {c.steps}: nothing to "
                                f"train; pass --steps above {step} to continue the run")
-    for k in ("lr", "warmup_steps"):
+    for k in SCHEDULE_KEYS:
         if getattr(given, k) is None and k in saved:
             setattr(c, k, saved[k])
+    dropout = ckpt.get("model_config", {}).get("hidden_dropout_prob")
+    if given.dropout is None and isinstance(dropout, (int, float)):
+        c.dropout = dropout
     return c
 
 
@@ -683,32 +689,43 @@ def format_summary(s: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _per_preset(key: str) -> str:
+    """"(default: tiny 800, small 1000000, ...)": a preset default for --help."""
+    return "(default: " + ", ".join(f"{name} {d[key] if isinstance(d[key], int) else format(d[key], 'g')}"
+                                    for name, d in PRESET_DEFAULTS.items()) + ")"
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--preset", choices=list(PRESET_DEFAULTS), default="tiny", help="model size and its defaults (default: tiny)")
     a("--corpus", help="text file or folder of *.txt (default: the embedded Python stdlib documentation)")
     a("--tokenizer", help="HF tokenizer folder, tokenizer.json or vocab.txt (default: train a WordPiece vocab)")
-    a("--vocab-size", type=int, help="size of the WordPiece vocab to train (default per preset)")
+    a("--vocab-size", type=int, help="size of the WordPiece vocab to train " + _per_preset("vocab_size"))
     a("--out", help="output folder (default: runs/<preset>)")
-    a("--steps", type=int, help="optimizer steps")
-    a("--batch-size", type=int, help="global batch size (sequences per optimizer step, all GPUs together)")
-    a("--seq-len", type=int, help="tokens per example, [CLS] and [SEP] included")
-    a("--lr", type=float, help="peak learning rate")
-    a("--warmup-steps", type=int, help="linear warmup steps (default: the preset's, at most steps/10)")
-    a("--dropout", type=float, help="hidden and attention dropout (default: 0.1; tiny: 0)")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on LayerNorm weights and biases)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each process")
-    a("--save-every", type=int, default=1000, help="checkpoint every N steps (and after the last; 0: last only)")
-    a("--log-every", type=int, help="log metrics every N steps")
+    a("--steps", type=int, help="optimizer steps " + _per_preset("steps"))
+    a("--batch-size", type=int, help="global batch size (sequences per optimizer step, all GPUs together) "
+      + _per_preset("batch_size"))
+    a("--seq-len", type=int, help="tokens per example, [CLS] and [SEP] included " + _per_preset("seq_len"))
+    a("--lr", type=float, help="peak learning rate " + _per_preset("lr") + "; with --resume: the run's")
+    a("--warmup-steps", type=int, help="linear warmup steps (default: the preset's, at most steps/10; with "
+      "--resume: the run's)")
+    a("--dropout", type=float, help="hidden and attention dropout (default: 0.1; tiny: 0; with --resume: the run's)")
+    a("--weight-decay", type=float, help=f"AdamW weight decay, not on LayerNorm weights and biases (default: "
+                                          f"{DEFAULT_WEIGHT_DECAY}; with --resume: the run's)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each process (default: 1)")
+    a("--save-every", type=int, default=1000,
+      help="checkpoint every N steps (and after the last; 0: last only) (default: 1000)")
+    a("--log-every", type=int, help="log metrics every N steps " + _per_preset("log_every"))
     a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    a("--backend", choices=list(_backend.BACKENDS), default="auto", help="kernels: fused, eager (torch) or auto")
+    a("--backend", choices=list(_backend.BACKENDS), default="auto",
+      help="kernels: fused, eager (torch) or auto (default: auto)")
     a("--compile", action="store_true", help="torch.compile the model (as one graph)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
       help="capture forward+backward once as a CUDA graph and replay it every micro-batch, which removes "
            "Python's launch overhead (default: on where it can run: one CUDA GPU, no --compile)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of the initialisation, data order, masking and sampling (default: 0)")
     a("--device", help="cpu or cuda (default: cuda when available)")
-    a("--num-workers", type=int, default=2, help="DataLoader workers on CUDA")
+    a("--num-workers", type=int, default=2, help="DataLoader workers on CUDA (default: 2)")
     a("--no-progress", action="store_true", help="no progress bar")
 
 

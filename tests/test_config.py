@@ -132,6 +132,12 @@ def test_overrides_must_name_fields():
         c.with_overrides(num_labels=0)
 
 
+def test_relative_position_checkpoints_are_rejected():
+    assert ElectraConfig.from_dict({"position_embedding_type": "absolute"}).extra["position_embedding_type"] == "absolute"
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'; fastelectra's ELECTRA has absolute"):
+        ElectraConfig.from_dict({"position_embedding_type": "relative_key"})
+
+
 def test_special_ids_outside_vocab_are_reported_when_used():
     c = ElectraConfig(vocab_size=50)
     with pytest.raises(ValueError, match="cls_token_id=101 is outside the vocabulary"):

@@ -130,6 +130,8 @@ def test_finetune_hf_checkpoint_with_text_pairs_and_held_out_dev(work, tmp_path)
     assert s["dev"]["n"] == 30 and s["dev"]["f1"] > 0.7
     hf = transformers.ElectraForSequenceClassification.from_pretrained(str(out))
     assert hf.config.label2id == {"mid": 0, "neg": 1, "pos": 2}
+    saved = json.loads((out / "config.json").read_text())          # the special ids of the tokenizer saved with it
+    assert [saved[f"{t}_token_id"] for t in ("pad", "unk", "cls", "sep", "mask")] == [0, 1, 2, 3, 4]
 
 
 def test_cli_finetune_and_predict(work, tmp_path, capsys):

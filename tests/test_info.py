@@ -19,7 +19,8 @@ def test_python_dash_m_runs_the_cli():
     assert "backend in force" in r.stdout
 
 
-def test_info_reports_a_bad_backend_variable_instead_of_failing(monkeypatch, capsys):
+def test_info_reports_a_bad_backend_variable_and_exits_1(monkeypatch, capsys):
     monkeypatch.setenv("FASTELECTRA_BACKEND", "bogus")
-    assert main(["info"]) == 0
-    assert "backend in force: none: " in capsys.readouterr().out
+    assert main(["info"]) == 1                      # everything is printed first, the problem among it
+    out = capsys.readouterr().out
+    assert "backend in force: none: " in out and "eager (torch reference): usable" in out

@@ -109,6 +109,28 @@ def test_missing_checkpoint_files_are_clear_errors(tmp_path):
         ElectraDiscriminator.from_pretrained(str(tmp_path))
 
 
+def test_special_token_ids_come_from_the_tokenizer_beside_an_hf_checkpoint(tmp_path):
+    """transformers' config.json names no [CLS]/[SEP]/[MASK]/[UNK]: with a vocab.txt of the checkpoint's size
+    beside it, its ids are used, not BERT's defaults (101, 102, 103, 100); ids given explicitly win."""
+    from fastelectra.model import ElectraPretrainingModel
+
+    torch.manual_seed(0)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(206)]     # 211 = hf_config's
+    for name in ("discriminator", "generator"):
+        folder = tmp_path / name
+        model = transformers.ElectraForPreTraining(hf_config()) if name == "discriminator" else \
+            transformers.ElectraForMaskedLM(hf_config(hidden_size=24, num_attention_heads=2, intermediate_size=36))
+        model.save_pretrained(folder)
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    disc = ElectraDiscriminator.from_pretrained(str(tmp_path / "discriminator"))
+    assert disc.config.special_token_ids == (0, 2, 3, 4, 1)
+    assert ElectraPretrainingModel.from_pretrained(str(tmp_path)).config.mask_token_id == 4
+    given = ElectraDiscriminator.from_pretrained(str(tmp_path / "discriminator"), mask_token_id=7)
+    assert given.config.special_token_ids == (0, 2, 3, 7, 1)
+    (tmp_path / "discriminator" / "vocab.txt").write_text("\n".join(vocab[:-1]) + "\n")   # another vocab size
+    assert ElectraDiscriminator.from_pretrained(str(tmp_path / "discriminator")).config.mask_token_id == 103
+
+
 def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
     torch.manual_seed(0)
     transformers.ElectraForMaskedLM(hf_config()).save_pretrained(tmp_path)

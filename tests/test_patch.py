@@ -209,6 +209,18 @@ def test_patch_flags_and_repeated_calls():
         fastelectra.patch(model, backend="triton")
 
 
+def test_relative_position_attention_is_left_alone():
+    """transformers 4.x's ElectraSelfAttention carries position_embedding_type; relative_key(_query) adds
+    position terms to the scores that the fused kernel does not compute (5.x has no such layers: set here)."""
+    _, model = make_pair("ElectraModel")
+    for m in model.modules():
+        if type(m).__name__ == "ElectraSelfAttention":
+            m.position_embedding_type = "relative_key"
+    report = fastelectra.patch(model)
+    assert [why for _, why in report.skipped] == ["position_embedding_type='relative_key' (relative-position scores)"] * LAYERS
+    assert "PatchedSelfAttention" not in {new for _, _, new in report.replaced}
+
+
 def test_decoder_attention_is_left_alone():
     ref, model = make_pair("ElectraModel", is_decoder=True, add_cross_attention=True)
     report = fastelectra.patch(model)

@@ -336,13 +336,18 @@ def test_resume_rejects_another_config(corpus, tok, tmp_path):
 
 
 def test_resume_keeps_the_schedule_and_the_trained_vocab(corpus, tmp_path):
-    """A longer --steps on resume keeps the checkpoint's warmup (its default follows --steps) and lr; a
-    deleted OUT/cache gets the trained vocab back from the checkpoint (retraining would differ)."""
+    """A longer --steps on resume keeps the checkpoint's warmup (its default follows --steps), lr, weight
+    decay and dropout when they are not given again; a deleted OUT/cache gets the trained vocab back from
+    the checkpoint (retraining would differ)."""
     out = str(tmp_path / "run")
     opts = {**SMALL, "log_every": 1}
-    pretrain(PretrainConfig(corpus=corpus, out=out, steps=10, vocab_size=300, **opts))   # warmup min(80, 10 // 10) = 1
+    del opts["dropout"]
+    pretrain(PretrainConfig(corpus=corpus, out=out, steps=10, vocab_size=300, weight_decay=0.05, dropout=0.2,
+                            **opts))                                                     # warmup min(80, 10 // 10) = 1
     shutil.rmtree(os.path.join(out, "cache"))
     pretrain(PretrainConfig(corpus=corpus, out=out, steps=40, save_every=0, vocab_size=300, resume=True, **opts))
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["options"]["weight_decay"] == 0.05 and ckpt["model_config"]["hidden_dropout_prob"] == 0.2
     lr = rows(out)[10]["lr"]                                # step 11: the lr the step after 10 used
     assert rows(out)[10]["step"] == 11
     assert lr == pytest.approx(2e-3 * pt.lr_lambda(1, 40)(10), rel=1e-6)      # warmup 1 (40 // 10 would be 4)
