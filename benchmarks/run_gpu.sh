@@ -15,11 +15,13 @@
 #                         graphed training step (Small, Base), attention with mask + dropout, the
 #                         replacement op, the column sums (bf16, fp32), the layer-norm launch-shape
 #                         sweep at N = 768, and the README's main job
+#   STAGES=cli bash benchmarks/run_gpu.sh              # `fastelectra pretrain --preset small`, 400 steps, as a user
+#                         runs it: seq/s per 100-step window (the first includes the warm-up and capture)
 #   STAGES=sweep bash benchmarks/run_gpu.sh            # the attention kernels under each autotuning candidate
 #                         (bench_attention --sweep) and the column sums under each launch constant
 #                         (bench_linear --sweep), the layer norm's at 16384 rows of 64, 256 and 768
 #                         (bench_layernorm --sweep): the data to choose the shipped values from
-# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_SWEEP, T_SWEEP_LINEAR, T_SWEEP_LN (caps in s;
+# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_CLI, T_SWEEP, T_SWEEP_LINEAR, T_SWEEP_LN (caps in s;
 # T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
@@ -91,7 +93,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
     | tee "$RES/gpu_tests.txt"
   pack
 fi
-if [[ " $STAGES " =~ " "(bench|quick|sweep|prof|conv)" " ]]; then
+if [[ " $STAGES " =~ " "(bench|quick|cli|sweep|prof|conv)" " ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
@@ -125,6 +127,15 @@ if [[ " $STAGES " == *" quick "* ]]; then   # first answers where device time is
     --out /tmp/fastelectra_main_job          # checkpoints and token cache stay out of the results
   cp /tmp/fastelectra_main_job/summary.json "$RES/main_job_summary.json" 2>/dev/null && pack
   tail -6 "$RES/main_job.log"
+fi
+if [[ " $STAGES " == *" cli "* ]]; then   # what a user of `fastelectra pretrain --preset small` gets, per log window
+  # (the first window holds the warm-up, autotuning and graph capture; later ones are steady). The embedded
+  # corpus yields a ~11k-token vocab, not bench_pretrain's 30522: a smaller LM head than the benchmark's
+  run_module cli_small "${T_CLI:-240}" fastelectra pretrain --preset small --steps 400 --log-every 100 \
+    --save-every 0 --no-progress --out /tmp/fastelectra_cli_small
+  cp /tmp/fastelectra_cli_small/metrics.jsonl "$RES/cli_small_metrics_${slug}_${date}.jsonl" 2>/dev/null
+  cp /tmp/fastelectra_cli_small/summary.json "$RES/cli_small_summary_${slug}_${date}.json" 2>/dev/null && pack
+  tail -6 "$RES/cli_small.log"
 fi
 if [[ " $STAGES " == *" sweep "* ]]; then   # one autotuning candidate at a time, fwd alone and fwd+bwd
   run_module attention_sweep "${T_SWEEP:-400}" benchmarks.bench_attention --sweep \

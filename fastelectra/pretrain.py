@@ -65,8 +65,8 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 # run settings a resumed run must share with its checkpoint (else the data order or model differ)
 RESUME_KEYS = ("seq_len", "batch_size", "seed", "corpus", "tokenizer")
-# options that shape the optimization: a resumed run keeps the checkpoint's (lr and warmup_steps default to
-# them; a different value given is an error). --steps may grow: the linear decay then ends at the new total.
+# options that shape the optimization: a resumed run keeps the checkpoint's (each defaults to it; a different
+# value given is an error). --steps may grow: the linear decay then ends at the new total.
 SCHEDULE_KEYS = ("lr", "warmup_steps", "weight_decay", "max_grad_norm")
 DEFAULT_WEIGHT_DECAY, DEFAULT_MAX_GRAD_NORM = 0.01, 1.0
 
