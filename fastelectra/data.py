@@ -371,11 +371,15 @@ def tokenize_corpus(corpus: Corpus, tok, cache_dir: str, build: bool = True) -> 
 
 
 # ----------------------------------------------------------------------------- examples and batches
-def _check_ints(**values) -> None:
-    """A FastElectraError naming the first of ``values`` that is not an int (bools are not)."""
-    for name, value in values.items():
+def _check_ints(*checks) -> None:
+    """A FastElectraError naming the first value of ``checks`` (name, value, low) that is not an int (bools
+    are not), else the first below its low (None: no bound)."""
+    for name, value, _ in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise FastElectraError(f"{name} must be an int, got {value!r}")
+    for name, value, low in checks:
+        if low is not None and value < low:
+            raise FastElectraError(f"{name} must be >= {low}, got {value}")
 
 
 class PackedExamples:
@@ -387,7 +391,8 @@ class PackedExamples:
     The memmap is opened lazily, so the object pickles cheaply into DataLoader workers."""
 
     def __init__(self, token_file: str, seq_len: int, vocab_size: int, cls_id: int, sep_id: int, pad_id: int):
-        _check_ints(seq_len=seq_len, vocab_size=vocab_size, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id)
+        _check_ints(("seq_len", seq_len, None), ("vocab_size", vocab_size, None), ("cls_id", cls_id, None),
+                    ("sep_id", sep_id, None), ("pad_id", pad_id, None))
         if seq_len < 3:
             raise FastElectraError(f"seq_len={seq_len} is too short: an example needs [CLS], a token and [SEP]")
         self.token_file = token_file
@@ -450,12 +455,9 @@ class BatchSampler:
 
     def __init__(self, n_examples: int, global_batch: int, world: int, rank: int, accum: int, seed: int,
                  start_step: int, total_steps: int):
-        _check_ints(n_examples=n_examples, global_batch=global_batch, world=world, accum=accum, seed=seed,
-                    start_step=start_step, total_steps=total_steps, rank=rank)
-        for name, value, low in (("n_examples", n_examples, 1), ("global_batch", global_batch, 1), ("world", world, 1),
-                                 ("accum", accum, 1), ("seed", seed, 0), ("start_step", start_step, 0)):
-            if value < low:
-                raise FastElectraError(f"{name} must be >= {low}, got {value}")
+        _check_ints(("n_examples", n_examples, 1), ("global_batch", global_batch, 1), ("world", world, 1),
+                    ("accum", accum, 1), ("seed", seed, 0), ("start_step", start_step, 0),
+                    ("total_steps", total_steps, None), ("rank", rank, None))
         if not 0 <= rank < world:
             raise FastElectraError(f"rank must lie in [0, world={world}), got {rank}")
         if total_steps < start_step:

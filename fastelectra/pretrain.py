@@ -585,7 +585,7 @@ def _pretrain(c: PretrainConfig, given: PretrainConfig, rank: int, world: int, d
                 graph[2].copy_(mask)
                 graph[0]()                                # replay: the same work, no Python per kernel
                 continue
-            if graph is not None and grads_written and a == 0:
+            if graph is not None and grads_written:        # (then this is the step's only micro-batch)
                 # the replays leave the last step's gradients in place, and this micro-step adds; zeroed in
                 # place, not unset, so that the graph's next replay still writes the tensors the optimizer reads
                 optimizer.zero_grad(set_to_none=False)
