@@ -1,9 +1,9 @@
 """Loading the C++/CUDA extension ``fastelectra._C`` (the ``torch.ops.fastelectra`` ops).
 
-Order: the extension built by setup.py; else, once per process, a JIT build of csrc/ through
-torch.utils.cpp_extension + ninja (into torch's extension cache). Failures are recorded with the
-reason and reported by ``status()`` / ``fastelectra info``; they never raise at import time.
-Set ``FASTELECTRA_NO_JIT=1`` to forbid the JIT build.
+Order: the extension built by setup.py; else, once per process, a JIT build of csrc/ (a checkout's, or
+the copy an installed package carries) through torch.utils.cpp_extension + ninja (into torch's extension
+cache). Failures are recorded with the reason and reported by ``status()`` / ``fastelectra info``; they
+never raise at import time. Set ``FASTELECTRA_NO_JIT=1`` to forbid the JIT build.
 """
 from __future__ import annotations
 
@@ -16,7 +16,20 @@ import torch
 
 _lock = threading.Lock()
 _state: dict = {}
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources_folder() -> str:
+    """csrc/ beside the package in a checkout (editable install), else the copy an installed wheel carries
+    in the package (fastelectra/csrc); the checkout's when neither has sources (for the error message)."""
+    checkout, installed = os.path.join(os.path.dirname(_PACKAGE), "csrc"), os.path.join(_PACKAGE, "csrc")
+    for folder in (checkout, installed):
+        if glob.glob(os.path.join(folder, "*.cpp")):
+            return folder
+    return checkout
+
+
+CSRC = _sources_folder()
 
 
 def _jit_build() -> None:
