@@ -11,7 +11,7 @@ import fastelectra
 from fastelectra.nn import FusedLayerNorm, FusedLinear
 from fastelectra.patching import FusedIntermediate, FusedPostLNOutput, PatchedSelfAttention, key_padding_mask_from_hf
 from electra_fixtures import LAYERS, hf_config, padded_batch, randomise
-from test_fused_model import kernels_on_this_device  # noqa: F401 - a fixture
+from test_fused_model import DEVICE, kernels_on_this_device  # noqa: F401 - a fixture
 
 transformers = pytest.importorskip("transformers")
 
@@ -430,3 +430,43 @@ def test_compiled_patched_attention_still_rejects_per_query_masks():
     torch.testing.assert_close(compiled(hidden, good)[0], attention(hidden, good)[0])
     with pytest.raises(RuntimeError, match="key-padding masks only"):
         compiled(hidden, causal)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_dropout(kernels_on_this_device, reentrant):
+    """transformers' activation (gradient) checkpointing over a patched model with dropout: the recompute
+    in the backward goes through the kernels again and must draw the forward's dropout masks (their seeds
+    come from torch's generator, whose state checkpoint restores), so the gradients are the ones of the
+    same step without checkpointing; another seed gives another loss, so the masks were really drawn."""
+    _, model = make_pair("ElectraForSequenceClassification", hidden_dropout_prob=0.2,
+                         attention_probs_dropout_prob=0.2, num_attention_heads=3,    # head size 16: a kernel's
+                         num_hidden_layers=1)
+    fastelectra.patch(model, backend="fused")
+    model.to(DEVICE).train()
+    ids, mask, types = (t.to(DEVICE) for t in padded_batch(t=9))
+    labels = torch.tensor([0, 2, 1], device=DEVICE)
+    # transformers 5 names it activation checkpointing; 4.x has only the older name (same first argument)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+
+    def step(seed, checkpointed):
+        if checkpointed:
+            enable({"use_reentrant": reentrant})
+        else:
+            disable()
+        model.zero_grad(set_to_none=True)
+        before = kernels_on_this_device["attention"]
+        torch.manual_seed(seed)
+        loss = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, kernels_on_this_device["attention"] - before
+
+    loss, grads, calls = step(7, False)
+    loss_ckpt, grads_ckpt, calls_ckpt = step(7, True)
+    assert calls == 1 and calls_ckpt == 2                      # the backward recomputed the layer
+    torch.testing.assert_close(loss_ckpt, loss, atol=0, rtol=0)
+    assert grads_ckpt.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[n], g, atol=1e-6, rtol=1e-5, msg=n)
+    assert not torch.allclose(step(8, True)[0], loss)
