@@ -109,18 +109,25 @@ def use_triton(device: torch.device, requested: str | None, op: str) -> bool:
     return False
 
 
-def use_extension(requested: str | None, op: str) -> bool:
-    """Decide whether ``op`` runs the ``fastelectra._C`` op (CPU and CUDA alike)."""
+def use_extension(device: torch.device, requested: str | None, op: str) -> bool:
+    """Decide whether ``op`` runs the ``fastelectra._C`` op for tensors on ``device`` (CPU and CUDA alike,
+    where the build has that device's kernel). Under ``fused`` an op that cannot run is an error; under
+    ``auto`` it falls back to the reference with a one-time warning."""
+    from . import extension
+
     name = resolve(requested)
     if name == "eager":
         return False
     ok, why = extension_status()
+    if ok and device.type in extension.DISPATCH_KEYS and device.type not in extension.kernel_devices():
+        ok, why = False, (f"fastelectra._C was built without a {device.type.upper()} kernel ({why}); for CUDA, "
+                          f"reinstall where nvcc and CUDA_HOME are found (see fastelectra info)")
     if ok:
         return True
     if name == "fused":
-        raise RuntimeError(f"backend 'fused' was requested for {op}, but the fastelectra._C "
-                           f"extension is unavailable: {why}")
-    report_once(f"ext:{op}", f"fastelectra: {op} uses the torch reference ({why})")
+        raise RuntimeError(f"backend 'fused' was requested for {op} on {device}, but the fastelectra._C "
+                           f"op cannot run there: {why}")
+    report_once(f"ext:{op}:{device.type}", f"fastelectra: {op} on {device.type} uses the torch reference ({why})")
     return False
 
 

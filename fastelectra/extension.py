@@ -16,6 +16,7 @@ import torch
 
 _lock = threading.Lock()
 _state: dict = {}
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}    # the device types the op may have kernels for
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -118,5 +119,18 @@ def status() -> tuple[bool, str]:
                     _register_fakes()
                 except Exception as e:  # an op schema that does not match the fakes: a stale build
                     ok, why = False, f"registering the fake implementations failed ({e}); rebuild fastelectra._C"
+            if ok:
+                devices = tuple(t for t, key in DISPATCH_KEYS.items()
+                                if torch._C._dispatch_has_kernel_for_dispatch_key("fastelectra::replace_tokens", key))
+                _state["devices"] = devices
+                why = f"{why}; kernels for {', '.join(t.upper() for t in devices) or 'no device'}"
             _state["status"] = (ok, why)
         return _state["status"]
+
+
+@torch.compiler.assume_constant_result
+def kernel_devices() -> tuple[str, ...]:
+    """The device types (of DISPATCH_KEYS) whose tensors the loaded op takes: "cpu", and "cuda" when it was
+    built with its CUDA kernel (a CUDA torch whose build found no nvcc gives a CPU-only op); () when the
+    extension is not loaded."""
+    return _state.get("devices", ()) if status()[0] else ()

@@ -532,7 +532,7 @@ def replace_tokens(logits, input_ids, masked_positions, *, temperature=1.0, seed
     temperature, offset = _check_replace_args(logits, input_ids, masked_positions, temperature, offset)
     seed = _rng.check_seed(seed)
     logits = logits.detach()
-    if logits.dtype in KERNEL_DTYPES and _backend.use_extension(backend, "replace_tokens"):
+    if logits.dtype in KERNEL_DTYPES and _backend.use_extension(logits.device, backend, "replace_tokens"):
         seed = _rng.seed_tensor(seed, logits.device)
         ids, labels, sampled, lse = torch.ops.fastelectra.replace_tokens(
             logits, input_ids, masked_positions, float(temperature), seed, int(offset), bool(return_lse))

@@ -218,10 +218,31 @@ def test_fused_without_triton_on_cuda_is_a_clear_error(monkeypatch):
 
 def test_fused_without_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backend, "extension_status", lambda: (False, "fastelectra._C not built"))
-    with pytest.raises(RuntimeError, match="fastelectra._C extension is unavailable: fastelectra._C not built"):
+    with pytest.raises(RuntimeError, match="fastelectra._C op cannot run there: fastelectra._C not built"):
         ops.replace_tokens(torch.randn(2, 5), torch.zeros(1, 3, dtype=torch.long), torch.arange(2), backend="fused")
     assert math.isfinite(ops.replace_tokens(torch.randn(2, 5), torch.zeros(1, 3, dtype=torch.long),
                                             torch.arange(2), backend="eager")[2].sum().item())
+
+
+def test_an_extension_built_without_cuda_is_not_used_for_cuda_tensors(monkeypatch, extension_built):
+    """A CUDA torch whose build found no nvcc makes a CPU-only fastelectra._C: CUDA logits must then take the
+    reference under auto (with a warning) and be a clear error under fused, not a dispatcher error from
+    inside the op; CPU tensors still take the op."""
+    from fastelectra import extension
+
+    from torch.utils import cpp_extension
+
+    cuda_build = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    assert extension.kernel_devices() == (("cpu", "cuda") if cuda_build else ("cpu",))
+    assert f"kernels for {'CPU, CUDA' if cuda_build else 'CPU'}" in backend.extension_status()[1]
+    monkeypatch.setattr(extension, "kernel_devices", lambda: ("cpu",))
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="requested for replace_tokens on cuda:0.*built without a CUDA kernel"):
+        backend.use_extension(cuda, "fused", "replace_tokens")
+    with pytest.warns(RuntimeWarning, match="replace_tokens_test_once on cuda uses the torch reference"):
+        assert backend.use_extension(cuda, "auto", "replace_tokens_test_once") is False
+    assert backend.use_extension(torch.device("cpu"), "fused", "replace_tokens") is True
+    assert backend.use_extension(torch.device("meta"), "fused", "replace_tokens") is True   # fake kernels
 
 
 def test_reference_paths_take_the_inputs_the_kernels_take():
