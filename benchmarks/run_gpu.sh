@@ -15,13 +15,15 @@
 #                         graphed training step (Small, Base), attention with mask + dropout, the
 #                         replacement op, the column sums (bf16, fp32), the layer-norm launch-shape
 #                         sweep at N = 768, and the README's main job
+#   STAGES=suite bash benchmarks/run_gpu.sh            # the tests not marked gpu (what CI runs without a GPU), here with
+#                         CUDA available: kernels compiled instead of interpreted, CUDA as the default device
 #   STAGES=cli bash benchmarks/run_gpu.sh              # `fastelectra pretrain --preset small`, 400 steps, as a user
 #                         runs it: seq/s per 100-step window (the first includes the warm-up and capture)
 #   STAGES=sweep bash benchmarks/run_gpu.sh            # the attention kernels under each autotuning candidate
 #                         (bench_attention --sweep) and the column sums under each launch constant
 #                         (bench_linear --sweep), the layer norm's at 16384 rows of 64, 256 and 768
 #                         (bench_layernorm --sweep): the data to choose the shipped values from
-# Knobs: DEADLINE, T_TESTS, T_BENCH, T_CONV, T_PROF, T_QUICK, T_CLI, T_SWEEP, T_SWEEP_LINEAR, T_SWEEP_LN (caps in s;
+# Knobs: DEADLINE, T_TESTS, T_SUITE, T_BENCH, T_CONV, T_PROF, T_QUICK, T_CLI, T_SWEEP, T_SWEEP_LINEAR, T_SWEEP_LN (caps in s;
 # T_bench_<name> for one benchmark),
 # PYTEST_ARGS (e.g. a test file), ARGS_bench_<name> and ARGS_profile_step (extra arguments).
 set -uo pipefail
@@ -83,15 +85,23 @@ if [[ " $STAGES " == *" build "* ]]; then
   $PY -m fastelectra info | tee -a "$RES/gpu.txt"
   pack
 fi
-if [[ " $STAGES " == *" tests "* ]]; then
-  run_module gpu_tests "$T_TESTS" pytest -q -m gpu -p no:cacheprovider -rfEs \
-    $($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=240) --durations=15 --junitxml="$RES/gpu_tests.xml" \
+# run_pytest LOG CAP MARKEXPR: the tests selected by a marker expression, their summary in $RES/LOG.txt
+run_pytest() {
+  local log=$1 cap=$2 marks=$3
+  run_module "$log" "$cap" pytest -q -m "$marks" -p no:cacheprovider -rfEs \
+    $($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=240) --durations=15 --junitxml="$RES/$log.xml" \
     ${PYTEST_ARGS:-}
   # (an interrupted pytest still ends with "N passed": the exit status and the banner say it was cut)
-  { grep -E "^(FAILED|ERROR)|passed|failed| in [0-9.]+s|Interrupted|KeyboardInterrupt|Timeout" "$RES/gpu_tests.log" | tail -40
+  { grep -E "^(FAILED|ERROR)|passed|failed| in [0-9.]+s|Interrupted|KeyboardInterrupt|Timeout" "$RES/$log.log" | tail -40
     echo "pytest exit status: $last_rc (0: all passed; 1: failures; 2 or 124+: interrupted or cut)"; } \
-    | tee "$RES/gpu_tests.txt"
+    | tee "$RES/$log.txt"
   pack
+}
+if [[ " $STAGES " == *" tests "* ]]; then
+  run_pytest gpu_tests "$T_TESTS" gpu
+fi
+if [[ " $STAGES " == *" suite "* ]]; then   # the rest of the README's test command, as a user with a GPU runs it
+  run_pytest suite_tests "${T_SUITE:-500}" "not gpu"
 fi
 if [[ " $STAGES " =~ " "(bench|quick|cli|sweep|prof|conv)" " ]]; then
   slug=$($PY -c "from benchmarks.common import gpu_slug; print(gpu_slug())")

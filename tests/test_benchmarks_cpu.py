@@ -179,7 +179,8 @@ def test_attention_sweep_pins_one_config_and_gives_the_tuner_back():
     tuner = attention._attn_fwd
     configs, cache = list(tuner.configs), dict(tuner.cache)
     config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)
-    q, k, v = (torch.randn(1, 37, 2, 16) for _ in range(3))
+    device = "cuda" if torch.cuda.is_available() else "cpu"      # the kernel runs in the interpreter on a CPU
+    q, k, v = (torch.randn(1, 37, 2, 16, device=device) for _ in range(3))
     with pinned(tuner, config):
         out = attention.flash_attention(q, k, v)
         assert tuner.best_config is config            # the launch ran the pinned config

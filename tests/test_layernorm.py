@@ -252,7 +252,8 @@ def test_same_seed_same_output_different_seed_different_output():
         c = fused_layer_norm(x, w, b, residual=r, dropout_p=0.2, seed=12)
     assert torch.equal(a, a2)
     assert not torch.equal(a, c)
-    assert not torch.equal(dropout_mask(11, (6, 200), 0.2), dropout_mask(12, (6, 200), 0.2))
+    assert not torch.equal(dropout_mask(11, (6, 200), 0.2, device=DEVICE),
+                           dropout_mask(12, (6, 200), 0.2, device=DEVICE))
 
 
 @pytest.mark.parametrize("as_tensor", [

@@ -443,12 +443,12 @@ def test_ops_linear_dispatch_and_module_are_drop_ins():
     mod = FusedLinear(24, 40, backend="fused")
     mod.load_state_dict(ref.state_dict())
     assert list(mod.state_dict()) == ["weight", "bias"] and "backend=fused" in repr(mod)
-    x = randn(3, 24)
+    x = randn(3, 24, device="cpu")                   # the modules' device, on a GPU machine too
     torch.testing.assert_close(mod(x), ref(x))
     # CPU tensors, no bias, and float64 take F.linear itself
     torch.testing.assert_close(ops.linear(x, ref.weight, None, backend="fused"), F.linear(x, ref.weight))
     with pytest.raises(ValueError, match="agree in K"):
-        ops.linear(x, randn(5, 7))
+        ops.linear(x, randn(5, 7, device="cpu"))
     with pytest.raises(TypeError, match="weight must be a float tensor"):
         ops.linear(x, torch.ones(5, 24, dtype=torch.int64))
     # with an activation: the same state dict, act(F.linear) as the reference

@@ -44,7 +44,7 @@ def module_types(model):
 
 def assert_same_gradients(model, out, ref, expected):
     """Backpropagate one random weighting of both outputs; every parameter gets the reference's gradient."""
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
     (out * w).sum().backward()
     (expected * w).sum().backward()
     ref_params = dict(ref.named_parameters())
@@ -387,9 +387,9 @@ def test_from_linear_shares_parameters():
 def test_patched_hf_model_on_the_kernels_matches_the_original(kernels_on_this_device):
     """The HF discriminator patched with backend fused, the kernels forced (the interpreter on a CPU): the
     Linear swaps and the fused feed-forward give HF's outputs and every parameter's gradient."""
-    ref, model = make_pair("ElectraForPreTraining")
+    ref, model = (m.to(DEVICE) for m in make_pair("ElectraForPreTraining"))
     fastelectra.patch(model, backend="fused")
-    ids, mask, types = padded_batch()
+    ids, mask, types = (t.to(DEVICE) for t in padded_batch())
     out = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     expected = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     # per layer: q, k, v, attention output, feed-forward up (with GELU) and down; the embedding projection;
@@ -403,11 +403,13 @@ def test_compiled_patched_hf_model_has_no_graph_break_of_ours(kernels_on_this_de
     """torch.compile over a patched HF model: the mask conversion's checks read the mask on the host and
     broke the graph at every layer (10 breaks); compiled, they are device-side asserts and nothing of
     fastelectra breaks the graph. The compiled model gives the eager outputs."""
-    ref, model = make_pair("ElectraForPreTraining")
+    _, model = make_pair("ElectraForPreTraining")
     fastelectra.patch(model, backend="fused")
-    ids, mask, types = padded_batch()
+    model.to(DEVICE)
+    ids, mask, types = (t.to(DEVICE) for t in padded_batch())
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert kernels_on_this_device["layer_norm"] > 0        # the fused ops were traced, not the references
     ours = [(reason.reason.splitlines()[0], frame.filename, frame.lineno) for reason in explained.break_reasons
             for frame in reason.user_stack if "fastelectra" in frame.filename]
     assert not ours, ours

@@ -19,8 +19,10 @@ from fastelectra.pretrain import PretrainConfig, pretrain
 from test_data import write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a small but real run: tiny preset, 8 x 32 tokens per step, with dropout (so its randomness is exercised)
-SMALL = dict(preset="tiny", batch_size=8, seq_len=32, dropout=0.1, log_every=1, progress=False, backend="eager")
+# a small but real run: tiny preset, 8 x 32 tokens per step, with dropout (so its randomness is exercised), on
+# the CPU on any machine (the CUDA loop, with bf16 and graphs, has its own gpu tests)
+SMALL = dict(preset="tiny", batch_size=8, seq_len=32, dropout=0.1, log_every=1, progress=False, backend="eager",
+             device="cpu")
 LOGGED = ("loss", "mlm_loss", "rtd_loss", "mlm_accuracy", "rtd_accuracy", "rtd_precision", "rtd_recall", "lr",
           "grad_norm")
 
@@ -51,9 +53,11 @@ def cli(*args, env=None):
 
 
 def small_cli_args(corpus, tok, out, **extra):
-    args = ["--corpus", corpus, "--tokenizer", tok, "--out", str(out), "--batch-size", "8", "--seq-len", "32",
-            "--dropout", "0.1", "--log-every", "1", "--backend", "eager", "--no-progress"]
-    for k, v in extra.items():
+    """SMALL's run as command-line arguments, ``extra`` added or replacing."""
+    options = {"corpus": corpus, "tokenizer": tok, "out": out, "batch_size": 8, "seq_len": 32, "dropout": 0.1,
+               "log_every": 1, "backend": "eager", "device": "cpu", **extra}
+    args = ["--no-progress"]
+    for k, v in options.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
 
@@ -202,7 +206,7 @@ def test_compiled_run_is_one_graph_and_matches_eager(corpus, tok, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a, b)
     with pytest.raises(FastElectraError, match="--cuda-graphs needs a CUDA device"):
         pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / "g"), steps=1, cuda_graphs=True,
-                                device="cpu", **SMALL))
+                                **SMALL))
     with pytest.raises(FastElectraError, match="--cuda-graphs and --compile do not go together"):
         pretrain(PretrainConfig(corpus=corpus, tokenizer=tok, out=str(tmp_path / "g"), steps=1, cuda_graphs=True,
                                 compile=True, **SMALL))
@@ -409,7 +413,7 @@ def test_ddp_two_gloo_processes_match_one_process(corpus, tok, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "fastelectra", "pretrain",
-           *small_cli_args(corpus, tok, ddp, steps=steps, device="cpu")]
+           *small_cli_args(corpus, tok, ddp, steps=steps)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x2" in r.stdout                                     # the summary reports world size 2

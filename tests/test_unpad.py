@@ -26,14 +26,14 @@ def random_ids(mask, seed=0):
     return torch.randint(5, 97, mask.shape, generator=g).to(DEVICE).masked_fill(mask == 0, 0)
 
 
-def pair(backend_name, **kw):
-    """(padded, unpadded) discriminators with the same random weights, in eval mode, on DEVICE."""
+def pair(backend_name, device=DEVICE, **kw):
+    """(padded, unpadded) discriminators with the same random weights, in eval mode, on ``device``."""
     torch.manual_seed(0)
     padded = ElectraDiscriminator(config(backend_name, **kw))
     randomise(padded)
     unpadded = ElectraDiscriminator(config(backend_name, unpad=True, **kw))
     unpadded.load_state_dict(padded.state_dict())
-    return padded.to(DEVICE).eval(), unpadded.to(DEVICE).eval()
+    return padded.to(device).eval(), unpadded.to(device).eval()
 
 
 def assert_same_outputs_and_gradients(padded, unpadded, ids, mask, atol, rtol):
@@ -103,9 +103,11 @@ def test_unpadded_forward_flops_scale_with_the_real_tokens():
     the head stay padded, and the reference attention's scores are padded to the longest sequence (the
     fused varlen kernel skips padding too, but the counter does not see Triton kernels). Bound here: f·padded < unpadded ≤ (f + 0.1·(1 − f))·padded."""
     h, ffn, layers = 256, 1024, 4
-    padded, unpadded = pair("eager", vocab_size=1000, embedding_size=128, hidden_size=h, num_attention_heads=4,
-                            intermediate_size=ffn, num_hidden_layers=layers, max_position_embeddings=64)
-    ids, mask = make_batch(padded.config, 8, 64, padded=True, device=DEVICE)
+    # on the CPU on any machine: the count below is the CPU reference's (on CUDA it pads to max_seqlen)
+    padded, unpadded = pair("eager", device="cpu", vocab_size=1000, embedding_size=128, hidden_size=h,
+                            num_attention_heads=4, intermediate_size=ffn, num_hidden_layers=layers,
+                            max_position_embeddings=64)
+    ids, mask = make_batch(padded.config, 8, 64, padded=True, device="cpu")
 
     def flops(model):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -161,9 +163,9 @@ def output_and_grads(fn, q, k, v, do):
 
 @pytest.mark.parametrize("lengths", [[7, 1, 12], [5], [4, 0, 9]])
 def test_attention_varlen_reference_matches_padded_attention(lengths):
-    q, k, v, cu = packed(lengths)
+    q, k, v, cu = (t.cpu() for t in packed(lengths))        # the CPU reference (see `huge` below)
     t = max(lengths) + 2                                     # any max_seqlen above the longest
-    mask = mask_from(lengths, t).bool()
+    mask = mask_from(lengths, t).bool().cpu()
 
     def pad(x):                                              # (total, H, D) → (B, T, H, D)
         out = x.new_zeros(len(lengths), t, *x.shape[1:])
