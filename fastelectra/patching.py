@@ -39,6 +39,7 @@ transformers' eager math averages the values: only the hidden states of such all
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -157,8 +158,14 @@ class PatchedSelfAttention(nn.Module):
     """Drop-in for transformers' ElectraSelfAttention backed by fastelectra.ops.attention.
 
     Keeps the original's ``query``/``key``/``value`` Linear layers and ``dropout`` (same state-dict keys).
-    forward(hidden_states (B, T, hidden), attention_mask=None, past_key_values=None, **kwargs)
-    → (context (B, T, hidden), None): attention weights are never materialised.
+    forward takes the arguments the original's forward takes, positionally or by name:
+      transformers 5: (hidden_states, attention_mask=None, past_key_values=None, **kwargs);
+      4.40-4.53: (hidden_states, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,
+        past_key_value, output_attentions);
+      4.55-4.57: (hidden_states, attention_mask, head_mask, encoder_hidden_states, past_key_value(s),
+        output_attentions, cache_position);
+    and returns (context (B, T, hidden), None): attention weights are never materialised. A head mask, encoder
+    states or a cache are errors (the unpatched module computes those).
     """
 
     def __init__(self, original: nn.Module, backend: str | None = None):
@@ -167,9 +174,13 @@ class PatchedSelfAttention(nn.Module):
         self.dropout = original.dropout
         self.num_attention_heads = original.num_attention_heads
         self.attention_head_size = original.attention_head_size
-        self.scaling = original.scaling
+        # transformers 4.x divides the scores by sqrt(head size) and keeps no scaling attribute
+        self.scaling = getattr(original, "scaling", original.attention_head_size ** -0.5)
         self.backend = backend
         self.layer_idx = getattr(original, "layer_idx", None)
+        # the original forward's parameter names in order (after self): how positional arguments are meant
+        self._arg_names = tuple(name for name, p in inspect.signature(type(original).forward).parameters.items()
+                                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[1:]
 
     @staticmethod
     def key_padding_mask(mask, batch, seqlen_k):
@@ -188,10 +199,18 @@ class PatchedSelfAttention(nn.Module):
         _mask_cache = (weakref.ref(mask), key, kpm)
         return kpm
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            raise ValueError("patched ELECTRA self-attention does not support past_key_values (a decoder cache); "
-                             "unpatch the model (fastelectra.unpatch) for cached decoding")
+    def forward(self, *args, **kwargs):
+        if len(args) > len(self._arg_names):
+            raise TypeError(f"patched ELECTRA self-attention takes at most {len(self._arg_names)} positional "
+                            f"arguments {self._arg_names}, got {len(args)}")
+        kwargs.update(zip(self._arg_names, args))
+        hidden_states, attention_mask = kwargs["hidden_states"], kwargs.get("attention_mask")
+        for name, what in (("past_key_values", "a decoder cache"), ("past_key_value", "a decoder cache"),
+                           ("head_mask", "a head mask"), ("encoder_hidden_states", "cross-attention"),
+                           ("encoder_attention_mask", "cross-attention")):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"patched ELECTRA self-attention does not support {name} ({what}); unpatch the "
+                                 f"model (fastelectra.unpatch) to use it")
         b, t, _ = hidden_states.shape
         shape = (b, t, self.num_attention_heads, self.attention_head_size)
         q = self.query(hidden_states).view(shape)                                   # (B, T, H, D)
@@ -274,7 +293,9 @@ def _layer_norm_replacement(m: nn.Module, backend, report: PatchReport, path: st
 
 
 def _attention_replacement(m: nn.Module, backend, report: PatchReport, path: str):
-    if _is_transformers(m, {"ElectraCrossAttention"}):
+    # transformers 5 has a class of its own for cross-attention; 4.x an ElectraSelfAttention under `crossattention`
+    if _is_transformers(m, {"ElectraCrossAttention"}) or (
+            _is_transformers(m, ATTENTION_CLASSES) and path.split(".")[-2:-1] == ["crossattention"]):
         report.skipped.append((path, "cross-attention"))
         return None
     if not _is_transformers(m, ATTENTION_CLASSES):
