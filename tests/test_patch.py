@@ -481,3 +481,18 @@ def test_activation_checkpointing_recomputes_the_same_dropout(kernels_on_this_de
     for n, g in grads.items():
         torch.testing.assert_close(grads_ckpt[n], g, atol=1e-6, rtol=1e-5, msg=n)
     assert not torch.allclose(step(8, True)[0], loss)
+
+
+def test_patched_attention_rejects_what_it_does_not_compute():
+    """A head mask, encoder states or a cache (which transformers 4.x passes positionally, 5 by name) are errors
+    that name the argument, not silently ignored; so are more positional arguments than the original takes."""
+    _, model = make_pair("ElectraModel")
+    fastelectra.patch(model, backend="eager")
+    attention = model.encoder.layer[0].attention.self
+    hidden = torch.randn(2, 5, 48)
+    torch.testing.assert_close(attention(hidden)[0], attention(hidden_states=hidden, attention_mask=None)[0])
+    for name, value in (("head_mask", torch.ones(4)), ("encoder_hidden_states", hidden), ("past_key_values", ())):
+        with pytest.raises(ValueError, match=f"does not support {name}"):
+            attention(hidden, **{name: value})
+    with pytest.raises(TypeError, match="positional arguments"):
+        attention(hidden, *[None] * 10)
