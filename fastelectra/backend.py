@@ -82,11 +82,19 @@ def extension_status() -> tuple[bool, str]:
 _reported: set[str] = set()
 
 
-def report_once(key: str, message: str) -> None:
-    """Warn once per process that a fused path is unavailable, with the reason."""
+def _unusable(name: str, what: str, op: str, device: torch.device, why: str) -> bool:
+    """For a fused path (``what``) that cannot run ``op`` on ``device``: under backend ``fused`` a RuntimeError
+    saying why; under ``auto`` False, after a warning (once per process for each path, op and device type)
+    that the op takes the torch reference."""
+    if name == "fused":
+        raise RuntimeError(f"backend 'fused' was requested for {op} on {device}, but {what} cannot run there: {why}")
+    key = f"{what}:{op}:{device.type}"
     if key not in _reported:
         _reported.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        # stacklevel 3: the op that asked (use_triton / use_extension called this)
+        warnings.warn(f"fastelectra: {op} on {device.type} uses the torch reference ({why})", RuntimeWarning,
+                      stacklevel=3)
+    return False
 
 
 def use_triton(device: torch.device, requested: str | None, op: str) -> bool:
@@ -100,13 +108,7 @@ def use_triton(device: torch.device, requested: str | None, op: str) -> bool:
     if name == "eager" or device.type != "cuda":
         return False
     ok, why = triton_status()
-    if ok:
-        return True
-    if name == "fused":
-        raise RuntimeError(f"backend 'fused' was requested for {op} on {device}, but the Triton "
-                           f"kernels cannot run here: {why}")
-    report_once(f"triton:{op}", f"fastelectra: {op} uses the torch reference ({why})")
-    return False
+    return ok or _unusable(name, "the Triton kernels", op, device, why)
 
 
 def use_extension(device: torch.device, requested: str | None, op: str) -> bool:
@@ -122,13 +124,7 @@ def use_extension(device: torch.device, requested: str | None, op: str) -> bool:
     if ok and device.type in extension.DISPATCH_KEYS and device.type not in extension.kernel_devices():
         ok, why = False, (f"fastelectra._C was built without a {device.type.upper()} kernel ({why}); for CUDA, "
                           f"reinstall where nvcc and CUDA_HOME are found (see fastelectra info)")
-    if ok:
-        return True
-    if name == "fused":
-        raise RuntimeError(f"backend 'fused' was requested for {op} on {device}, but the fastelectra._C "
-                           f"op cannot run there: {why}")
-    report_once(f"ext:{op}:{device.type}", f"fastelectra: {op} on {device.type} uses the torch reference ({why})")
-    return False
+    return ok or _unusable(name, "the fastelectra._C op", op, device, why)
 
 
 _replayed = threading.local()
